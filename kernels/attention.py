@@ -1,0 +1,31 @@
+"""Attention over cache slots with a per-slot bias (reference)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvfx.kernels.scores import repeat_kv
+
+
+def slot_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_bias: torch.Tensor, scale: float, softcap: float = 0.0
+) -> torch.Tensor:
+    """softmax(q k^T * scale [softcapped] + bias) v, computed in float32.
+
+    q: [B, H, Sq, D]; k, v: [B, Hkv, S, D] whose last Sq slots are the queries'
+    own tokens (causal among themselves); slot_bias: [B, Hkv, S - Sq] for the
+    earlier slots. Returns [B, H, Sq, Dv] in q's dtype.
+    """
+    b, h, sq, _ = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    groups = h // hkv
+    logits = q.float() @ repeat_kv(k.float(), groups).transpose(-1, -2) * scale  # [B, H, Sq, S]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    causal = torch.ones(sq, sq, dtype=torch.bool, device=q.device).tril()
+    new = torch.zeros(sq, sq, device=q.device).masked_fill(~causal, float("-inf"))
+    bias = torch.cat(
+        [repeat_kv(slot_bias[:, :, None, :], groups).expand(b, h, sq, s - sq), new.expand(b, h, sq, sq)], dim=-1
+    )
+    probs = (logits + bias).softmax(dim=-1)
+    return (probs @ repeat_kv(v.float(), groups)).to(q.dtype)

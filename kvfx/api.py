@@ -1,0 +1,221 @@
+"""The public surface: ``kvfx.backend`` and ``kvfx.compile``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import warnings
+from typing import Any, Callable, Union
+
+import torch
+from torch import fx
+
+from kvfx.passes import Site, find_sites, rewrite
+from kvfx.policies import Policy
+from kvfx.runtime import StatefulGraph, state_of
+
+log = logging.getLogger("kvfx")
+
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """What kvfx saw and did in one graph dynamo handed it."""
+
+    index: int
+    sites: list[Site]
+    code_before: str
+    code_after: str = ""
+
+    @property
+    def rewritten(self) -> list[Site]:
+        return [s for s in self.sites if s.compressible]
+
+
+class Backend:
+    """A torch.compile backend: rewrite attention + KV cache for ``policy``,
+    then hand the graph to ``inner``. ``records`` lists every graph compiled."""
+
+    def __init__(self, policy: Policy, inner: Union[str, Callable] = "inductor") -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(f"kvfx.backend: policy must be a kvfx policy (e.g. kvfx.SnapKV(budget=0.5)), got {policy!r}")
+        if isinstance(inner, str) and inner not in INNER_BACKENDS:
+            raise ValueError(f"kvfx.backend: inner={inner!r} is invalid: inner must be one of {INNER_BACKENDS} or a callable backend")
+        if not isinstance(inner, str) and not callable(inner):
+            raise TypeError(f"kvfx.backend: inner must be one of {INNER_BACKENDS} or a callable backend, got {inner!r}")
+        self.policy = policy
+        self.inner = inner
+        self.records: list[GraphRecord] = []
+        self._warned: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"kvfx.backend(policy={self.policy!r}, inner={self.inner!r})"
+
+    def _inner(self, gm: fx.GraphModule, example_inputs):
+        if callable(self.inner):
+            return self.inner(gm, example_inputs)
+        if self.inner == "eager":
+            return gm.forward
+        if self.inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        gm = _private_copy(gm)
+        sites = find_sites(gm)
+        record = GraphRecord(index=len(self.records), sites=sites, code_before=gm.code)
+        self.records.append(record)
+        for site in sites:
+            action = f"rewritten ({site.phase})" if site.compressible else f"left alone: {site.reason}"
+            log.info("graph %d layer %s %s [%s, %s cache]: %s", record.index, site.layer, site.module,
+                     site.attention, site.cache, action)
+        if not any(s.compressible for s in sites):
+            self._warn_untouched(sites)
+            record.code_after = record.code_before
+            return self._inner(gm, example_inputs)
+        plan = rewrite(gm, example_inputs, sites, self.policy)
+        record.code_after = gm.code
+        return StatefulGraph(self._inner(gm, plan.example_inputs), plan)
+
+    def _warn_untouched(self, sites: list[Site]) -> None:
+        if not sites:
+            why = "no attention call was found in the traced graph"
+        else:
+            reasons = sorted({s.reason for s in sites})
+            why = f"none of its {len(sites)} attention call(s) reads a compressible KV cache: " + "; ".join(reasons)
+        if why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(f"kvfx: graph left untouched, {why}", stacklevel=2)
+
+
+def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """Dynamo keeps using the graph it hands over (its placeholders carry
+    bookkeeping), so rewrite a copy."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(out[0] if isinstance(out, tuple) else out.args[0])
+    copy = fx.GraphModule(gm, graph)
+    copy.meta = dict(getattr(gm, "meta", {}))
+    return copy
+
+
+def backend(policy: Policy, *, inner: Union[str, Callable] = "inductor") -> Backend:
+    """A torch.compile backend that compresses the KV cache with ``policy``.
+
+    Install it on the forward the model's generation loop calls::
+
+        model.forward = torch.compile(model.forward, backend=kvfx.backend(policy))
+
+    ``inner`` compiles the rewritten graph: "inductor" (default), "aot_eager",
+    "eager", or any callable backend.
+    """
+    return Backend(policy, inner)
+
+
+def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callable] = "inductor", **compile_kwargs):
+    """Install a kvfx-compiled forward on ``model`` (so ``model.generate`` uses
+    it) and return the model. Positions follow tokens seen: when a caller
+    passes a compressed cache but no ``position_ids``, they are filled in from
+    the tokens the cache has absorbed, never from its (shorter) length."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"kvfx.compile: model must be a torch.nn.Module, got {type(model).__name__}")
+    be = backend(policy, inner=inner)
+    original = getattr(model, "_kvfx_original_forward", None) or model.forward
+    compiled = torch.compile(original, backend=be, **compile_kwargs)
+    accepts_positions = "position_ids" in inspect.signature(original).parameters
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if accepts_positions and kwargs.get("position_ids") is None:
+            positions = _positions_from_state(args, kwargs)
+            if positions is not None:
+                kwargs["position_ids"] = positions
+        return compiled(*args, **kwargs)
+
+    model.forward = forward
+    model._kvfx_original_forward = original
+    model._kvfx_backend = be
+    return model
+
+
+def _positions_from_state(args, kwargs):
+    """position_ids = tokens seen + arange(new tokens), from the first cache
+    tensor that carries kvfx state; None when there is none."""
+    keys = next((t for t in _walk_tensors((args, kwargs)) if state_of(t) is not None), None)
+    if keys is None:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if ids is None:
+        return None
+    seen = state_of(keys).seen
+    return (seen + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0).expand(ids.shape[0], -1)
+
+
+def _walk_tensors(obj, depth: int = 0):
+    if depth > 4:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _walk_tensors(item, depth + 1)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _walk_tensors(item, depth + 1)
+    elif hasattr(obj, "layers") and isinstance(getattr(obj, "layers"), (list, tuple)):  # transformers Cache
+        for layer in obj.layers:
+            yield from _walk_tensors(getattr(layer, "keys", None), depth + 1)
+
+
+def _kvfx_backend_of(compiled_module) -> Any:
+    fn = getattr(getattr(compiled_module, "dynamo_ctx", None), "callback", None)
+    for _ in range(16):
+        if isinstance(fn, Backend) or fn is None:
+            return fn
+        # dynamo's wrappers, then torch.compile's own wrapper (compiler_fn)
+        fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+    return None
+
+
+def _guard_generate_trap() -> None:
+    """``torch.compile(model, backend=kvfx.backend(...)).generate(...)`` runs the
+    original module: the backend is never reached. Make that an error."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if getattr(OptimizedModule, "_kvfx_guarded", False):
+        return
+    original_getattr = OptimizedModule.__getattr__
+
+    def __getattr__(self, name: str):
+        if name == "generate" and _kvfx_backend_of(self) is not None:
+            raise AttributeError(
+                "kvfx: torch.compile(model, backend=kvfx.backend(...)) compiles model.__call__ only; "
+                "model.generate() calls the original module, so the KV cache would not be compressed. "
+                "Use kvfx.compile(model, policy), or model.forward = torch.compile(model.forward, backend=...)."
+            )
+        return original_getattr(self, name)
+
+    OptimizedModule.__getattr__ = __getattr__
+    OptimizedModule._kvfx_guarded = True
+
+
+_guard_generate_trap()
+
+
+def restore(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo ``kvfx.compile``: the model's own forward again."""
+    original = model.__dict__.pop("_kvfx_original_forward", None)
+    if original is not None:
+        if getattr(original, "__func__", None) is getattr(type(model), "forward", None):
+            model.__dict__.pop("forward", None)  # back to the class's own method
+        else:
+            model.forward = original
+    model.__dict__.pop("_kvfx_backend", None)
+    return model

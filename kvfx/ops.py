@@ -1,0 +1,118 @@
+"""kvfx custom ops: what the FX rewrite puts in place of attention and of the
+cache write-back.
+
+Both are ``torch.library`` custom ops so Inductor treats them as opaque calls
+with known output shapes (the fake implementations), whatever they launch
+inside: the plain-torch references on CPU, Triton kernels on CUDA.
+
+State carried per cache slot (DESIGN.md §4): ``slot_bias`` [B, Hkv, S] float32,
+added to the attention logit of every query for that slot: 0 for a plain
+token, ``-inf`` for an invalid (padding) slot, ``log(count)`` for a slot that
+stands for several tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kvfx.kernels import attention as attention_kernels
+from kvfx.kernels.gather import gather_slots
+from kvfx.policies import policy_from_spec
+
+
+def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tensor:
+    """Which key slots are real tokens, read off the model's attention mask.
+
+    mask: [B or 1, 1 or H, Sq, >= S], bool (True = attend) or additive float.
+    The last query sees every real token before it, so its row is the padding
+    mask. Returns [B, S] bool.
+    """
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    row = mask[:, 0, -1, :length]
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2
+    return row.expand(batch, length)
+
+
+@torch.library.custom_op("kvfx::compress", mutates_args=())
+def compress(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], policy: str, layer: int, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the slots ``policy`` selects. q: [B, H, Sq, D], k/v: [B, Hkv, S, D].
+    Returns fresh contiguous (k, v, slot_bias) with n = policy.kept_length(S) slots."""
+    pol = policy_from_spec(policy)
+    batch, _, length, _ = k.shape
+    valid = valid_slots(mask, batch, length, k.device)
+    index = pol.select(q, k, valid, scale, layer)  # [B, Hkv, n]
+    kept_valid = valid[:, None, :].expand(-1, k.shape[1], -1).gather(2, index)
+    bias = torch.zeros(kept_valid.shape, dtype=torch.float32, device=k.device)
+    bias = bias.masked_fill(~kept_valid, float("-inf"))
+    return gather_slots(k, index), gather_slots(v, index), bias
+
+
+@compress.register_fake
+def _compress_fake(q, k, v, mask, policy, layer, scale):
+    pol = policy_from_spec(policy)
+    batch, kv_heads, length, _ = k.shape
+    n = pol.kept_length(length, layer)
+    return (
+        k.new_empty(batch, kv_heads, n, k.shape[-1]),
+        v.new_empty(batch, kv_heads, n, v.shape[-1]),
+        k.new_empty(batch, kv_heads, n, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("kvfx::attend", mutates_args=())
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slot_bias: Tensor,
+    has_state: Tensor,
+    mask: Optional[Tensor],
+    scale: float,
+    softcap: float,
+) -> tuple[Tensor, Tensor]:
+    """Attention of new queries over cached slots + the new tokens.
+
+    q: [B, H, Sq, D]; k, v: [B, Hkv, S, D] where the last Sq slots are the new
+    tokens; slot_bias: [B, Hkv, S - Sq] for the cached slots.
+
+    With state (``has_state``), the cached slots get ``slot_bias`` and the new
+    tokens are causal among themselves: the model's own mask is ignored because
+    it was computed for the uncompressed positions. Without state (a cache kvfx
+    never compressed) the model's mask is right and is used as is.
+
+    Returns (out [B, H, Sq, Dv], slot_bias for all S slots, the new ones 0).
+    """
+    batch, kv_heads, length, _ = k.shape
+    past = length - q.shape[-2]
+    if not bool(has_state):
+        slot_bias = _bias_from_mask(mask, batch, kv_heads, past, k.device)
+    out = attention_kernels.slot_attention(q, k, v, slot_bias, scale, softcap)
+    new_bias = torch.nn.functional.pad(slot_bias, (0, length - past))
+    return out, new_bias
+
+
+@attend.register_fake
+def _attend_fake(q, k, v, slot_bias, has_state, mask, scale, softcap):
+    batch, kv_heads, length, _ = k.shape
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    return out, k.new_empty(batch, kv_heads, length, dtype=torch.float32)
+
+
+def _bias_from_mask(mask: Optional[Tensor], batch: int, kv_heads: int, past: int, device) -> Tensor:
+    valid = valid_slots(mask, batch, past, device)
+    bias = torch.zeros(batch, kv_heads, past, dtype=torch.float32, device=device)
+    return bias.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+# kvfx compresses caches for inference: no gradient flows through its ops.
+# Registering that keeps a forward run with grad enabled from failing inside
+# AOTAutograd.
+compress.register_autograd(lambda ctx, *grads: (None,) * 7)
+attend.register_autograd(lambda ctx, *grads: (None,) * 8)

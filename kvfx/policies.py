@@ -1,0 +1,216 @@
+"""Compression policies: frozen dataclasses holding a paper's hyperparameters.
+
+A policy is built from the primitives of DESIGN.md §3:
+  * score    -- how much each cache slot is worth keeping (``Policy.score``);
+  * keep     -- sinks + observation window always, then the best-scored slots,
+                padding last (``Policy.select``, shared by every preset);
+  * fold     -- what happens to the rest (eviction here; merging and
+                compensation tokens slot in through ``Policy.fold``);
+  * schedule -- when compression runs (``Policy.schedule``: once after prefill);
+  * plan     -- the budget of each layer (``Policy.layer_budget``).
+
+The machinery that applies a policy (custom ops, FX rewrite, runtime) lives
+elsewhere; a preset only says *what* to keep.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+from fractions import Fraction
+from typing import ClassVar
+
+import torch
+
+from kvfx.kernels import scores as score_kernels
+
+Budget = float | int
+
+
+def _fail(policy: str, field: str, value, allowed: str) -> None:
+    raise ValueError(f"{policy}.{field}={value!r} is invalid: {field} must be {allowed}")
+
+
+def _check_int(policy: str, field: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        _fail(policy, field, value, f"an int >= {lo}")
+
+
+def check_budget(policy: str, budget) -> None:
+    """A budget is a fraction of the prompt in (0, 1] or a token count >= 1."""
+    allowed = "a fraction of the prompt in (0, 1] (float) or a token count >= 1 (int)"
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        _fail(policy, "budget", budget, allowed)
+    if isinstance(budget, float) and not (0.0 < budget <= 1.0 and math.isfinite(budget)):
+        _fail(policy, "budget", budget, allowed)
+    if isinstance(budget, int) and budget < 1:
+        _fail(policy, "budget", budget, allowed)
+
+
+def budget_tokens(budget: Budget, length):
+    """Tokens a budget allows for a prompt of ``length`` (int or SymInt).
+
+    Integer ceil keeps the arithmetic guard-free on a symbolic length: a float
+    product or Python ``math.ceil`` would specialise and recompile.
+    """
+    if isinstance(budget, int):
+        return budget
+    frac = Fraction(budget).limit_denominator(10_000)
+    return (frac.numerator * length + frac.denominator - 1) // frac.denominator
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Base of every preset. Subclasses override ``score`` (and may override
+    ``layer_budget``); everything else is shared."""
+
+    budget: Budget = 0.5
+    sinks: int = 0
+    window: int = 0
+
+    #: when compression runs; "prefill" = once, right after the prompt is cached.
+    schedule: ClassVar[str] = "prefill"
+    #: what happens to slots not kept; eviction frees them.
+    fold: ClassVar[str] = "evict"
+    #: whether ``score`` reads the queries (SnapKV) or only the keys.
+    needs_queries: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_budget(name, self.budget)
+        _check_int(name, "sinks", self.sinks, 0)
+        _check_int(name, "window", self.window, 0)
+        if isinstance(self.budget, int) and self.sinks + self.window > self.budget:
+            raise ValueError(
+                f"{name}: sinks + window = {self.sinks + self.window} exceeds budget={self.budget}; "
+                f"the always-kept tokens must fit in the budget (make budget >= {self.sinks + self.window} "
+                "or shrink sinks/window)"
+            )
+
+    # -- plan ---------------------------------------------------------------
+    def layer_budget(self, layer: int) -> Budget:
+        """Budget of one layer; uniform unless a preset plans otherwise."""
+        return self.budget
+
+    def kept_length(self, length, layer: int = 0):
+        """Slots a layer keeps out of ``length``: the budget, never fewer than
+        the always-kept tokens, never more than the prompt (guard-free)."""
+        n = budget_tokens(self.layer_budget(layer), length)
+        n = torch.sym_max(n, self.sinks + self.window)
+        return torch.sym_min(n, length)
+
+    # -- score --------------------------------------------------------------
+    def score(self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+        """Worth of each slot, higher = keep. q: [B, H, Sq, D], k: [B, Hkv, S, D],
+        valid: [B, S] bool. Returns [B, Hkv, S] float32."""
+        raise NotImplementedError
+
+    # -- keep ---------------------------------------------------------------
+    def select(
+        self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float, layer: int = 0
+    ) -> torch.Tensor:
+        """Indices of the slots kept, [B, Hkv, n], ascending (original order)."""
+        length = k.shape[-2]
+        n = self.kept_length(length, layer)
+        key = self.score(q, k, valid, scale).float()
+        key = score_kernels.protect(key, valid, self.sinks, self.window)
+        # A stable descending sort breaks ties by position, so the reference,
+        # the compiled graph and any kernel agree on which slots survive.
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
+        return order.sort(dim=-1).values
+
+    def spec(self) -> str:
+        """Text that ``parse_policy`` turns back into this policy (custom-op argument)."""
+        return repr(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(Policy):
+    """StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models
+    with Attention Sinks"): keep the first ``sinks`` tokens and the most recent
+    ones up to the budget."""
+
+    budget: Budget = 0.5
+    sinks: int = 4
+
+    def score(self, q, k, valid, scale):
+        return score_kernels.recency(k)
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV(Policy):
+    """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for
+    Before Generation"): score each slot by the attention the last ``window``
+    queries pay it, average-pooled over ``kernel`` neighbours, averaged over a
+    GQA group; keep the observation window and the top slots per KV head."""
+
+    budget: Budget = 0.5
+    window: int = 32
+    kernel: int = 5
+
+    needs_queries: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            _fail(type(self).__name__, "kernel", self.kernel, "an odd int >= 1")
+        if self.window < 1:
+            _fail(type(self).__name__, "window", self.window, "an int >= 1 (the observation window)")
+
+    def score(self, q, k, valid, scale):
+        return score_kernels.window_attention(q, k, valid, scale, self.window, self.kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class KNorm(Policy):
+    """Key-norm eviction (Devoto et al., 2024, "A Simple and Effective L2
+    Norm-Based Strategy for KV Cache Compression"): keys with a low L2 norm
+    draw the most attention, so keep the lowest-norm keys."""
+
+    budget: Budget = 0.5
+
+    def score(self, q, k, valid, scale):
+        return -k.float().norm(dim=-1)
+
+
+PRESETS: dict[str, type[Policy]] = {cls.__name__: cls for cls in (StreamingLLM, SnapKV, KNorm)}
+
+
+def parse_policy(text: str) -> Policy:
+    """Parse ``"SnapKV(budget=0.25, window=16)"`` without eval: only a preset
+    name called with literal arguments is accepted."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError as err:
+        raise ValueError(f"policy {text!r} is not of the form Preset(name=value, ...): {err.msg}") from None
+    if isinstance(tree, ast.Name):
+        tree = ast.Call(func=tree, args=[], keywords=[])
+    if not isinstance(tree, ast.Call) or not isinstance(tree.func, ast.Name):
+        raise ValueError(f"policy {text!r} is not of the form Preset(name=value, ...)")
+    name = tree.func.id
+    if name not in PRESETS:
+        raise ValueError(f"policy {name!r} is unknown; presets are: {', '.join(sorted(PRESETS))}")
+    try:
+        args = [ast.literal_eval(a) for a in tree.args]
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in tree.keywords}
+    except ValueError:
+        raise ValueError(f"policy {text!r}: arguments must be literals (numbers, strings)") from None
+    if None in kwargs:
+        raise ValueError(f"policy {text!r}: **kwargs are not allowed")
+    try:
+        return PRESETS[name](*args, **kwargs)
+    except TypeError as err:
+        fields = ", ".join(f.name for f in dataclasses.fields(PRESETS[name]))
+        raise ValueError(f"policy {text!r}: {err}; {name} takes: {fields}") from None
+
+
+_BY_SPEC: dict[str, Policy] = {}
+
+
+def policy_from_spec(spec: str) -> Policy:
+    """The policy a custom op was given (cached: ops run every decode step)."""
+    policy = _BY_SPEC.get(spec)
+    if policy is None:
+        policy = _BY_SPEC[spec] = parse_policy(spec)
+    return policy

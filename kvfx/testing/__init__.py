@@ -1,0 +1,102 @@
+"""Helpers for checking kvfx on your own models in your own CI.
+
+    from kvfx.testing import assert_rewritten, assert_equivalent, tiny_model
+    assert_rewritten(model, kvfx.SnapKV(budget=0.5), input_ids)
+    assert_equivalent(model, input_ids)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+import kvfx
+from kvfx.api import GraphRecord, restore
+from kvfx.policies import Policy, StreamingLLM
+
+
+@dataclasses.dataclass
+class Run:
+    """One generation: its tokens, per-step logits, final cache and graphs."""
+
+    tokens: torch.Tensor
+    logits: list[torch.Tensor]
+    cache: object
+    records: list[GraphRecord]
+    graph_breaks: int
+
+
+def cache_lengths(cache) -> list[int]:
+    """Slots per layer of a transformers cache (or a tuple of (k, v) pairs)."""
+    if hasattr(cache, "layers"):
+        return [layer.keys.shape[-2] for layer in cache.layers]
+    return [k.shape[-2] for k, _ in cache]
+
+
+def generate(model, input_ids, *, policy: Optional[Policy] = None, inner: str = "aot_eager", steps: int = 16,
+             attention_mask: Optional[torch.Tensor] = None) -> Run:
+    """Greedy generation, eager when ``policy`` is None, else through kvfx.
+    Restores the model's forward afterwards."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    if attention_mask is None:  # never let generate() guess padding from token ids
+        attention_mask = torch.ones_like(input_ids)
+    records: list[GraphRecord] = []
+    if policy is not None:
+        kvfx.compile(model, policy, inner=inner)
+        records = model._kvfx_backend.records
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=steps, min_new_tokens=steps,
+                                 do_sample=False, return_dict_in_generate=True, output_logits=True,
+                                 pad_token_id=model.config.pad_token_id or 0)
+    finally:
+        if policy is not None:
+            restore(model)
+    breaks = sum(counters["graph_break"].values())
+    return Run(out.sequences, list(out.logits), out.past_key_values, records, breaks)
+
+
+def no_compression() -> Policy:
+    """A policy whose budget exceeds any test prompt: the cache stays whole."""
+    return StreamingLLM(budget=1 << 30)
+
+
+def assert_equivalent(model, input_ids, *, attention_mask=None, policy: Optional[Policy] = None,
+                      inner: str = "aot_eager", steps: int = 16, atol: float = 1e-4,
+                      require_rewrite: bool = True) -> None:
+    """With a budget that exceeds the prompt, kvfx must not change anything:
+    same greedy tokens and logits within ``atol`` of eager, every step.
+    ``require_rewrite=False`` for models with no compressible layer."""
+    policy = policy or no_compression()
+    eager = generate(model, input_ids, attention_mask=attention_mask, steps=steps)
+    compiled = generate(model, input_ids, attention_mask=attention_mask, policy=policy, inner=inner, steps=steps)
+    assert not require_rewrite or any(r.rewritten for r in compiled.records), "kvfx rewrote no attention site: nothing was checked"
+    for step, (a, b) in enumerate(zip(eager.logits, compiled.logits)):
+        diff = (a.float() - b.float()).abs().max().item()
+        assert diff <= atol, f"step {step}: logits differ from eager by {diff:.3g} (> {atol})"
+    assert torch.equal(eager.tokens, compiled.tokens), (
+        f"greedy tokens differ from eager:\n{eager.tokens}\n{compiled.tokens}")
+
+
+def assert_rewritten(model, policy: Policy, input_ids, *, attention_mask=None, inner: str = "aot_eager",
+                     steps: int = 2) -> Run:
+    """Every attention site that reads a compressible cache is rewritten, every
+    other one carries the reason why not, and at least one site is rewritten."""
+    run = generate(model, input_ids, attention_mask=attention_mask, policy=policy, inner=inner, steps=steps)
+    assert run.records, "kvfx was never called: the compiled forward is not the one generate() runs"
+    sites = [s for r in run.records for s in r.sites]
+    assert sites, "no attention call was found in any graph"
+    for s in sites:
+        assert s.compressible or s.reason, f"site {s.module} is neither rewritten nor explained"
+    assert any(s.compressible for s in sites), "no site was rewritten: " + "; ".join(sorted({s.reason for s in sites}))
+    for record in run.records:
+        for s in record.rewritten:
+            op = "kvfx.compress" if s.phase == "prefill" else "kvfx.attend"
+            assert op in record.code_after, f"graph {record.index}: {s.module} is marked rewritten but {op} is absent"
+    return run

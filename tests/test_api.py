@@ -1,0 +1,73 @@
+"""Public API: errors, warnings, the generate() trap, explain."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import kvfx
+from kvfx.testing.zoo import tiny_model
+
+
+def test_backend_rejects_unknown_inner_and_non_policies():
+    with pytest.raises(ValueError, match=r"inner='tvm' is invalid.*inductor"):
+        kvfx.backend(kvfx.SnapKV(), inner="tvm")
+    with pytest.raises(TypeError, match="policy must be a kvfx policy"):
+        kvfx.backend(0.5)
+
+
+def test_compiling_the_module_then_generate_is_an_error():
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend=kvfx.backend(kvfx.SnapKV(), inner="eager"))
+    with pytest.raises(AttributeError, match=r"kvfx\.compile\(model, policy\)"):
+        compiled.generate(torch.ones(1, 4, dtype=torch.long))
+
+
+def test_plain_torch_compile_generate_is_untouched():
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="eager")
+    assert callable(compiled.generate)
+
+
+def test_model_without_attention_warns_why_nothing_was_rewritten():
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    fn = torch.compile(mlp, backend=kvfx.backend(kvfx.SnapKV(), inner="eager"))
+    with pytest.warns(UserWarning, match="kvfx: graph left untouched, no attention call was found"):
+        fn(torch.randn(2, 8))
+
+
+def test_model_without_cache_warns_and_still_runs():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (1, 12))
+    expected = model(ids, use_cache=False).logits
+    model.forward = torch.compile(model.forward, backend=kvfx.backend(kvfx.SnapKV(), inner="eager"))
+    with pytest.warns(UserWarning, match="no KV cache"):
+        got = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected)
+
+
+def test_static_cache_is_left_alone_with_a_reason():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (1, 12))
+    kvfx.compile(model, kvfx.SnapKV(budget=0.5, window=4), inner="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static",
+                       attention_mask=torch.ones_like(ids))
+    assert any("static cache" in str(w.message) for w in caught)
+    kvfx.restore(model)
+
+
+def test_explain_reports_each_site_and_the_bytes_held():
+    model = tiny_model("gemma2", attn="eager")
+    ids = torch.randint(2, 100, (1, 24))
+    report = kvfx.explain(model, ids, policy=kvfx.SnapKV(budget=0.5, window=4), use_cache=True)
+    text = str(report)
+    rewritten = [s for r in report.records for s in r.rewritten]
+    alone = [s for r in report.records for s in r.sites if not s.compressible]
+    assert rewritten and alone
+    assert text.count("rewritten -> kvfx.compress") == sum(s.phase == "prefill" for s in rewritten)
+    assert "sliding-window layer" in text
+    assert 0 < report.cache_bytes_kept < report.cache_bytes_full
+    assert "kvfx.compress" in report.graph_code(0) and "kvfx" not in report.graph_code(0, after=False)

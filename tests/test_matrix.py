@@ -1,0 +1,51 @@
+"""The architecture matrix: every family of the zoo, sdpa and eager attention."""
+
+import pytest
+import torch
+
+import kvfx
+from kvfx.testing import assert_equivalent, assert_rewritten, cache_lengths, generate
+from kvfx.testing.zoo import ZOO, tiny_model
+
+PAIRS = [pytest.param(name, attn, id=f"{name}-{attn}") for name, entry in ZOO.items() for attn in entry.attn_impls]
+# Every layer of this entry has a sliding-window cache: nothing to compress.
+ALL_SLIDING = {"mistral_sliding"}
+PROMPT = 24
+STEPS = 32
+
+
+def prompt(model, batch=1, length=PROMPT):
+    return torch.randint(2, model.config.vocab_size, (batch, length))
+
+
+@pytest.mark.parametrize("name,attn", PAIRS)
+def test_budget_above_prompt_matches_eager(name, attn):
+    model = tiny_model(name, attn=attn)
+    assert_equivalent(model, prompt(model), steps=16, atol=1e-4, require_rewrite=name not in ALL_SLIDING)
+
+
+@pytest.mark.parametrize("name,attn", PAIRS)
+def test_snapkv_half_budget_cache_lengths_graphs_and_breaks(name, attn):
+    model = tiny_model(name, attn=attn)
+    ids = prompt(model)
+    eager = generate(model, ids, steps=STEPS)
+    policy = kvfx.SnapKV(budget=0.5, window=4)
+    if name in ALL_SLIDING:
+        with pytest.warns(UserWarning, match="sliding-window layer"):
+            run = generate(model, ids, policy=policy, steps=STEPS)
+        assert cache_lengths(run.cache) == cache_lengths(eager.cache)
+        return
+    run = assert_rewritten(model, policy, ids, steps=STEPS)
+    rewritten = {s.layer for r in run.records for s in r.rewritten}
+    left_alone = {s.layer: s.reason for r in run.records for s in r.sites if not s.compressible}
+    expected_compressed = (PROMPT + 1) // 2 + STEPS - 1
+    for layer, (full, kept) in enumerate(zip(cache_lengths(eager.cache), cache_lengths(run.cache))):
+        if layer in rewritten:
+            assert kept == expected_compressed, f"layer {layer}: {kept} slots, expected {expected_compressed}"
+        else:
+            assert kept == full, f"layer {layer} was not rewritten but its cache changed"
+            assert layer in left_alone, f"layer {layer} is neither rewritten nor explained"
+    if ZOO[name].sliding:
+        assert any("sliding" in why for why in left_alone.values()), "sliding layers must be reported"
+    assert len(run.records) <= 3, f"{len(run.records)} graphs compiled for prefill + {STEPS} decode steps"
+    assert run.graph_breaks == 0
