@@ -7,7 +7,7 @@ import torch
 from kvfx.kernels.scores import repeat_kv
 
 
-def slot_attention(
+def slot_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_bias: torch.Tensor, scale: float, softcap: float = 0.0
 ) -> torch.Tensor:
     """softmax(q k^T * scale [softcapped] + bias) v, computed in float32.
@@ -29,3 +29,11 @@ def slot_attention(
     )
     probs = (logits + bias).softmax(dim=-1)
     return (probs @ repeat_kv(v.float(), groups)).to(q.dtype)
+
+
+def slot_attention(q, k, v, slot_bias, scale, softcap=0.0):
+    from kvfx.kernels.dispatch import triton_module, use_triton  # lazy: kvfx imports without triton
+
+    if use_triton(q, k, v):
+        return triton_module("attention").slot_attention(q, k, v, slot_bias, scale, softcap)
+    return slot_attention_reference(q, k, v, slot_bias, scale, softcap)

@@ -17,7 +17,7 @@ def recency(k: torch.Tensor) -> torch.Tensor:
     return torch.arange(s, device=k.device, dtype=torch.float32).expand(b, hkv, s)
 
 
-def window_attention(
+def window_attention_reference(
     q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float, window: int, kernel: int
 ) -> torch.Tensor:
     """SnapKV's score: attention the last ``window`` queries pay each key,
@@ -41,6 +41,17 @@ def window_attention(
     return score.view(b, hkv, h // hkv, s).mean(dim=2)
 
 
+def query_attention(q: torch.Tensor, k: torch.Tensor, slot_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the last query over all slots, averaged over each KV
+    head's query heads (TOVA, ZeroMerge). q: [B, H, Sq, D], k: [B, Hkv, S, D],
+    slot_bias: [B, Hkv, S] (the new tokens' slots included). -> [B, Hkv, S]"""
+    b, h = q.shape[:2]
+    hkv, s = k.shape[1], k.shape[2]
+    logits = q[:, :, -1:].float() @ repeat_kv(k.float(), h // hkv).transpose(-1, -2) * scale  # [B, H, 1, S]
+    logits = logits[:, :, 0] + repeat_kv(slot_bias[:, :, :, None], h // hkv)[..., 0]
+    return logits.softmax(-1).view(b, hkv, h // hkv, s).mean(dim=2)
+
+
 def protect(key: torch.Tensor, valid: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     """Rank key so the first ``sinks`` and last ``window`` real tokens always
     win and padding always loses. key: [B, Hkv, S], valid: [B, S]."""
@@ -49,3 +60,11 @@ def protect(key: torch.Tensor, valid: torch.Tensor, sinks: int, window: int) -> 
     kept = valid & ((rank <= sinks) | (rank > n_real - window))
     key = key.masked_fill(kept[:, None, :], float("inf"))
     return key.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def window_attention(q, k, valid, scale, window, kernel):
+    from kvfx.kernels.dispatch import triton_module, use_triton  # lazy: kvfx imports without triton
+
+    if use_triton(q, k):
+        return triton_module("scores").window_attention(q, k, valid, scale, window, kernel)
+    return window_attention_reference(q, k, valid, scale, window, kernel)

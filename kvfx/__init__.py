@@ -6,10 +6,13 @@
 
 from kvfx.api import Backend, GraphRecord, backend, compile, restore
 from kvfx.explain import Report, explain
-from kvfx.policies import PRESETS, KNorm, Policy, SnapKV, StreamingLLM, parse_policy
+from kvfx.heads import find_retrieval_heads, load_head_map, save_head_map
+from kvfx.policies import H2O, PRESETS, TOVA, KNorm, Policy, PyramidKV, SnapKV, StreamingLLM, parse_policy
+from kvfx.seeds import ChunkKV, KVMerger, RazorAttention, ZeroMerge
 from kvfx.runtime import PositionError, tokens_seen
 
 __all__ = [
-    "Backend", "GraphRecord", "KNorm", "PRESETS", "Policy", "PositionError", "SnapKV", "StreamingLLM",
-    "Report", "backend", "compile", "explain", "parse_policy", "restore", "tokens_seen",
+    "Backend", "ChunkKV", "GraphRecord", "H2O", "KNorm", "KVMerger", "PyramidKV", "RazorAttention", "TOVA",
+    "ZeroMerge", "PRESETS", "Policy", "PositionError", "SnapKV", "StreamingLLM",
+    "Report", "backend", "compile", "explain", "find_retrieval_heads", "load_head_map", "save_head_map", "parse_policy", "restore", "tokens_seen",
 ]

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from kvfx.kernels import attention as attention_kernels
-from kvfx.kernels.gather import gather_slots
 from kvfx.policies import policy_from_spec
 
 
@@ -40,29 +39,31 @@ def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tens
 
 @torch.library.custom_op("kvfx::compress", mutates_args=())
 def compress(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], policy: str, layer: int, scale: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Keep the slots ``policy`` selects. q: [B, H, Sq, D], k/v: [B, Hkv, S, D].
-    Returns fresh contiguous (k, v, slot_bias) with n = policy.kept_length(S) slots."""
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
+    policy: str, layer: int, n_layers: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Compress one layer's prompt cache with ``policy``. q: [B, H, Sq, D],
+    k/v: [B, Hkv, S, D]. ``reuse_index`` (ChunkKV) are kept indices computed
+    by an earlier layer. Returns fresh contiguous (k, v, slot_bias, slot_score,
+    index) with n = policy.kept_length(S) slots."""
     pol = policy_from_spec(policy)
-    batch, _, length, _ = k.shape
-    valid = valid_slots(mask, batch, length, k.device)
-    index = pol.select(q, k, valid, scale, layer)  # [B, Hkv, n]
-    kept_valid = valid[:, None, :].expand(-1, k.shape[1], -1).gather(2, index)
-    bias = torch.zeros(kept_valid.shape, dtype=torch.float32, device=k.device)
-    bias = bias.masked_fill(~kept_valid, float("-inf"))
-    return gather_slots(k, index), gather_slots(v, index), bias
+    valid = valid_slots(mask, k.shape[0], k.shape[2], k.device)
+    out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
+    # A custom op's outputs may not alias its inputs (the reused index would).
+    index = out.index.clone() if out.index is reuse_index else out.index.contiguous()
+    return out.k.contiguous(), out.v.contiguous(), out.slot_bias.contiguous(), out.slot_score.contiguous(), index
 
 
 @compress.register_fake
-def _compress_fake(q, k, v, mask, policy, layer, scale):
-    pol = policy_from_spec(policy)
+def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale):
     batch, kv_heads, length, _ = k.shape
-    n = pol.kept_length(length, layer)
+    n = policy_from_spec(policy).kept_length(length, layer, n_layers)
     return (
         k.new_empty(batch, kv_heads, n, k.shape[-1]),
         v.new_empty(batch, kv_heads, n, v.shape[-1]),
         k.new_empty(batch, kv_heads, n, dtype=torch.float32),
+        k.new_empty(batch, kv_heads, n, dtype=torch.float32),
+        k.new_empty(batch, kv_heads, n, dtype=torch.int64),
     )
 
 
@@ -72,37 +73,59 @@ def attend(
     k: Tensor,
     v: Tensor,
     slot_bias: Tensor,
+    slot_score: Tensor,
     has_state: Tensor,
     mask: Optional[Tensor],
     scale: float,
     softcap: float,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Attention of new queries over cached slots + the new tokens.
 
     q: [B, H, Sq, D]; k, v: [B, Hkv, S, D] where the last Sq slots are the new
-    tokens; slot_bias: [B, Hkv, S - Sq] for the cached slots.
+    tokens; slot_bias, slot_score: [B, Hkv, S - Sq] for the cached slots.
 
     With state (``has_state``), the cached slots get ``slot_bias`` and the new
     tokens are causal among themselves: the model's own mask is ignored because
     it was computed for the uncompressed positions. Without state (a cache kvfx
     never compressed) the model's mask is right and is used as is.
 
-    Returns (out [B, H, Sq, Dv], slot_bias for all S slots, the new ones 0).
+    Returns (out [B, H, Sq, Dv], slot_bias and slot_score for all S slots, the new ones 0).
     """
     batch, kv_heads, length, _ = k.shape
     past = length - q.shape[-2]
     if not bool(has_state):
         slot_bias = _bias_from_mask(mask, batch, kv_heads, past, k.device)
     out = attention_kernels.slot_attention(q, k, v, slot_bias, scale, softcap)
-    new_bias = torch.nn.functional.pad(slot_bias, (0, length - past))
-    return out, new_bias
+    grow = (0, length - past)
+    return out, torch.nn.functional.pad(slot_bias, grow), torch.nn.functional.pad(slot_score, grow)
 
 
 @attend.register_fake
-def _attend_fake(q, k, v, slot_bias, has_state, mask, scale, softcap):
+def _attend_fake(q, k, v, slot_bias, slot_score, has_state, mask, scale, softcap):
     batch, kv_heads, length, _ = k.shape
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    return out, k.new_empty(batch, kv_heads, length, dtype=torch.float32)
+    state = k.new_empty(batch, kv_heads, length, dtype=torch.float32)
+    return out, state, torch.empty_like(state)
+
+
+@torch.library.custom_op("kvfx::step", mutates_args=())
+def step(
+    q: Tensor, k: Tensor, v: Tensor, slot_bias: Tensor, slot_score: Tensor,
+    policy: str, layer: int, n_layers: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One decode step of a continuous policy (TOVA, ZeroMerge) over the cache
+    including the new tokens; returns (k, v, slot_bias, slot_score) with
+    policy.decode_length(S, Sq) slots."""
+    out = policy_from_spec(policy).step(q, k, v, slot_bias, slot_score, scale, layer, n_layers)
+    return tuple(t.contiguous() for t in out)
+
+
+@step.register_fake
+def _step_fake(q, k, v, slot_bias, slot_score, policy, layer, n_layers, scale):
+    batch, kv_heads, length, _ = k.shape
+    n = policy_from_spec(policy).decode_length(length, q.shape[-2])
+    return (k.new_empty(batch, kv_heads, n, k.shape[-1]), v.new_empty(batch, kv_heads, n, v.shape[-1]),
+            k.new_empty(batch, kv_heads, n, dtype=torch.float32), k.new_empty(batch, kv_heads, n, dtype=torch.float32))
 
 
 def _bias_from_mask(mask: Optional[Tensor], batch: int, kv_heads: int, past: int, device) -> Tensor:
@@ -114,5 +137,6 @@ def _bias_from_mask(mask: Optional[Tensor], batch: int, kv_heads: int, past: int
 # kvfx compresses caches for inference: no gradient flows through its ops.
 # Registering that keeps a forward run with grad enabled from failing inside
 # AOTAutograd.
-compress.register_autograd(lambda ctx, *grads: (None,) * 7)
-attend.register_autograd(lambda ctx, *grads: (None,) * 8)
+compress.register_autograd(lambda ctx, *grads: (None,) * 9)
+attend.register_autograd(lambda ctx, *grads: (None,) * 9)
+step.register_autograd(lambda ctx, *grads: (None,) * 9)

@@ -19,11 +19,13 @@ import ast
 import dataclasses
 import math
 from fractions import Fraction
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
 from kvfx.kernels import scores as score_kernels
+from kvfx.kernels.column_sums import column_sums
+from kvfx.kernels.gather import gather_slots
 
 Budget = float | int
 
@@ -60,28 +62,55 @@ def budget_tokens(budget: Budget, length):
     return (frac.numerator * length + frac.denominator - 1) // frac.denominator
 
 
+@dataclasses.dataclass
+class Compressed:
+    """What a policy leaves of one layer's cache: [B, Hkv, n, D] keys/values,
+    and per slot its bias (0, -inf for invalid, log(count) for a slot standing
+    for several tokens), its running score, and the position it came from."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slot_bias: torch.Tensor    # [B, Hkv, n] float32
+    slot_score: torch.Tensor   # [B, Hkv, n] float32
+    index: torch.Tensor        # [B, Hkv, n] int64
+
+
+def evict_to(index: torch.Tensor, k, v, valid, score=None) -> Compressed:
+    """Keep the slots ``index`` names (fold = evict): gather K, V; padding
+    that had to be kept gets -inf."""
+    kept_valid = valid[:, None, :].expand(-1, k.shape[1], -1).gather(2, index)
+    bias = torch.zeros(index.shape, dtype=torch.float32, device=k.device).masked_fill(~kept_valid, float("-inf"))
+    kept_score = torch.zeros_like(bias) if score is None else score.float().gather(2, index)
+    return Compressed(gather_slots(k, index), gather_slots(v, index), bias, kept_score, index)
+
+
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Base of every preset. Subclasses override ``score`` (and may override
-    ``layer_budget``); everything else is shared."""
+    ``layer_budget``, ``compress`` or ``step``); everything else is shared."""
 
     budget: Budget = 0.5
     sinks: int = 0
     window: int = 0
 
-    #: when compression runs; "prefill" = once, right after the prompt is cached.
+    #: when compression runs: "prefill" = once, right after the prompt is
+    #: cached; "continuous" = also at every decode step (``step``).
     schedule: ClassVar[str] = "prefill"
-    #: what happens to slots not kept; eviction frees them.
+    #: what happens to slots not kept: "evict" frees them; "merge" and
+    #: "compensate" fold them into weighted slots.
     fold: ClassVar[str] = "evict"
     #: whether ``score`` reads the queries (SnapKV) or only the keys.
     needs_queries: ClassVar[bool] = False
+    #: whether sinks + window must fit in a token budget (not for a policy
+    #: whose budget sizes only part of what it keeps, like RazorAttention).
+    window_within_budget: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_budget(name, self.budget)
         _check_int(name, "sinks", self.sinks, 0)
         _check_int(name, "window", self.window, 0)
-        if isinstance(self.budget, int) and self.sinks + self.window > self.budget:
+        if self.window_within_budget and isinstance(self.budget, int) and self.sinks + self.window > self.budget:
             raise ValueError(
                 f"{name}: sinks + window = {self.sinks + self.window} exceeds budget={self.budget}; "
                 f"the always-kept tokens must fit in the budget (make budget >= {self.sinks + self.window} "
@@ -89,16 +118,20 @@ class Policy:
             )
 
     # -- plan ---------------------------------------------------------------
-    def layer_budget(self, layer: int) -> Budget:
+    def layer_budget(self, layer: int, n_layers: int) -> Budget:
         """Budget of one layer; uniform unless a preset plans otherwise."""
         return self.budget
 
-    def kept_length(self, length, layer: int = 0):
+    def kept_length(self, length, layer: int = 0, n_layers: int = 1):
         """Slots a layer keeps out of ``length``: the budget, never fewer than
         the always-kept tokens, never more than the prompt (guard-free)."""
-        n = budget_tokens(self.layer_budget(layer), length)
+        n = budget_tokens(self.layer_budget(layer, n_layers), length)
         n = torch.sym_max(n, self.sinks + self.window)
         return torch.sym_min(n, length)
+
+    def reuse_source(self, layer: int) -> Optional[int]:
+        """Layer whose kept indices this layer reuses (ChunkKV); None = its own."""
+        return None
 
     # -- score --------------------------------------------------------------
     def score(self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
@@ -107,22 +140,41 @@ class Policy:
         raise NotImplementedError
 
     # -- keep ---------------------------------------------------------------
-    def select(
-        self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float, layer: int = 0
-    ) -> torch.Tensor:
+    def select(self, q, k, valid, scale, layer: int = 0, n_layers: int = 1, score=None) -> torch.Tensor:
         """Indices of the slots kept, [B, Hkv, n], ascending (original order)."""
-        length = k.shape[-2]
-        n = self.kept_length(length, layer)
-        key = self.score(q, k, valid, scale).float()
+        n = self.kept_length(k.shape[-2], layer, n_layers)
+        key = (self.score(q, k, valid, scale) if score is None else score).float()
         key = score_kernels.protect(key, valid, self.sinks, self.window)
-        # A stable descending sort breaks ties by position, so the reference,
-        # the compiled graph and any kernel agree on which slots survive.
-        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
-        return order.sort(dim=-1).values
+        return top_sorted(key, n)
+
+    # -- fold ---------------------------------------------------------------
+    def compress(self, q, k, v, valid, scale, layer: int = 0, n_layers: int = 1, reuse_index=None) -> Compressed:
+        """Compress one layer's prompt cache (fold = evict by default)."""
+        index = reuse_index if reuse_index is not None else self.select(q, k, valid, scale, layer, n_layers)
+        return evict_to(index, k, v, valid)
+
+    # -- schedule: continuous policies only ---------------------------------
+    def decode_length(self, total, new):
+        """Slots kept after a decode step that brought ``total`` slots
+        (``new`` of them new): grow until the token budget, then stay."""
+        cap = self.budget if isinstance(self.budget, int) else 0
+        return torch.sym_min(total, torch.sym_max(total - new, cap))
+
+    def step(self, q, k, v, slot_bias, slot_score, scale, layer: int = 0, n_layers: int = 1):
+        """One decode step of a continuous policy: returns (k, v, slot_bias, slot_score)."""
+        raise NotImplementedError
 
     def spec(self) -> str:
         """Text that ``parse_policy`` turns back into this policy (custom-op argument)."""
         return repr(self)
+
+
+def top_sorted(key: torch.Tensor, n) -> torch.Tensor:
+    """The ``n`` best slots per row of key [..., S], in original order.
+    A stable descending sort breaks ties by position, so the reference, the
+    compiled graph and any kernel agree on which slots survive."""
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
+    return order.sort(dim=-1).values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +226,78 @@ class KNorm(Policy):
         return -k.float().norm(dim=-1)
 
 
-PRESETS: dict[str, type[Policy]] = {cls.__name__: cls for cls in (StreamingLLM, SnapKV, KNorm)}
+@dataclasses.dataclass(frozen=True)
+class H2O(Policy):
+    """H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient
+    Generative Inference of Large Language Models"): keep the tokens that
+    received the most attention over the whole prompt (column sums of the
+    causal attention) plus the ``window`` most recent ones."""
+
+    budget: Budget = 0.5
+    window: int = 32
+
+    needs_queries: ClassVar[bool] = True
+
+    def score(self, q, k, valid, scale):
+        return column_sums(q, k, valid, scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class TOVA(Policy):
+    """TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): keep the
+    slots the current query attends to most; at every decode step over budget,
+    evict the slot with the lowest attention (averaged over a GQA group)."""
+
+    budget: Budget = 0.5
+
+    schedule: ClassVar[str] = "continuous"
+    needs_queries: ClassVar[bool] = True
+
+    def score(self, q, k, valid, scale):
+        return score_kernels.window_attention(q, k, valid, scale, 1, 1)
+
+    def step(self, q, k, v, slot_bias, slot_score, scale, layer=0, n_layers=1):
+        n = self.decode_length(k.shape[-2], q.shape[-2])
+        attention = score_kernels.query_attention(q, k, slot_bias, scale)  # [B, Hkv, S]
+        index = top_sorted(attention.masked_fill(slot_bias == float("-inf"), float("-inf")), n)
+        return (gather_slots(k, index), gather_slots(v, index), slot_bias.gather(2, index),
+                slot_score.gather(2, index))
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidKV(SnapKV):
+    """PyramidKV (Cai et al., 2024, "PyramidKV: Dynamic KV Cache Compression
+    based on Pyramidal Information Funneling"): SnapKV with budgets that
+    decrease linearly from the first layer to the last; the mean is
+    ``budget``, the last layer gets ``budget / beta``."""
+
+    beta: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1:
+            _fail(type(self).__name__, "beta", self.beta, "a number >= 1")
+
+    def layer_budget(self, layer: int, n_layers: int) -> Budget:
+        low = self.budget / self.beta
+        high = 2 * self.budget - low
+        at = high - (high - low) * layer / max(n_layers - 1, 1)
+        if isinstance(self.budget, int):
+            return max(1, round(at))
+        return min(1.0, max(at, 1e-4))
+
+
+PRESETS: dict[str, type[Policy]] = {}
+
+
+def preset(cls: type[Policy]) -> type[Policy]:
+    """Register a preset so ``parse_policy`` and the command line know it."""
+    PRESETS[cls.__name__] = cls
+    return cls
+
+
+for _cls in (StreamingLLM, SnapKV, KNorm, H2O, TOVA, PyramidKV):
+    preset(_cls)
 
 
 def parse_policy(text: str) -> Policy:

@@ -24,6 +24,7 @@ STATE_ATTR = "_kvfx_state"
 class SlotState:
     slot_bias: torch.Tensor  # [B, Hkv, S] float32
     seen: torch.Tensor       # 0-d int64: tokens this cache has absorbed (positions follow it)
+    slot_score: torch.Tensor  # [B, Hkv, S] float32: running score of continuous policies
 
 
 def state_of(keys: Any) -> Optional[SlotState]:
@@ -71,9 +72,9 @@ class StatefulGraph:
                 batch, kv_heads, length = keys.shape[:3]
                 bias = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=keys.device)
                 seen = torch.tensor(length, dtype=torch.int64, device=keys.device)
-                extra += [bias, self._flag(keys.device, False), seen]
+                extra += [bias, self._flag(keys.device, False), seen, torch.zeros_like(bias)]
             else:
-                extra += [state.slot_bias, self._flag(keys.device, True), state.seen]
+                extra += [state.slot_bias, self._flag(keys.device, True), state.seen, state.slot_score]
         if plan.positions_from_cache:
             self._check_positions(args)
         # Backends return callables in dynamo's unboxed convention.
@@ -81,7 +82,7 @@ class StatefulGraph:
         model_outs = outs[: plan.n_outputs]
         states = outs[plan.n_outputs:]
         for i, out_index in enumerate(plan.state_outputs):
-            setattr(model_outs[out_index], STATE_ATTR, SlotState(states[2 * i], states[2 * i + 1]))
+            setattr(model_outs[out_index], STATE_ATTR, SlotState(*states[3 * i: 3 * i + 3]))
         if not plan.output_is_sequence:
             return model_outs[0]
         return tuple(model_outs)

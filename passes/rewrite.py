@@ -6,11 +6,14 @@ For each compressible ``Site``:
     write-back outputs become the compressed K and V.
   * decode (the cache comes in as a graph input): attention becomes
     ``kvfx::attend``, which reads the slot state of the incoming cache
-    (three new graph inputs: slot_bias, has_state, seen) and returns the state
+    (four new graph inputs: slot_bias, has_state, seen, slot_score) and returns the state
     for the cache written back.
 
-Every compressible site adds two graph outputs after the model's own:
-slot_bias [B, Hkv, S] and seen (tokens the cache has absorbed, a 0-d int64).
+Every compressible site adds three graph outputs after the model's own:
+slot_bias [B, Hkv, S], seen (tokens the cache has absorbed, a 0-d int64) and
+slot_score [B, Hkv, S] (the running score of continuous policies). A
+continuous policy (TOVA, ZeroMerge) also runs ``kvfx::step`` after each decode
+attention and writes its output back instead of the grown cache.
 The runtime (``kvfx.runtime``) feeds the extra inputs and strips the extra
 outputs, so the caller sees the model's original signature.
 """
@@ -53,62 +56,79 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
     outputs = list(raw_out) if is_sequence else [raw_out]
     n_outputs = len(outputs)
     spec = policy.spec()
+    n_layers = max((s.layer for s in sites if s.layer is not None), default=0) + 1
     fake_mode = torch._guards.detect_fake_mode(list(example_inputs))
     example_inputs = list(example_inputs)
     extra_outputs: list[fx.Node] = []
     decode_args: list[int] = []
     state_outputs: list[int] = []
+    kept_index: dict[int, fx.Node] = {}   # layer -> its kept indices (ChunkKV reuse)
     last_placeholder = placeholders[-1]
+    continuous = policy.schedule == "continuous"
+
+    def call(target, args, after):
+        with graph.inserting_after(after):
+            node = graph.call_function(target, args)
+        items = []
+        for i in range(len(target._schema.returns)):
+            with graph.inserting_after(items[-1] if items else node):
+                items.append(graph.call_function(operator.getitem, (node, i)))
+        return items
 
     for site in sites:
         if not site.compressible:
             continue
+        layer = site.layer if site.layer is not None else site.index
         state_outputs.append(site.k_out)
         with graph.inserting_after(site.node):
             new_len = graph.call_method("size", (site.k_new, -2))
         if site.phase == "prefill":
-            with graph.inserting_after(new_len):
-                packed = graph.call_function(
-                    torch.ops.kvfx.compress.default,
-                    (site.q, site.k, site.v, site.mask, spec, site.layer or 0, float(site.scale)),
-                )
-            with graph.inserting_after(packed):
-                k_c = graph.call_function(operator.getitem, (packed, 0))
-                v_c = graph.call_function(operator.getitem, (packed, 1))
-                bias = graph.call_function(operator.getitem, (packed, 2))
+            source = policy.reuse_source(layer)
+            reuse = kept_index.get(source) if source is not None else None
+            if source is not None and reuse is None:
+                site.note = f"indices of layer {source} are not in this graph: computed here"
+            elif reuse is not None:
+                site.note = f"reuses the indices of layer {source}"
+            k_c, v_c, bias, score, index = call(
+                torch.ops.kvfx.compress.default,
+                (site.q, site.k, site.v, site.mask, reuse, spec, layer, n_layers, float(site.scale)), new_len)
+            kept_index[layer] = index
+            with graph.inserting_after(index):
                 seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
             outputs[site.k_out], outputs[site.v_out] = k_c, v_c
         else:
             past = site.k_past.meta["example_value"]
             batch, kv_heads, past_len = past.shape[0], past.shape[1], past.shape[2]
-            with graph.inserting_after(last_placeholder):
-                bias_in = graph.placeholder(f"kvfx_slot_bias_{site.index}")
-            with graph.inserting_after(bias_in):
-                flag_in = graph.placeholder(f"kvfx_has_state_{site.index}")
-            with graph.inserting_after(flag_in):
-                seen_in = graph.placeholder(f"kvfx_seen_{site.index}")
-            last_placeholder = seen_in
+            new_inputs = []
+            for name in ("slot_bias", "has_state", "seen", "slot_score"):
+                with graph.inserting_after(last_placeholder):
+                    last_placeholder = graph.placeholder(f"kvfx_{name}_{site.index}")
+                new_inputs.append(last_placeholder)
             with fake_mode:
                 fakes = [
                     torch.empty(batch, kv_heads, past_len, dtype=torch.float32, device=past.device),
                     torch.empty((), dtype=torch.bool, device=past.device),
                     torch.empty((), dtype=torch.int64, device=past.device),
+                    torch.empty(batch, kv_heads, past_len, dtype=torch.float32, device=past.device),
                 ]
-            for node, fake in zip((bias_in, flag_in, seen_in), fakes):
+            for node, fake in zip(new_inputs, fakes):
                 node.meta["example_value"] = fake
             example_inputs.extend(fakes)
             decode_args.append(placeholders.index(site.k_past))
-            with graph.inserting_after(new_len):
-                packed = graph.call_function(
-                    torch.ops.kvfx.attend.default,
-                    (site.q, site.k, site.v, bias_in, flag_in, site.mask, float(site.scale), float(site.softcap)),
-                )
-            with graph.inserting_after(packed):
-                attn_out = graph.call_function(operator.getitem, (packed, 0))
-                bias = graph.call_function(operator.getitem, (packed, 1))
+            bias_in, flag_in, seen_in, score_in = new_inputs
+            attn_out, bias, score = call(
+                torch.ops.kvfx.attend.default,
+                (site.q, site.k, site.v, bias_in, score_in, flag_in, site.mask, float(site.scale), float(site.softcap)),
+                new_len)
+            with graph.inserting_after(score):
                 seen = graph.call_function(operator.add, (seen_in, new_len))
             site.node.replace_all_uses_with(attn_out)
-        extra_outputs += [bias, seen]
+            if continuous:
+                k_c, v_c, bias, score = call(
+                    torch.ops.kvfx.step.default,
+                    (site.q, site.k, site.v, bias, score, spec, layer, n_layers, float(site.scale)), seen)
+                outputs[site.k_out], outputs[site.v_out] = k_c, v_c
+        extra_outputs += [bias, seen, score]
 
     out_node.args = (tuple(outputs + extra_outputs),)
     graph.eliminate_dead_code(is_impure_node=_is_impure)

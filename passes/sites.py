@@ -47,6 +47,7 @@ class Site:
     softcap: float = 0.0
     causal: bool = False
     reason: str = ""                # why not compressible; empty when it is
+    note: str = ""                  # what the rewrite decided beyond the default (e.g. index reuse)
     # FX nodes (not printed)
     node: Any = dataclasses.field(default=None, repr=False)        # attention output node
     q: Any = dataclasses.field(default=None, repr=False)

@@ -1,0 +1,86 @@
+"""Which implementation a kernel module's public function runs.
+
+``KVFX_KERNELS`` picks it:
+
+* unset / empty: Triton when every tensor is on CUDA and triton imports,
+  otherwise the plain-torch reference;
+* ``reference``: always the reference;
+* ``triton``: always Triton. CPU tensors then run under Triton's interpreter,
+  which needs ``TRITON_INTERPRET=1``.
+
+``TRITON_INTERPRET`` is read by ``@triton.jit`` when a kernel is *decorated*,
+i.e. when a ``*_triton`` module is imported, not when triton itself is. The
+``*_triton`` modules are imported lazily through :func:`triton_module`, which
+re-imports one whose kernels were built for the other mode, so setting the
+variable at any point before the first kernel call is enough.
+
+This module imports neither triton nor any ``*_triton`` module at import time:
+kvfx must import where triton is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+MODES = ("reference", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels decorated now would run in the interpreter."""
+    import triton
+
+    # The knob reads os.environ on every access, so it follows a variable set
+    # after triton was imported.
+    return bool(triton.knobs.runtime.interpret)
+
+
+def kernel_mode() -> str | None:
+    """The forced mode from ``KVFX_KERNELS``, or None for the default."""
+    raw = os.environ.get("KVFX_KERNELS", "").strip()
+    if not raw:
+        return None
+    if raw.lower() not in MODES:
+        raise ValueError(f"KVFX_KERNELS={raw!r} is not allowed: expected one of {', '.join(MODES)} (or unset)")
+    return raw.lower()
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel should run on ``tensors``."""
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if mode is None:
+        return on_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("KVFX_KERNELS=triton but triton cannot be imported: install triton or unset KVFX_KERNELS")
+    if not on_cuda and not interpreting():
+        devices = sorted({str(t.device) for t in tensors})
+        raise RuntimeError(
+            f"KVFX_KERNELS=triton with tensors on {', '.join(devices)}: Triton kernels run on CPU tensors only in "
+            "its interpreter; set TRITON_INTERPRET=1 (or use CUDA tensors, or KVFX_KERNELS=reference)"
+        )
+    return True
+
+
+def triton_module(name: str) -> ModuleType:
+    """``kvfx.kernels.<name>_triton``, its kernels built for the current mode
+    (compiled or interpreted)."""
+    module = importlib.import_module(f"kvfx.kernels.{name}_triton")
+    if module.INTERPRETED != interpreting():
+        module = importlib.reload(module)
+    return module

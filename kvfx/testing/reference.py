@@ -1,0 +1,85 @@
+"""An eager reference for every policy on transformers models: no FX, no
+custom ops, no runtime threading. The policy's algorithm is applied by hand
+to the cache tensors from inside an attention function registered with
+transformers, so compiled kvfx can be compared against it step by step.
+
+    with eager_reference(model, kvfx.ZeroMerge(budget=0.25)):
+        out = model.generate(ids, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from kvfx.kernels.attention import slot_attention_reference
+from kvfx.ops import valid_slots
+from kvfx.policies import Policy
+
+NAME = "kvfx_reference"
+
+
+class _Reference:
+    def __init__(self, policy: Policy, n_layers: int) -> None:
+        self.policy = policy
+        self.n_layers = n_layers
+        self.cache = None
+        self.state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # layer -> (slot_bias, slot_score)
+        self.kept_index: dict[int, torch.Tensor] = {}                  # layer -> kept indices (ChunkKV reuse)
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        layer = module.layer_idx
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        cache_layer = self.cache.layers[layer]
+        if layer not in self.state:  # prefill: the model's own attention, then compress the cache
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale)
+            valid = valid_slots(attention_mask, key.shape[0], key.shape[2], key.device)
+            reuse = self.kept_index.get(self.policy.reuse_source(layer))
+            kept = self.policy.compress(query, key, value, valid, scale, layer, self.n_layers, reuse)
+            self.kept_index[layer] = kept.index
+            cache_layer.keys, cache_layer.values = kept.k.contiguous(), kept.v.contiguous()
+            self.state[layer] = (kept.slot_bias, kept.slot_score)
+            return out, None
+        bias, score = self.state[layer]
+        out = slot_attention_reference(query, key, value, bias, scale)
+        grow = (0, query.shape[2])
+        bias, score = torch.nn.functional.pad(bias, grow), torch.nn.functional.pad(score, grow)
+        if self.policy.schedule == "continuous":
+            k, v, bias, score = self.policy.step(query, key, value, bias, score, scale, layer, self.n_layers)
+            cache_layer.keys, cache_layer.values = k.contiguous(), v.contiguous()
+        self.state[layer] = (bias, score)
+        return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def eager_reference(model, policy: Policy):
+    """Run ``model`` (a transformers causal LM with a DynamicCache) with the
+    policy applied by hand; restores the model's attention afterwards."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    reference = _Reference(policy, model.config.num_hidden_layers)
+    AttentionInterface.register(NAME, reference.attend)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    previous = model.config._attn_implementation
+
+    def pre(module, args, kwargs):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        if cache is not None:
+            reference.cache = cache
+        elif reference.cache is None:
+            from transformers import DynamicCache
+
+            kwargs["past_key_values"] = reference.cache = DynamicCache(config=model.config)
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(pre, with_kwargs=True)
+    model.set_attn_implementation(NAME)
+    try:
+        yield reference
+    finally:
+        handle.remove()
+        model.set_attn_implementation(previous)

@@ -1,0 +1,259 @@
+"""Triton kernels agree with their plain-torch references.
+
+The kernels run on CPU tensors in Triton's interpreter. ``TRITON_INTERPRET``
+is read when a kernel is decorated (its ``*_triton`` module is imported), and
+``kvfx.kernels.dispatch.triton_module`` re-imports a module built for the other
+mode, so it does not matter whether another test module imported triton (or
+even a kernel module) first; the ``triton_kernels`` fixture sets the variable
+again for each test.
+
+The interpreter runs every program in Python, so shapes are small and each
+axis (dtype, head dim, GQA ratio, length, batch) is covered by a hand-picked
+set of cases rather than the full product.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+
+import importlib
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kvfx.kernels import attention, column_sums, cosine, dispatch, gather, scores  # noqa: E402
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# Low-precision outputs may differ from the reference by one rounding of the
+# float32 result; float32 outputs differ only by summation order.
+OUT_TOL = {F32: dict(atol=1e-5, rtol=1e-5), F16: dict(atol=2e-3, rtol=2e-3), BF16: dict(atol=1.6e-2, rtol=1.6e-2)}
+# Score kernels return float32 whatever the input: the products of upcast
+# fp16/bf16 values are exact in float32, so every dtype meets float32 tolerance.
+SCORE_TOL = dict(atol=1e-5, rtol=1e-5)
+
+# (dtype, head_dim, groups, length, batch): every value of every axis appears.
+CASES = [
+    (F32, 64, 1, 17, 1),
+    (F16, 80, 2, 17, 3),
+    (BF16, 128, 4, 17, 1),
+    (F32, 80, 8, 1, 3),
+    (F16, 128, 1, 1, 1),
+    (BF16, 64, 8, 17, 3),
+    (F32, 128, 2, 130, 1),
+    (F16, 64, 4, 130, 1),
+    (BF16, 80, 1, 130, 3),
+    (BF16, 128, 8, 1, 1),
+    (F16, 80, 2, 1000, 1),
+]
+IDS = [f"{str(dt)[6:]}-d{d}-g{g}-s{s}-b{b}" for dt, d, g, s, b in CASES]
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("KVFX_KERNELS", "triton")
+
+
+def kv_heads(batch: int) -> int:
+    # Two KV heads exercise the head offsets; one keeps batch-3 cases quick.
+    return 2 if batch == 1 else 1
+
+
+def make_valid(batch: int, length: int) -> torch.Tensor:
+    """Left padding in row 0, a hole in row 1: both masks the model produces."""
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    if length > 4:
+        valid[0, :3] = False
+        if batch > 1:
+            valid[1, length // 2 : length // 2 + 2] = False
+    return valid
+
+
+def qk(dtype, dim, groups, length, batch, q_len):
+    hkv = kv_heads(batch)
+    q = torch.randn(batch, hkv * groups, q_len, dim, dtype=dtype)
+    k = torch.randn(batch, hkv, length, dim, dtype=dtype)
+    return q, k
+
+
+def assert_close(actual, expected, **tol):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, **tol)
+
+
+# -- window_attention (SnapKV) -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
+def test_window_attention_matches_reference(triton_kernels, dtype, dim, groups, length, batch):
+    # Windows shorter and longer than the prompt; pooling off, and wider than
+    # a short prompt.
+    window, kernel = {64: (8, 5), 80: (32, 1), 128: (3, 7)}[dim]
+    q, k = qk(dtype, dim, groups, length, batch, q_len=min(length, 16))
+    valid = make_valid(batch, length)
+    expected = scores.window_attention_reference(q, k, valid, dim**-0.5, window, kernel)
+    assert_close(scores.window_attention(q, k, valid, dim**-0.5, window, kernel), expected, **SCORE_TOL)
+
+
+def test_window_attention_split_keys_match_reference():
+    q, k = qk(F32, 64, 2, 130, 1, q_len=8)
+    valid = make_valid(1, 130)
+    expected = scores.window_attention_reference(q, k, valid, 0.125, 8, 5)
+    actual = dispatch.triton_module("scores").window_attention(q, k, valid, 0.125, 8, 5, splits=3)
+    assert_close(actual, expected, **SCORE_TOL)
+
+
+# -- column_sums (H2O) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
+def test_column_sums_matches_reference(triton_kernels, dtype, dim, groups, length, batch):
+    # Whole prompts when short; the last few queries of a long one, which
+    # keeps the interpreter quick and exercises the query offset.
+    q, k = qk(dtype, dim, groups, length, batch, q_len=length if length <= 17 else 6)
+    valid = make_valid(batch, length)
+    for decay in (1.0, 0.9):
+        expected = column_sums.column_sums_reference(q, k, valid, dim**-0.5, decay)
+        assert_close(column_sums.column_sums(q, k, valid, dim**-0.5, decay), expected, **SCORE_TOL)
+
+
+def test_column_sums_split_keys_match_reference():
+    q, k = qk(F16, 80, 4, 130, 1, q_len=5)
+    valid = make_valid(1, 130)
+    expected = column_sums.column_sums_reference(q, k, valid, 0.1, 0.5)
+    actual = dispatch.triton_module("column_sums").column_sums(q, k, valid, 0.1, 0.5, splits=4)
+    assert_close(actual, expected, **SCORE_TOL)
+
+
+def test_column_sums_queries_seeing_only_padding_contribute_nothing(triton_kernels):
+    q, k = qk(F32, 64, 1, 8, 1, q_len=8)
+    valid = torch.tensor([[False] * 5 + [True] * 3])
+    expected = column_sums.column_sums_reference(q, k, valid, 0.125)
+    assert_close(column_sums.column_sums(q, k, valid, 0.125), expected, **SCORE_TOL)
+
+
+# -- adjacent_cosine (KVMerger) ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
+def test_adjacent_cosine_matches_reference(triton_kernels, dtype, dim, groups, length, batch):
+    k = torch.randn(batch, kv_heads(batch) * groups, length, dim, dtype=dtype)
+    if length > 3:
+        k[..., 2, :] = 0  # a zero key: the eps clamp decides its cosine
+    assert_close(cosine.adjacent_cosine(k), cosine.adjacent_cosine_reference(k), **SCORE_TOL)
+
+
+def test_adjacent_cosine_reads_strided_keys(triton_kernels):
+    k = torch.randn(2, 17, 3, 64).transpose(1, 2)  # [B, Hkv, S, D] with a head-major stride
+    assert_close(cosine.adjacent_cosine(k), cosine.adjacent_cosine_reference(k), **SCORE_TOL)
+
+
+# -- gather_slots --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
+def test_gather_slots_matches_reference(triton_kernels, dtype, dim, groups, length, batch):
+    x = torch.randn(batch, kv_heads(batch) * groups, length, dim, dtype=dtype)
+    kept = max(1, length // 2 + 1)
+    index = torch.rand(batch, x.shape[1], length).argsort(-1)[..., :kept].sort(-1).values
+    out = gather.gather_slots(x, index)
+    assert out.is_contiguous()
+    assert torch.equal(out, gather.gather_slots_reference(x, index))  # a copy: exact
+
+
+# -- slot_attention ------------------------------------------------------------
+
+
+def make_slot_bias(batch, hkv, past):
+    """0 for plain slots, -inf for padding, log(count) for merged slots."""
+    bias = torch.zeros(batch, hkv, past)
+    if past > 4:
+        bias[0, :, :2] = float("-inf")
+        bias[..., -3] = math.log(3.0)
+    return bias
+
+
+@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
+@pytest.mark.parametrize("q_len", [1, 3], ids=["decode", "chunk"])
+def test_slot_attention_matches_reference(triton_kernels, dtype, dim, groups, length, batch, q_len):
+    q_len = min(q_len, length)
+    softcap = 30.0 if groups % 2 == 0 else 0.0  # Gemma-2 caps its logits at 50 / 30
+    hkv = kv_heads(batch)
+    q = torch.randn(batch, hkv * groups, q_len, dim, dtype=dtype)
+    k = torch.randn(batch, hkv, length, dim, dtype=dtype)
+    v = torch.randn(batch, hkv, length, dim, dtype=dtype)
+    bias = make_slot_bias(batch, hkv, length - q_len)
+    expected = attention.slot_attention_reference(q, k, v, bias, dim**-0.5, softcap)
+    assert_close(attention.slot_attention(q, k, v, bias, dim**-0.5, softcap), expected, **OUT_TOL[dtype])
+
+
+def test_slot_attention_split_slots_match_reference():
+    q = torch.randn(1, 4, 2, 64, dtype=BF16)
+    k = torch.randn(1, 2, 130, 64, dtype=BF16)
+    v = torch.randn(1, 2, 130, 80, dtype=BF16)  # Dv != D
+    bias = make_slot_bias(1, 2, 128)
+    bias[..., 40:90] = float("-inf")  # a whole split sees only masked slots
+    expected = attention.slot_attention_reference(q, k, v, bias, 0.125, 5.0)
+    actual = dispatch.triton_module("attention").slot_attention(q, k, v, bias, 0.125, 5.0, splits=5)
+    assert_close(actual, expected, **OUT_TOL[BF16])
+
+
+def test_slot_attention_chunk_of_many_queries_matches_reference(triton_kernels):
+    # Prefill-sized Sq: query rows span several row blocks.
+    q = torch.randn(1, 2, 40, 64)
+    k, v = torch.randn(2, 1, 50, 64).unbind(0)
+    bias = make_slot_bias(1, 1, 10)
+    expected = attention.slot_attention_reference(q, k, v, bias, 0.125)
+    assert_close(attention.slot_attention(q, k, v, bias, 0.125), expected, **OUT_TOL[F32])
+
+
+# -- dispatch ------------------------------------------------------------------
+
+
+def test_unknown_kernel_mode_names_the_variable_and_the_choices(monkeypatch):
+    monkeypatch.setenv("KVFX_KERNELS", "bogus")
+    with pytest.raises(ValueError, match=r"KVFX_KERNELS='bogus'.*reference, triton"):
+        gather.gather_slots(torch.randn(1, 1, 4, 8), torch.zeros(1, 1, 2, dtype=torch.long))
+
+
+def test_forced_triton_on_cpu_without_interpreter_says_to_set_it(monkeypatch):
+    monkeypatch.setenv("KVFX_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch.use_triton(torch.zeros(1))
+
+
+def test_cpu_tensors_default_to_the_reference(monkeypatch):
+    monkeypatch.delenv("KVFX_KERNELS", raising=False)
+    assert not dispatch.use_triton(torch.zeros(1))
+
+
+def test_forced_reference_never_uses_triton(monkeypatch):
+    monkeypatch.setenv("KVFX_KERNELS", "reference")
+    assert not dispatch.use_triton(torch.zeros(1))
+
+
+def test_kernel_module_built_before_the_interpreter_was_enabled_is_rebuilt(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    module = importlib.reload(importlib.import_module("kvfx.kernels.cosine_triton"))
+    assert not module.INTERPRETED  # compiled-mode kernels: unusable on CPU tensors
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.triton_module("cosine").INTERPRETED
+
+
+def test_kvfx_imports_and_runs_references_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
+        "import torch, kvfx\n"
+        "from kvfx.kernels import gather\n"
+        "x = torch.randn(1, 1, 4, 8)\n"
+        "assert torch.equal(gather.gather_slots(x, torch.tensor([[[1, 3]]])), x[:, :, [1, 3]])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KVFX_KERNELS"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

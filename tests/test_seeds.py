@@ -1,0 +1,241 @@
+"""The seed methods and baselines: exactness invariants, the compiled
+rewrite against the eager reference, head maps."""
+
+import math
+
+import pytest
+import torch
+
+import kvfx
+from kvfx.kernels.attention import slot_attention_reference
+from kvfx.testing import cache_lengths, generate
+from kvfx.testing.reference import eager_reference
+from kvfx.testing.zoo import tiny_model
+
+ALL_VALID = lambda b, s: torch.ones(b, s, dtype=torch.bool)  # noqa: E731
+
+
+def full_attention(q, k, v, scale):
+    """The new queries attending to the whole uncompressed cache (+ themselves)."""
+    return slot_attention_reference(q, k, v, torch.zeros(k.shape[0], k.shape[1], k.shape[2] - q.shape[2]), scale)
+
+
+def attention_after(policy, q_prompt, k, v, q_new, k_new, v_new, scale):
+    kept = policy.compress(q_prompt, k, v, ALL_VALID(k.shape[0], k.shape[2]), scale)
+    return slot_attention_reference(q_new, torch.cat([kept.k, k_new], 2), torch.cat([kept.v, v_new], 2),
+                                     kept.slot_bias, scale)
+
+
+def test_compensation_token_with_log_count_is_exact_when_dropped_tokens_are_identical():
+    torch.manual_seed(1)
+    b, hkv, s, d = 1, 2, 40, 8
+    k, v = torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+    policy = kvfx.RazorAttention(budget=4, sinks=2, window=4)  # keeps 2 sinks + 4 recent; drops 34
+    k[:, :, 2:-4] = k[:, :, 2:3]
+    v[:, :, 2:-4] = v[:, :, 2:3]
+    q_new, k_new, v_new = torch.randn(b, 4, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
+    got = attention_after(policy, None, k, v, q_new, k_new, v_new, 0.3)
+    want = full_attention(q_new, torch.cat([k, k_new], 2), torch.cat([v, v_new], 2), 0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    without = attention_after(kvfx.RazorAttention(budget=4, sinks=2, window=4, compensation_bias=False),
+                              None, k, v, q_new, k_new, v_new, 0.3)
+    assert (without - want).abs().max() > 1e-3, "without +ln|D| the output must differ"
+
+
+def test_merging_identical_tokens_with_count_bias_is_exact():
+    torch.manual_seed(2)
+    b, hkv, s, d = 1, 2, 30, 8
+    k, v = torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+    for start in (3, 12, 20):                       # three runs of 5 identical tokens
+        k[:, :, start:start + 5] = k[:, :, start:start + 1]
+        v[:, :, start:start + 5] = v[:, :, start:start + 1]
+    q = torch.randn(b, 4, s, d)
+    policy = kvfx.KVMerger(budget=s - 12, recent=0.0, protect_top=0.0, count_bias=True, exempt_layers=())
+    q_new, k_new, v_new = torch.randn(b, 4, 2, d), torch.randn(b, hkv, 2, d), torch.randn(b, hkv, 2, d)
+    got = attention_after(policy, q, k, v, q_new, k_new, v_new, 0.35)
+    want = full_attention(q_new, torch.cat([k, k_new], 2), torch.cat([v, v_new], 2), 0.35)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_kvmerger_merged_key_is_the_gaussian_weighted_sum_around_the_pivot():
+    # One head, 6 tokens: tokens 1..3 are similar (one set), the rest are not.
+    k = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 1.1, 0.1], [0, 0.9, -0.1], [0, 0, 1], [-1, 0, 0]])[None, None]
+    v = torch.arange(18, dtype=torch.float32).view(1, 1, 6, 3)
+    q = torch.zeros(1, 1, 6, 3)
+    q[0, 0, :, 1] = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0, 0.0])  # only query 3 looks at the set: pivot = token 3
+    policy = kvfx.KVMerger(budget=4, epsilon=0.9, sigma=0.5, recent=0.0, protect_top=0.0, exempt_layers=())
+    kept = policy.compress(q, k, v, ALL_VALID(1, 6), 1.0)
+    members = [1, 2, 3]
+    pivot = int(kept.index[0, 0, 1])
+    assert kept.k.shape[2] == 4 and pivot in members
+    g = torch.exp(-((k[0, 0, pivot] - k[0, 0, members]) ** 2).sum(-1) / (2 * 0.5**2))
+    w = g / g.sum()
+    torch.testing.assert_close(kept.k[0, 0, 1], (w[:, None] * k[0, 0, members]).sum(0))
+    torch.testing.assert_close(kept.v[0, 0, 1], (w[:, None] * v[0, 0, members]).sum(0))
+    torch.testing.assert_close(kept.k[0, 0, [0, 2, 3]], k[0, 0, [0, 4, 5]])
+
+
+def test_kvmerger_meets_the_budget_exactly_even_without_similar_keys():
+    k = torch.randn(2, 2, 50, 8)
+    policy = kvfx.KVMerger(budget=0.3, epsilon=0.999, exempt_layers=())
+    kept = policy.compress(torch.randn(2, 4, 50, 8), k, torch.randn(2, 2, 50, 8), ALL_VALID(2, 50), 0.3)
+    assert kept.k.shape[2] == 15 and torch.isfinite(kept.slot_bias).all()
+
+
+def positions_of(kept_keys, full_keys):
+    """Original positions of the kept key rows (exact matches)."""
+    same = (kept_keys[:, :, :, None, :] == full_keys[:, :, None, :, :]).all(-1)   # [B, Hkv, n, S]
+    assert same.any(-1).all(), "a kept key is not one of the prompt's keys"
+    return same.float().argmax(-1)
+
+
+@pytest.mark.parametrize("reuse_every", [1, 2])
+def test_chunkkv_keeps_whole_chunks_the_same_for_every_head_and_layer_group(reuse_every):
+    model = tiny_model("llama")
+    model.config.num_hidden_layers  # 2 layers: with reuse_every=2, layer 1 reuses layer 0
+    ids = torch.randint(2, 100, (1, 44))
+    with torch.no_grad():
+        full = model(ids, use_cache=True).past_key_values
+    policy = kvfx.ChunkKV(budget=0.5, window=4, chunk=5, reuse_every=reuse_every)
+    run = generate(model, ids, policy=policy, steps=1)
+    kept = [positions_of(run.cache.layers[i].keys, full.layers[i].keys) for i in range(2)]
+    for pos in kept:
+        assert (pos == pos[:, :1]).all(), "every head keeps the same positions"
+        chunk_part = pos[0, 0][pos[0, 0] < 40]                 # 44 - window 4 = 40 = 8 whole chunks
+        chunks, counts = torch.unique(chunk_part // 5, return_counts=True)
+        assert (counts == 5).all(), f"partial chunk kept: {chunk_part.tolist()}"
+        assert pos[0, 0][-4:].tolist() == [40, 41, 42, 43], "observation window kept"
+    assert torch.equal(kept[0], kept[1]) == (reuse_every == 2) or reuse_every == 1
+    if reuse_every == 2:
+        assert torch.equal(kept[0], kept[1])
+        assert "reuses the indices of layer 0" in [s.note for s in run.records[0].sites]
+
+
+def test_zeromerge_cache_is_constant_and_counts_sum_to_tokens_seen():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (1, 40))
+    run = generate(model, ids, policy=kvfx.ZeroMerge(budget=0.25, residual=2, window=3), steps=65)
+    lengths = cache_lengths(run.cache)
+    assert lengths == [10, 10]
+    for layer in run.cache.layers:
+        state = layer.keys._kvfx_state
+        assert int(state.seen) == 40 + 64
+        counts = state.slot_bias.exp().sum(-1)
+        torch.testing.assert_close(counts, torch.full_like(counts, 104.0), rtol=0, atol=1e-3)
+    assert len(run.records) <= 3 and run.graph_breaks == 0
+
+
+def test_zeromerge_length_is_constant_every_step():
+    model = tiny_model("qwen2")
+    ids = torch.randint(2, 100, (1, 40))
+    policy = kvfx.ZeroMerge(budget=0.25, residual=2, window=3)
+    kvfx.compile(model, policy, inner="aot_eager")
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.past_key_values
+        for _ in range(64):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            assert cache_lengths(cache) == [10, 10]
+    kvfx.restore(model)
+
+
+def test_tova_evicts_to_a_constant_budget():
+    model = tiny_model("llama")
+    run = generate(model, torch.randint(2, 100, (1, 24)), policy=kvfx.TOVA(budget=0.5), steps=10)
+    assert cache_lengths(run.cache) == [12, 12]
+
+
+def test_pyramidkv_budgets_decrease_with_depth():
+    policy = kvfx.PyramidKV(budget=0.3, window=4)
+    lengths = [policy.kept_length(1000, layer, 8) for layer in range(8)]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > 300 > lengths[-1]
+    assert abs(sum(lengths) / 8 - 300) < 10
+
+
+def test_razor_layers_with_retrieval_heads_hold_every_slot():
+    model = tiny_model("llama")
+    policy = kvfx.RazorAttention(budget=0.1, sinks=2, window=4, retrieval_heads=((1, 0),))
+    run = generate(model, torch.randint(2, 100, (1, 40)), policy=policy, steps=1)
+    assert cache_lengths(run.cache) == [2 + 4 + 1, 40]
+    bias = run.cache.layers[1].keys._kvfx_state.slot_bias[0]
+    assert torch.isfinite(bias[0]).all()                       # the retrieval head keeps everything
+    assert torch.isinf(bias[1]).sum() == 40 - 7               # the other head: 7 real slots, the rest padding
+
+
+POLICIES = {
+    "StreamingLLM": kvfx.StreamingLLM(budget=0.5, sinks=2),
+    "SnapKV": kvfx.SnapKV(budget=0.5, window=4),
+    "KNorm": kvfx.KNorm(budget=0.5),
+    "H2O": kvfx.H2O(budget=0.5, window=4),
+    "TOVA": kvfx.TOVA(budget=0.5),
+    "PyramidKV": kvfx.PyramidKV(budget=0.5, window=4),
+    "KVMerger": kvfx.KVMerger(budget=0.5, exempt_layers=(), count_bias=True),
+    "ChunkKV": kvfx.ChunkKV(budget=0.5, window=4, chunk=4, reuse_every=2),
+    "RazorAttention": kvfx.RazorAttention(budget=0.2, sinks=2, window=4, retrieval_heads=((1, 0),)),
+    "ZeroMerge": kvfx.ZeroMerge(budget=0.25, residual=2, window=3),
+}
+
+
+SEEDS = ("KVMerger", "ChunkKV", "RazorAttention", "ZeroMerge")
+CASES = [("llama", name) for name in POLICIES] + [("qwen2", name) for name in SEEDS]
+
+
+@pytest.mark.parametrize("family,name", CASES)
+def test_compiled_equals_eager_reference_over_32_decode_steps(family, name):
+    policy = POLICIES[name]
+    model = tiny_model(family)
+    ids = torch.randint(2, 100, (1, 24))
+    compiled = generate(model, ids, policy=policy, steps=33)
+    with eager_reference(model, policy):
+        reference = generate(model, ids, steps=33)
+    assert torch.equal(compiled.tokens, reference.tokens)
+    for a, b in zip(compiled.logits, reference.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for got, want in zip(compiled.cache.layers, reference.cache.layers):
+        torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.values, want.values, rtol=0, atol=1e-5)
+    assert len(compiled.records) <= 3 and compiled.graph_breaks == 0
+
+
+def test_retrieval_heads_are_deterministic_and_roundtrip_through_json(tmp_path):
+    model = tiny_model("llama")
+    path = tmp_path / "heads.json"
+    heads = kvfx.find_retrieval_heads(model, block=32, repeats=4, induction_top=0.3, path=path)
+    assert heads == kvfx.find_retrieval_heads(model, block=32, repeats=4, induction_top=0.3)
+    assert heads and kvfx.load_head_map(path, model) == heads
+    ids = torch.randint(2, 100, (1, 40))
+    run_a = generate(model, ids, policy=kvfx.RazorAttention(budget=0.1, sinks=2, window=4, retrieval_heads=heads), steps=4)
+    loaded = kvfx.load_head_map(path, model)
+    run_b = generate(model, ids, policy=kvfx.RazorAttention(budget=0.1, sinks=2, window=4, retrieval_heads=loaded), steps=4)
+    assert torch.equal(run_a.tokens, run_b.tokens)
+    for a, b in zip(run_a.logits, run_b.logits):
+        assert torch.equal(a, b)
+
+
+def test_head_map_of_another_model_or_corrupted_is_rejected(tmp_path):
+    path = tmp_path / "heads.json"
+    kvfx.save_head_map(path, tiny_model("llama"), ((0, 0),))
+    with pytest.raises(ValueError, match="another model config"):
+        kvfx.load_head_map(path, tiny_model("qwen2"))
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a kvfx head map"):
+        kvfx.load_head_map(path, tiny_model("llama"))
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(epsilon=2.0), "epsilon"), (dict(sigma=0), "sigma"), (dict(recent=1.5), "recent"),
+    (dict(exempt_layers=[0]), "exempt_layers")])
+def test_kvmerger_rejects_bad_fields(kwargs, field):
+    with pytest.raises(ValueError, match=rf"KVMerger\.{field}="):
+        kvfx.KVMerger(**kwargs)
+
+
+def test_seed_policies_reject_bad_fields():
+    with pytest.raises(ValueError, match=r"ChunkKV\.chunk=0"):
+        kvfx.ChunkKV(chunk=0)
+    with pytest.raises(ValueError, match=r"RazorAttention\.retrieval_heads="):
+        kvfx.RazorAttention(retrieval_heads=((0, -1),))
+    with pytest.raises(ValueError, match=r"ZeroMerge: budget=8 leaves no top slot"):
+        kvfx.ZeroMerge(budget=8, residual=2, window=6)
+    with pytest.raises(ValueError, match=r"PyramidKV\.beta="):
+        kvfx.PyramidKV(beta=0.5)
