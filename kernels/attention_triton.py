@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfx.kernels.triton_utils import block, interpreting, splits_for, tune
+from kvfx.kernels.triton_utils import block, interpreting, splits_for, tune, upcast_dot
 
 INTERPRETED = interpreting()
 
@@ -40,7 +40,7 @@ def _split_attention_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_bb, stride_bh, stride_bs,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -59,6 +59,8 @@ def _split_attention_kernel(
         q_ptr + b * stride_qb + head[:, None] * stride_qh + query[:, None] * stride_qs + offs_d[None, :] * stride_qd,
         mask=in_m[:, None] & (offs_d[None, :] < dim), other=0.0,
     )
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
     past = length - q_len  # slots before the queries' own tokens
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
     v_base = v_ptr + b * stride_vb + hkv * stride_vh
@@ -76,6 +78,8 @@ def _split_attention_kernel(
             k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
             mask=in_n[:, None] & (offs_d[None, :] < dim), other=0.0,
         )
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
             mask=in_n[:, None] & (offs_dv[None, :] < dim_v), other=0.0,
@@ -156,14 +160,15 @@ def slot_attention(q, k, v, slot_bias, scale: float, softcap: float = 0.0, split
     part_max = torch.empty(b * hkv, rows, splits, device=q.device, dtype=torch.float32)
     part_norm = torch.empty_like(part_max)
     part_out = torch.empty(b * hkv, rows, splits, dv, device=q.device, dtype=torch.float32)
+    # float() so that an int scale or cap of 1 is not specialised as a constant.
     _split_attention_kernel[(b * hkv, m_blocks, splits)](
         q, k, v, slot_bias, part_max, part_norm, part_out,
-        hkv, groups, sq, s, d, dv, split_len, scale * 1.0, softcap * 1.0 if softcap else 1.0,
+        hkv, groups, sq, s, d, dv, split_len, float(scale), float(softcap) if softcap else 1.0,
         *q.stride(), *k.stride(), *v.stride(), *slot_bias.stride(),
-        HAS_SOFTCAP=bool(softcap), BLOCK_M=block_m, BLOCK_D=block(d), BLOCK_DV=block(dv),
+        HAS_SOFTCAP=bool(softcap), UPCAST_DOT=upcast_dot(q.dtype), BLOCK_M=block_m, BLOCK_D=block(d), BLOCK_DV=block(dv),
     )
     _combine_kernel[(b * h * sq,)](
         part_max, part_norm, part_out, out, splits, dv,
-        BLOCK_SPLITS=block(splits, minimum=1), BLOCK_DV=block(dv),
+        BLOCK_SPLITS=block(splits, minimum=2), BLOCK_DV=block(dv),
     )
     return out

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvfx.kernels.triton_utils import block, interpreting, splits_for, tune
+from kvfx.kernels.triton_utils import block, interpreting, splits_for, tune, upcast_dot
 
 INTERPRETED = interpreting()
 
@@ -44,6 +44,7 @@ def _row_stats_kernel(
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vs,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -58,6 +59,8 @@ def _row_stats_kernel(
         q_ptr + b * stride_qb + h * stride_qh + offs_q[:, None] * stride_qs + offs_d[None, :] * stride_qd,
         mask=in_q[:, None] & (offs_d[None, :] < dim), other=0.0,
     )
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
     k_base = k_ptr + b * stride_kb + (h // groups) * stride_kh
     # Keys after the block's last query are never visible: stop there.
     last_visible = length - q_len + tl.minimum(tl.program_id(1) * BLOCK_Q + BLOCK_Q, q_len)
@@ -72,6 +75,8 @@ def _row_stats_kernel(
             k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
             mask=in_n[:, None] & (offs_d[None, :] < dim), other=0.0,
         )
+        if UPCAST_DOT:
+            k = k.to(tl.float32)
         valid = tl.load(valid_ptr + b * stride_vb + offs_n * stride_vs, mask=in_n, other=0)
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
         visible = (offs_n[None, :] <= pos[:, None]) & (valid[None, :] != 0) & in_n[None, :]
@@ -95,6 +100,7 @@ def _column_kernel(
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vs,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bhkv = tl.program_id(0).to(tl.int64)
@@ -108,6 +114,8 @@ def _column_kernel(
         k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
         mask=in_n[:, None] & in_d, other=0.0,
     )
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
     valid = tl.load(valid_ptr + b * stride_vb + offs_n * stride_vs, mask=in_n, other=0)
     key_ok = in_n & (valid != 0)
     # Queries before the one at position n0 see none of these keys.
@@ -125,6 +133,8 @@ def _column_kernel(
                 q_base + offs_q[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=in_q[:, None] & in_d, other=0.0,
             )
+            if UPCAST_DOT:
+                q = q.to(tl.float32)
             row_max = tl.load(max_ptr + row_base + offs_q, mask=in_q, other=0.0)
             row_scale = tl.load(scale_ptr + row_base + offs_q, mask=in_q, other=0.0)
             logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
@@ -165,6 +175,7 @@ def attention_column_sums(
     # exp2 is the fast exponential on GPUs; fold log2(e) into the scale.
     scale_log2 = scale * math.log2(math.e)
     block_d = block(d)
+    upcast = upcast_dot(q.dtype)
     if splits is None:
         # Pass 1 has B*H*ceil(Sq/32) programs: few when Sq is a short window.
         splits = splits_for(b * h * triton.cdiv(sq, 32), s, k.device)
@@ -175,7 +186,7 @@ def attention_column_sums(
     grid = lambda meta: (b * h, triton.cdiv(sq, meta["BLOCK_Q"]), splits)  # noqa: E731
     _row_stats_kernel[grid](
         q, k, valid, row_max, row_norm, h, groups, sq, s, d, split_len, scale_log2,
-        *q.stride(), *k.stride(), *valid.stride(), BLOCK_D=block_d,
+        *q.stride(), *k.stride(), *valid.stride(), UPCAST_DOT=upcast, BLOCK_D=block_d,
     )
     # Merge the splits' partial softmax statistics ([B*H, splits, Sq]: small).
     top = row_max.amax(dim=1)
@@ -189,7 +200,7 @@ def attention_column_sums(
     grid = lambda meta: (b * hkv, triton.cdiv(s, meta["BLOCK_N"]))  # noqa: E731
     _column_kernel[grid](
         q, k, valid, top.contiguous(), row_scale.contiguous(), out, hkv, groups, sq, s, d, scale_log2, out_scale,
-        *q.stride(), *k.stride(), *valid.stride(), BLOCK_D=block_d,
+        *q.stride(), *k.stride(), *valid.stride(), UPCAST_DOT=upcast, BLOCK_D=block_d,
     )
     return out
 

@@ -8,11 +8,14 @@
 * ``triton``: always Triton. CPU tensors then run under Triton's interpreter,
   which needs ``TRITON_INTERPRET=1``.
 
-``TRITON_INTERPRET`` is read by ``@triton.jit`` when a kernel is *decorated*,
-i.e. when a ``*_triton`` module is imported, not when triton itself is. The
-``*_triton`` modules are imported lazily through :func:`triton_module`, which
-re-imports one whose kernels were built for the other mode, so setting the
-variable at any point before the first kernel call is enough.
+``TRITON_INTERPRET`` is read by ``@triton.jit`` when a function is
+*decorated*. That happens for triton's own helpers (``tl.sum``, ``tl.zeros``)
+when triton is imported, so the variable must be set before the first
+``import triton`` in the process -- and ``import torch._dynamo`` or
+``import kvfx`` already imports triton. :func:`interpreting` raises a clear
+error when it was set too late. kvfx's own ``*_triton`` modules are imported
+lazily through :func:`triton_module`, which re-imports one whose kernels were
+built for the other mode.
 
 This module imports neither triton nor any ``*_triton`` module at import time:
 kvfx must import where triton is missing.
@@ -39,13 +42,30 @@ def triton_available() -> bool:
     return True
 
 
+def language_interpreted() -> bool:
+    """Whether triton.language's jit helpers were built for the interpreter,
+    i.e. TRITON_INTERPRET was set when triton was imported."""
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.zeros, InterpretedFunction)
+
+
 def interpreting() -> bool:
-    """Whether Triton kernels decorated now would run in the interpreter."""
+    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET``)."""
     import triton
 
-    # The knob reads os.environ on every access, so it follows a variable set
-    # after triton was imported.
-    return bool(triton.knobs.runtime.interpret)
+    # The knob reads os.environ on every access, so it sees a variable set or
+    # unset after triton was imported, when it is too late for tl.sum & co.
+    wanted = bool(triton.knobs.runtime.interpret)
+    if wanted != language_interpreted():
+        state = "set" if wanted else "unset"
+        raise RuntimeError(
+            f"TRITON_INTERPRET was {state} after triton was imported: set it before the first `import triton` "
+            "(which `import kvfx` and `import torch._dynamo` already do), e.g. on the command line or at the top "
+            "of conftest.py"
+        )
+    return wanted
 
 
 def kernel_mode() -> str | None:

@@ -9,6 +9,8 @@ import triton
 
 
 def interpreting() -> bool:
+    # Only the knob here: modules are decorated before dispatch.interpreting
+    # could check that triton.language agrees, and dispatch checks it first.
     return bool(triton.knobs.runtime.interpret)
 
 
@@ -48,3 +50,14 @@ def splits_for(programs: int, length: int, device: torch.device, min_chunk: int 
     each split at least ``min_chunk`` keys so the partials stay cheap."""
     want = triton.cdiv(parallelism(device), max(programs, 1))
     return max(1, min(want, triton.cdiv(length, min_chunk)))
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether kernels must upcast ``tl.dot`` operands of ``dtype`` to float32.
+
+    Triton's interpreter keeps bfloat16 as raw uint16 bits and its ``tl.dot``
+    multiplies those bits (triton 3.x), so under the interpreter bfloat16 tiles
+    go through float32 (exact: bf16 x bf16 products fit a float32). Compiled
+    kernels keep the native bf16 tensor-core dot.
+    """
+    return dtype == torch.bfloat16 and interpreting()

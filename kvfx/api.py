@@ -6,8 +6,9 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 import warnings
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import fx
@@ -17,6 +18,37 @@ from kvfx.policies import Policy
 from kvfx.runtime import StatefulGraph, state_of
 
 log = logging.getLogger("kvfx")
+
+
+def _register_log() -> None:
+    """Make TORCH_LOGS="+kvfx" (or "kvfx") show kvfx's rewrites, like any torch log."""
+    from torch._logging import _internal
+
+    if "kvfx" not in _internal.log_registry.log_alias_to_log_qnames:
+        _internal.register_log("kvfx", "kvfx")
+        if os.environ.get("TORCH_LOGS"):
+            _internal._init_logs()  # re-read TORCH_LOGS now that "kvfx" is a known name
+
+
+def _one_handler_each() -> None:
+    """torch can list "kvfx" twice when it (re)reads TORCH_LOGS and attach a
+    handler each time: keep one of each kind so a rewrite is logged once."""
+    kinds: set = set()
+    for handler in list(log.handlers):
+        if type(handler) in kinds:
+            log.removeHandler(handler)
+        kinds.add(type(handler))
+
+
+def trace_structured_artifact(name: str, encoding: str, payload_fn) -> None:
+    try:
+        from torch._logging._internal import trace_structured_artifact as emit
+    except ImportError:  # older torch: no structured-trace artifacts
+        return
+    emit(name, encoding, payload_fn)
+
+
+_register_log()
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -29,6 +61,8 @@ class GraphRecord:
     sites: list[Site]
     code_before: str
     code_after: str = ""
+    graph_before: Optional[fx.Graph] = dataclasses.field(default=None, repr=False)
+    graph_after: Optional[fx.Graph] = dataclasses.field(default=None, repr=False)
 
     @property
     def rewritten(self) -> list[Site]:
@@ -66,21 +100,35 @@ class Backend:
         return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        before = _private_copy(gm)
         gm = _private_copy(gm)
         sites = find_sites(gm)
-        record = GraphRecord(index=len(self.records), sites=sites, code_before=gm.code)
+        record = GraphRecord(index=len(self.records), sites=sites, code_before=gm.code, graph_before=before.graph,
+                             graph_after=gm.graph)
         self.records.append(record)
-        for site in sites:
-            action = f"rewritten ({site.phase})" if site.compressible else f"left alone: {site.reason}"
-            log.info("graph %d layer %s %s [%s, %s cache]: %s", record.index, site.layer, site.module,
-                     site.attention, site.cache, action)
         if not any(s.compressible for s in sites):
+            self._log(record)
             self._warn_untouched(sites)
             record.code_after = record.code_before
             return self._inner(gm, example_inputs)
         plan = rewrite(gm, example_inputs, sites, self.policy)
         record.code_after = gm.code
+        self._log(record)
         return StatefulGraph(self._inner(gm, plan.example_inputs), plan)
+
+    def _log(self, record: GraphRecord) -> None:
+        """One line per site for TORCH_LOGS="+kvfx"; both graphs for tlparse."""
+        _one_handler_each()
+        for site in record.sites:
+            if site.compressible:
+                op = "kvfx.compress" if site.phase == "prefill" else "kvfx.attend"
+                action = f"rewritten to {op}" + (f" ({site.note})" if site.note else "")
+            else:
+                action = f"left alone: {site.reason}"
+            log.info("kvfx graph %d layer %s %s [%s attention, %s cache, %s]: %s", record.index, site.layer,
+                     site.module, site.attention, site.cache, site.phase, action)
+        trace_structured_artifact(f"kvfx_graph{record.index}_before", "string", lambda: record.code_before)
+        trace_structured_artifact(f"kvfx_graph{record.index}_after", "string", lambda: record.code_after)
 
     def _warn_untouched(self, sites: list[Site]) -> None:
         if not sites:
@@ -131,6 +179,7 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
+        _check_shared_mask(model, kwargs)
         if accepts_positions and kwargs.get("position_ids") is None:
             positions = _positions_from_state(args, kwargs)
             if positions is not None:
@@ -141,6 +190,31 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
     model._kvfx_original_forward = original
     model._kvfx_backend = be
     return model
+
+
+def _check_shared_mask(model, kwargs) -> None:
+    """transformers builds one attention mask for all full-attention layers,
+    sized by the first one; eager attention (and SDPA with padding) adds it
+    as is. Layers of different lengths then cannot trace: say so plainly."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return
+    lengths = {layer.keys.shape[-2] for layer in layers
+               if type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
+               and layer.keys.numel()}
+    if len(lengths) < 2:
+        return
+    mask = kwargs.get("attention_mask")
+    eager = getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager"
+    padded = isinstance(mask, torch.Tensor) and not bool(mask.all())
+    if eager or padded:
+        why = "attention is 'eager'" if eager else "the batch is padded"
+        raise ValueError(
+            f"kvfx: {model._kvfx_backend.policy!r} left the layers with different cache lengths {sorted(lengths)}, "
+            f"and {why}: transformers adds one attention mask, sized for the first layer, to every layer. "
+            "Use attn_implementation='sdpa' with an unpadded batch, or a policy with one budget for every layer "
+            "(no per-layer plan, no exempt layers, no retrieval heads).")
 
 
 def _positions_from_state(args, kwargs):

@@ -1,25 +1,51 @@
-"""``kvfx.explain``: what kvfx found in a model, what it rewrote and why."""
+"""``kvfx.explain``: what kvfx found in a model, what it rewrote and why, and
+what the KV cache costs before and after, as a formula of sequence length."""
 
 from __future__ import annotations
 
 import dataclasses
+import html
+import json
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Optional
 
+import sympy
 import torch
 
 from kvfx.api import GraphRecord, compile as kvfx_compile, restore
 from kvfx.policies import Policy
 
 COLUMNS = ("graph", "layer", "module", "attention", "cache", "phase", "heads", "action")
+#: the sequence length the memory formulas are written in
+S = sympy.Symbol("S", integer=True, positive=True)
+
+
+def _layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if cache is None:
+        return []
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [tuple(pair) for pair in cache]
 
 
 def _cache_bytes(cache) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "layers"):
-        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-                   if isinstance(t, torch.Tensor))
-    return sum(t.numel() * t.element_size() for pair in cache for t in pair)
+    return sum(t.numel() * t.element_size() for pair in _layer_tensors(cache) for t in pair
+               if isinstance(t, torch.Tensor))
+
+
+@dataclasses.dataclass
+class LayerMemory:
+    """KV bytes of one layer: formulas in S and what was measured after prefill."""
+
+    layer: int
+    action: str                  # "compressed" | why not
+    full: sympy.Expr             # bytes with the full cache
+    kvfx: sympy.Expr             # bytes held with kvfx (a rectangular cache: the longest head)
+    measured_full: int
+    measured_kvfx: int
+    nominal_kvfx: int            # bytes of the valid slots only: what a ragged layout would hold
 
 
 @dataclasses.dataclass
@@ -28,14 +54,22 @@ class Report:
     records: list[GraphRecord]
     cache_bytes_full: int
     cache_bytes_kept: int
+    prompt_length: int = 0
+    layers: list[LayerMemory] = dataclasses.field(default_factory=list)
 
+    # -- sites --------------------------------------------------------------
     def rows(self) -> list[tuple[str, ...]]:
         rows = []
         for r in self.records:
             for s in r.sites:
                 heads = f"{s.heads}/{s.kv_heads}x{s.head_dim}" if s.heads else "?"
-                action = f"rewritten -> {'kvfx.compress' if s.phase == 'prefill' else 'kvfx.attend'}" \
-                    if s.compressible else f"left alone: {s.reason}"
+                if s.compressible:
+                    action = f"rewritten -> {'kvfx.compress' if s.phase == 'prefill' else 'kvfx.attend'}"
+                    if s.phase == "decode" and self.policy.schedule == "continuous":
+                        action += " + kvfx.step"
+                    action += f" ({s.note})" if s.note else ""
+                else:
+                    action = f"left alone: {s.reason}"
                 rows.append((str(r.index), str(s.layer), s.module or "?", s.attention, s.cache, s.phase, heads, action))
         return rows
 
@@ -46,30 +80,146 @@ class Report:
         lines.insert(1, "-" * min(120, len(lines[0])))
         return "\n".join(lines)
 
+    # -- memory -------------------------------------------------------------
+    def memory(self, which: str = "kvfx") -> sympy.Expr:
+        """Total KV bytes as a formula of the sequence length ``S``."""
+        return sympy.Add(*[getattr(m, which) for m in self.layers])
+
+    def memory_at(self, length: int, which: str = "kvfx") -> int:
+        return int(self.memory(which).subs(S, length))
+
+    def memory_table(self) -> str:
+        lines = [f"{'layer':>5}  {'full (bytes, S = seq length)':<34}{'kvfx':<44}{'held now':>10}  "
+                 f"{'valid slots':>11}  action"]
+        for m in self.layers:
+            lines.append(f"{m.layer:>5}  {str(m.full):<34}{str(m.kvfx):<44}{m.measured_kvfx:>10,}  "
+                         f"{m.nominal_kvfx:>11,}  {m.action}")
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         saved = 1 - self.cache_bytes_kept / self.cache_bytes_full if self.cache_bytes_full else 0.0
-        return (f"kvfx report for {self.policy!r}\n{self.table()}\n\n"
-                f"KV cache after prefill: {self.cache_bytes_kept:,} bytes held vs {self.cache_bytes_full:,} "
-                f"for the full cache ({saved:.0%} saved)")
+        text = [f"kvfx report for {self.policy!r}", self.table(), ""]
+        if self.layers:
+            text += [f"KV cache per layer after a {self.prompt_length}-token prefill "
+                     "('held now' = bytes of the cache tensors; 'valid slots' = bytes of real slots, "
+                     "less where head-wise budgets pad a rectangular cache):", self.memory_table(), "",
+                     f"total: full {self.memory('full')}  ->  kvfx {sympy.simplify(self.memory('kvfx'))}"]
+        text.append(f"KV cache after prefill: {self.cache_bytes_kept:,} bytes held vs {self.cache_bytes_full:,} "
+                    f"for the full cache ({saved:.0%} saved)")
+        return "\n".join(text)
 
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
+        return (f"<p><b>kvfx report</b> for <code>{html.escape(repr(self.policy))}</code>: "
+                f"{self.cache_bytes_kept:,} / {self.cache_bytes_full:,} KV bytes after prefill</p>"
+                f"<table><tr>{head}</tr>{body}</table>")
+
+    # -- graphs -------------------------------------------------------------
     def graph_code(self, index: int, after: bool = True) -> str:
+        """The graph's code; after the rewrite, kvfx lines are marked."""
         record = self.records[index]
-        return record.code_after if after else record.code_before
+        if not after:
+            return record.code_before
+        return "\n".join(line + ("    # <-- kvfx" if "torch.ops.kvfx" in line else "")
+                         for line in record.code_after.splitlines())
 
     def save(self, directory) -> Path:
+        """Write report.txt, report.json, each graph before/after, and a picture
+        (SVG via graphviz's ``dot``, else the .dot source) of each rewritten site."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.txt").write_text(str(self) + "\n")
+        (out / "report.json").write_text(json.dumps(self.to_json(), indent=1))
+        dot = shutil.which("dot")
         for r in self.records:
-            (out / f"graph{r.index}_before.py").write_text(r.code_before)
-            (out / f"graph{r.index}_after.py").write_text(r.code_after)
+            (out / f"graph{r.index}_before.py").write_text(self.graph_code(r.index, after=False))
+            (out / f"graph{r.index}_after.py").write_text(self.graph_code(r.index))
+            for site in r.rewritten:
+                source = site_picture(r, site)
+                stem = out / f"graph{r.index}_layer{site.layer}_{site.phase}"
+                stem.with_suffix(".dot").write_text(source)
+                if dot:
+                    subprocess.run([dot, "-Tsvg", "-o", str(stem.with_suffix(".svg"))], input=source.encode(),
+                                   check=True)
+        if not dot:
+            print("kvfx: graphviz's `dot` is not installed: wrote .dot files instead of SVG pictures")
         return out
+
+    def to_json(self) -> dict:
+        return {"policy": repr(self.policy), "prompt_length": self.prompt_length,
+                "sites": [dict(zip(COLUMNS, row)) for row in self.rows()],
+                "layers": [{"layer": m.layer, "action": m.action, "full": str(m.full), "kvfx": str(m.kvfx),
+                            "measured_full": m.measured_full, "measured_kvfx": m.measured_kvfx,
+                            "nominal_kvfx": m.nominal_kvfx} for m in self.layers],
+                "cache_bytes_full": self.cache_bytes_full, "cache_bytes_kvfx": self.cache_bytes_kept}
+
+
+def site_picture(record: GraphRecord, site) -> str:
+    """DOT source: the attention subgraph as traced (left) and what replaced it (right)."""
+
+    def cluster(graph, name: str, label: str, roots: list[str], stop: set[str], color: str) -> list[str]:
+        nodes = {n.name: n for n in graph.nodes}
+        keep, todo = set(), [r for r in roots if r in nodes]
+        while todo and len(keep) < 40:
+            n = nodes[todo.pop()]
+            if n.name in keep:
+                continue
+            keep.add(n.name)
+            if n.name not in stop and n.op != "placeholder":
+                todo += [a.name for a in n.all_input_nodes]
+        lines = [f'subgraph cluster_{name} {{ label="{label}"; color="{color}";']
+        for n_name in keep:
+            n = nodes[n_name]
+            target = str(n.target) if "kvfx" in str(n.target) else getattr(n.target, "__name__", str(n.target))
+            target = target.replace('"', "'")
+            fill = ', style=filled, fillcolor="#ffe9a8"' if "kvfx" in str(n.target) else ""
+            lines.append(f'  "{name}_{n_name}" [label="{n_name}\\n{target}"{fill}];')
+            lines += [f'  "{name}_{a.name}" -> "{name}_{n_name}";' for a in n.all_input_nodes if a.name in keep]
+        return lines + ["}"]
+
+    stop = {x.name for x in (site.q, site.k, site.v, site.mask) if x is not None}
+    before = cluster(record.graph_before, "before", f"layer {site.layer}: traced attention ({site.attention})",
+                     [site.node.name], stop, "gray")
+    after_roots = [n.name for n in record.graph_after.nodes
+                   if "kvfx" in str(n.target) and any(a.name == site.k.name for a in n.all_input_nodes)]
+    after = cluster(record.graph_after, "after", f"layer {site.layer}: rewritten ({site.phase})",
+                    after_roots, stop, "orange")
+    return "\n".join(['digraph kvfx {', 'rankdir=TB; node [shape=box, fontname="monospace", fontsize=10];',
+                      *before, *after, "}"])
+
+
+def _layer_memory(report: Report, full_cache, kept_cache, policy: Policy) -> list[LayerMemory]:
+    prefill = next((r for r in report.records if any(s.phase == "prefill" for s in r.sites)), None)
+    if prefill is None:
+        return []
+    by_layer = {s.layer: s for s in prefill.sites}
+    n_layers = max((s.layer for s in prefill.sites if s.layer is not None), default=0) + 1
+    rows = []
+    for layer, ((fk, fv), (kk, kv)) in enumerate(zip(_layer_tensors(full_cache), _layer_tensors(kept_cache))):
+        site = by_layer.get(layer)
+        per_slot = fk.shape[0] * fk.shape[1] * (fk.shape[3] * fk.element_size() + fv.shape[3] * fv.element_size())
+        full = per_slot * (sympy.Min(S, site.bounded) if site is not None and site.bounded else S)
+        if site is not None and site.compressible:
+            kvfx, action = per_slot * policy.kept_length(S, layer, n_layers), "compressed"
+        else:
+            kvfx, action = full, (site.reason if site is not None else "no attention site found for this layer")
+        measured = sum(t.numel() * t.element_size() for t in (kk, kv))
+        state = getattr(kk, "_kvfx_state", None)
+        if state is not None:
+            valid = torch.isfinite(state.slot_bias).sum().item()
+            nominal = valid * (kk.shape[3] * kk.element_size() + kv.shape[3] * kv.element_size())
+        else:
+            nominal = measured
+        rows.append(LayerMemory(layer, action, full, kvfx, sum(t.numel() * t.element_size() for t in (fk, fv)),
+                                measured, nominal))
+    return rows
 
 
 def explain(model: torch.nn.Module, *args, policy: Policy, inner: str = "aot_eager", **kwargs) -> Report:
     """Run ``model(*args, **kwargs)`` (a prefill) and one decode step through
-    kvfx with ``policy``; report every attention site and the cache bytes held,
-    compared with the same calls without kvfx. The model is left as it was."""
+    kvfx with ``policy``; report every attention site, the KV bytes per layer
+    (formulas in S and measured), and the graphs. The model is left as it was."""
     import torch._dynamo
 
     with torch.no_grad():
@@ -80,10 +230,14 @@ def explain(model: torch.nn.Module, *args, policy: Policy, inner: str = "aot_eag
         try:
             out = model(*args, **kwargs)
             cache = getattr(out, "past_key_values", None)
+            full_cache = getattr(full, "past_key_values", None)
             kept = _cache_bytes(cache)
+            report = Report(policy, backend.records, _cache_bytes(full_cache), kept,
+                            prompt_length=_layer_tensors(full_cache)[0][0].shape[-2] if full_cache else 0)
+            report.layers = _layer_memory(report, full_cache, cache, policy)
             if cache is not None and hasattr(out, "logits"):
                 nxt = out.logits[:, -1:].argmax(-1)
                 model(input_ids=nxt, past_key_values=cache, use_cache=True)
         finally:
             restore(model)
-    return Report(policy, backend.records, _cache_bytes(getattr(full, "past_key_values", None)), kept)
+    return report

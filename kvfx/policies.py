@@ -21,6 +21,7 @@ import math
 from fractions import Fraction
 from typing import ClassVar, Optional
 
+import sympy
 import torch
 
 from kvfx.kernels import scores as score_kernels
@@ -48,6 +49,20 @@ def check_budget(policy: str, budget) -> None:
         _fail(policy, "budget", budget, allowed)
     if isinstance(budget, int) and budget < 1:
         _fail(policy, "budget", budget, allowed)
+
+
+def smin(a, b):
+    """min() that stays guard-free on SymInts and symbolic on sympy
+    expressions (``kvfx.explain``'s memory formulas)."""
+    if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
+        return sympy.Min(a, b)
+    return torch.sym_min(a, b)
+
+
+def smax(a, b):
+    if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
+        return sympy.Max(a, b)
+    return torch.sym_max(a, b)
 
 
 def budget_tokens(budget: Budget, length):
@@ -126,8 +141,8 @@ class Policy:
         """Slots a layer keeps out of ``length``: the budget, never fewer than
         the always-kept tokens, never more than the prompt (guard-free)."""
         n = budget_tokens(self.layer_budget(layer, n_layers), length)
-        n = torch.sym_max(n, self.sinks + self.window)
-        return torch.sym_min(n, length)
+        n = smax(n, self.sinks + self.window)
+        return smin(n, length)
 
     def reuse_source(self, layer: int) -> Optional[int]:
         """Layer whose kept indices this layer reuses (ChunkKV); None = its own."""
@@ -158,7 +173,7 @@ class Policy:
         """Slots kept after a decode step that brought ``total`` slots
         (``new`` of them new): grow until the token budget, then stay."""
         cap = self.budget if isinstance(self.budget, int) else 0
-        return torch.sym_min(total, torch.sym_max(total - new, cap))
+        return smin(total, smax(total - new, cap))
 
     def step(self, q, k, v, slot_bias, slot_score, scale, layer: int = 0, n_layers: int = 1):
         """One decode step of a continuous policy: returns (k, v, slot_bias, slot_score)."""

@@ -19,7 +19,8 @@ from kvfx.kernels.column_sums import column_sums
 from kvfx.kernels.cosine import adjacent_cosine
 from kvfx.kernels.gather import gather_slots
 from kvfx.kernels.merge import gaussian_merge, segment_mean
-from kvfx.policies import Budget, Compressed, Policy, _check_int, _fail, budget_tokens, evict_to, preset, top_sorted
+from kvfx.policies import (Budget, Compressed, Policy, _check_int, _fail, budget_tokens, evict_to, preset, smax, smin,
+                           top_sorted)
 
 NEG_INF = float("-inf")
 # Padding ranks below every real slot but above "no slot at all".
@@ -143,10 +144,10 @@ class ChunkKV(Policy):
 
     def kept_length(self, length, layer=0, n_layers=1):
         n = budget_tokens(self.layer_budget(layer, n_layers), length)
-        window = torch.sym_min(self.window, length)
+        window = smin(self.window, length)
         prefix = length - window
         always = window + prefix % self.chunk                        # window + the partial chunk before it
-        chunks = torch.sym_min(prefix // self.chunk, torch.sym_max(0, (n - always) // self.chunk))
+        chunks = smin(prefix // self.chunk, smax(0, (n - always) // self.chunk))
         return always + chunks * self.chunk
 
     def reuse_source(self, layer: int) -> Optional[int]:
@@ -203,12 +204,12 @@ class RazorAttention(Policy):
         return sorted(h for l, h in self.retrieval_heads if l == layer)
 
     def recent(self, length):
-        return torch.sym_max(self.window, budget_tokens(self.budget, length))
+        return smax(self.window, budget_tokens(self.budget, length))
 
     def kept_length(self, length, layer=0, n_layers=1):
         if self.heads_of(layer):
             return length
-        return torch.sym_min(length, self.sinks + self.recent(length) + 1)
+        return smin(length, self.sinks + self.recent(length) + 1)
 
     def compress(self, q, k, v, valid, scale, layer=0, n_layers=1, reuse_index=None) -> Compressed:
         b, hkv, s, d = k.shape
@@ -283,8 +284,8 @@ class ZeroMerge(Policy):
                              f"window + 1 = {self.residual + self.window + 1}")
 
     def kept_length(self, length, layer=0, n_layers=1):
-        n = torch.sym_max(budget_tokens(self.budget, length), self.residual + self.window + 1)
-        return torch.sym_min(n, length)
+        n = smax(budget_tokens(self.budget, length), self.residual + self.window + 1)
+        return smin(n, length)
 
     def compress(self, q, k, v, valid, scale, layer=0, n_layers=1, reuse_index=None) -> Compressed:
         b, hkv, s, _ = k.shape

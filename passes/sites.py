@@ -48,6 +48,7 @@ class Site:
     causal: bool = False
     reason: str = ""                # why not compressible; empty when it is
     note: str = ""                  # what the rewrite decided beyond the default (e.g. index reuse)
+    bounded: Optional[int] = None   # slots a sliding-window layer keeps at most
     # FX nodes (not printed)
     node: Any = dataclasses.field(default=None, repr=False)        # attention output node
     q: Any = dataclasses.field(default=None, repr=False)
@@ -219,6 +220,15 @@ def _is_empty(node) -> bool:
     return val is not None and hasattr(val, "shape") and val.numel() == 0
 
 
+def _slice_bound(index) -> Optional[int]:
+    """``x[:, :, -7:]`` keeps at most 7 slots."""
+    parts = index if isinstance(index, tuple) else (index,)
+    for part in parts:
+        if isinstance(part, slice) and isinstance(part.start, int) and part.start < 0 and part.stop is None:
+            return -part.start
+    return None
+
+
 def _classify_cache(gm: fx.GraphModule, root: fx.Node) -> dict:
     """How the cache tensor ``root`` (what attention reads, before GQA) is kept."""
     outputs = _outputs(gm)
@@ -238,7 +248,7 @@ def _classify_cache(gm: fx.GraphModule, root: fx.Node) -> dict:
             return dict(cache="dynamic", phase=phase, k_past=k_past, k_new=new, out=outputs.index(root))
         for user in root.users:
             if user.op == "call_function" and user.target is operator.getitem and user in outputs:
-                return dict(cache="sliding", phase=phase,
+                return dict(cache="sliding", phase=phase, bounded=_slice_bound(user.args[1]),
                             reason="sliding-window layer: its cache is already bounded, left as is")
         return dict(cache="unknown", phase=phase, reason="concatenated keys are not written back as a graph output")
     if root.op == "placeholder" or (_value(root) is not None and any(
@@ -270,7 +280,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             if site.heads != site.kv_heads:
                 site.gqa = "native" if found["native_gqa"] else "repeat"
         cache = _classify_cache(gm, k_root)
-        site.cache, site.phase = cache["cache"], cache.get("phase", "-")
+        site.cache, site.phase, site.bounded = cache["cache"], cache.get("phase", "-"), cache.get("bounded")
         site.reason = cache.get("reason", "")
         if not site.reason:
             v_cache = _classify_cache(gm, v_root)

@@ -1,28 +1,35 @@
 """Triton kernels agree with their plain-torch references.
 
-The kernels run on CPU tensors in Triton's interpreter. ``TRITON_INTERPRET``
-is read when a kernel is decorated (its ``*_triton`` module is imported), and
-``kvfx.kernels.dispatch.triton_module`` re-imports a module built for the other
-mode, so it does not matter whether another test module imported triton (or
-even a kernel module) first; the ``triton_kernels`` fixture sets the variable
-again for each test.
+Each test forces ``KVFX_KERNELS=triton`` through the ``device`` fixture: on CPU
+tensors the kernels run in Triton's interpreter, and on CUDA (when there is
+one) compiled, against the same references.
+
+The interpreter needs ``TRITON_INTERPRET=1`` before the first ``import triton``
+of the process (triton.language's own helpers are built then). This module
+sets it when it is imported first; in a pytest session where an earlier module
+already imported triton (``import kvfx`` does), the CPU tests skip here and
+``test_cpu_kernels_in_a_fresh_interpreter_process`` runs them in a subprocess
+instead. Setting the variable at the top of ``tests/conftest.py`` avoids that
+detour.
 
 The interpreter runs every program in Python, so shapes are small and each
 axis (dtype, head dim, GQA ratio, length, batch) is covered by a hand-picked
 set of cases rather than the full product.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-
 import importlib
 import math
+import os
 import subprocess
 import sys
 
-import pytest
 import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    # Only without CUDA: on a GPU the rest of the session must not be interpreted.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -33,8 +40,8 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Low-precision outputs may differ from the reference by one rounding of the
 # float32 result; float32 outputs differ only by summation order.
 OUT_TOL = {F32: dict(atol=1e-5, rtol=1e-5), F16: dict(atol=2e-3, rtol=2e-3), BF16: dict(atol=1.6e-2, rtol=1.6e-2)}
-# Score kernels return float32 whatever the input: the products of upcast
-# fp16/bf16 values are exact in float32, so every dtype meets float32 tolerance.
+# Score kernels return float32 whatever the input: products of upcast fp16/bf16
+# values are exact in float32, so every dtype meets a float32 tolerance.
 SCORE_TOL = dict(atol=1e-5, rtol=1e-5)
 
 # (dtype, head_dim, groups, length, batch): every value of every axis appears.
@@ -49,15 +56,32 @@ CASES = [
     (F16, 64, 4, 130, 1),
     (BF16, 80, 1, 130, 3),
     (BF16, 128, 8, 1, 1),
-    (F16, 80, 2, 1000, 1),
 ]
-IDS = [f"{str(dt)[6:]}-d{d}-g{g}-s{s}-b{b}" for dt, d, g, s, b in CASES]
+# A realistic length, for the kernels whose cost is linear in it; the
+# quadratic score kernels take ~10 s each there in the interpreter.
+LONG_CASES = CASES + [(F16, 80, 2, 1000, 1)]
 
 
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def case_id(case):
+    dtype, dim, groups, length, batch = case
+    return f"{str(dtype)[6:]}-d{dim}-g{groups}-s{length}-b{batch}"
+
+
+grid = pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=list(map(case_id, CASES)))
+long_grid = pytest.mark.parametrize("dtype,dim,groups,length,batch", LONG_CASES, ids=list(map(case_id, LONG_CASES)))
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request, monkeypatch):
+    """Triton forced on: interpreted for CPU tensors, compiled for CUDA ones."""
     monkeypatch.setenv("KVFX_KERNELS", "triton")
+    if request.param == "cpu":
+        if not dispatch.language_interpreted():
+            pytest.skip("triton was imported without TRITON_INTERPRET=1: run in a fresh process instead")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return torch.device(request.param)
 
 
 def kv_heads(batch: int) -> int:
@@ -65,21 +89,26 @@ def kv_heads(batch: int) -> int:
     return 2 if batch == 1 else 1
 
 
-def make_valid(batch: int, length: int) -> torch.Tensor:
+def randn(*size, dtype=F32, device="cpu"):
+    # Drawn on the CPU so that both devices test the same numbers.
+    return torch.randn(*size, dtype=dtype).to(device)
+
+
+def make_valid(batch: int, length: int, device) -> torch.Tensor:
     """Left padding in row 0, a hole in row 1: both masks the model produces."""
     valid = torch.ones(batch, length, dtype=torch.bool)
     if length > 4:
         valid[0, :3] = False
         if batch > 1:
             valid[1, length // 2 : length // 2 + 2] = False
-    return valid
+    return valid.to(device)
 
 
-def qk(dtype, dim, groups, length, batch, q_len):
+def make_qk(dtype, dim, groups, length, batch, q_len, device):
     hkv = kv_heads(batch)
-    q = torch.randn(batch, hkv * groups, q_len, dim, dtype=dtype)
-    k = torch.randn(batch, hkv, length, dim, dtype=dtype)
-    return q, k
+    return randn(batch, hkv * groups, q_len, dim, dtype=dtype, device=device), randn(
+        batch, hkv, length, dim, dtype=dtype, device=device
+    )
 
 
 def assert_close(actual, expected, **tol):
@@ -90,20 +119,20 @@ def assert_close(actual, expected, **tol):
 # -- window_attention (SnapKV) -------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
-def test_window_attention_matches_reference(triton_kernels, dtype, dim, groups, length, batch):
+@grid
+def test_window_attention_matches_reference(device, dtype, dim, groups, length, batch):
     # Windows shorter and longer than the prompt; pooling off, and wider than
     # a short prompt.
     window, kernel = {64: (8, 5), 80: (32, 1), 128: (3, 7)}[dim]
-    q, k = qk(dtype, dim, groups, length, batch, q_len=min(length, 16))
-    valid = make_valid(batch, length)
+    q, k = make_qk(dtype, dim, groups, length, batch, min(length, 16), device)
+    valid = make_valid(batch, length, device)
     expected = scores.window_attention_reference(q, k, valid, dim**-0.5, window, kernel)
     assert_close(scores.window_attention(q, k, valid, dim**-0.5, window, kernel), expected, **SCORE_TOL)
 
 
-def test_window_attention_split_keys_match_reference():
-    q, k = qk(F32, 64, 2, 130, 1, q_len=8)
-    valid = make_valid(1, 130)
+def test_window_attention_split_keys_match_reference(device):
+    q, k = make_qk(F32, 64, 2, 130, 1, 8, device)
+    valid = make_valid(1, 130, device)
     expected = scores.window_attention_reference(q, k, valid, 0.125, 8, 5)
     actual = dispatch.triton_module("scores").window_attention(q, k, valid, 0.125, 8, 5, splits=3)
     assert_close(actual, expected, **SCORE_TOL)
@@ -112,28 +141,28 @@ def test_window_attention_split_keys_match_reference():
 # -- column_sums (H2O) ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
-def test_column_sums_matches_reference(triton_kernels, dtype, dim, groups, length, batch):
+@grid
+def test_column_sums_matches_reference(device, dtype, dim, groups, length, batch):
     # Whole prompts when short; the last few queries of a long one, which
     # keeps the interpreter quick and exercises the query offset.
-    q, k = qk(dtype, dim, groups, length, batch, q_len=length if length <= 17 else 6)
-    valid = make_valid(batch, length)
+    q, k = make_qk(dtype, dim, groups, length, batch, length if length <= 17 else 6, device)
+    valid = make_valid(batch, length, device)
     for decay in (1.0, 0.9):
         expected = column_sums.column_sums_reference(q, k, valid, dim**-0.5, decay)
         assert_close(column_sums.column_sums(q, k, valid, dim**-0.5, decay), expected, **SCORE_TOL)
 
 
-def test_column_sums_split_keys_match_reference():
-    q, k = qk(F16, 80, 4, 130, 1, q_len=5)
-    valid = make_valid(1, 130)
+def test_column_sums_split_keys_match_reference(device):
+    q, k = make_qk(F16, 80, 4, 130, 1, 5, device)
+    valid = make_valid(1, 130, device)
     expected = column_sums.column_sums_reference(q, k, valid, 0.1, 0.5)
     actual = dispatch.triton_module("column_sums").column_sums(q, k, valid, 0.1, 0.5, splits=4)
     assert_close(actual, expected, **SCORE_TOL)
 
 
-def test_column_sums_queries_seeing_only_padding_contribute_nothing(triton_kernels):
-    q, k = qk(F32, 64, 1, 8, 1, q_len=8)
-    valid = torch.tensor([[False] * 5 + [True] * 3])
+def test_column_sums_queries_seeing_only_padding_contribute_nothing(device):
+    q, k = make_qk(F32, 64, 1, 8, 1, 8, device)
+    valid = torch.tensor([[False] * 5 + [True] * 3], device=device)
     expected = column_sums.column_sums_reference(q, k, valid, 0.125)
     assert_close(column_sums.column_sums(q, k, valid, 0.125), expected, **SCORE_TOL)
 
@@ -141,27 +170,27 @@ def test_column_sums_queries_seeing_only_padding_contribute_nothing(triton_kerne
 # -- adjacent_cosine (KVMerger) ------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
-def test_adjacent_cosine_matches_reference(triton_kernels, dtype, dim, groups, length, batch):
-    k = torch.randn(batch, kv_heads(batch) * groups, length, dim, dtype=dtype)
+@long_grid
+def test_adjacent_cosine_matches_reference(device, dtype, dim, groups, length, batch):
+    k = randn(batch, kv_heads(batch) * groups, length, dim, dtype=dtype, device=device)
     if length > 3:
         k[..., 2, :] = 0  # a zero key: the eps clamp decides its cosine
     assert_close(cosine.adjacent_cosine(k), cosine.adjacent_cosine_reference(k), **SCORE_TOL)
 
 
-def test_adjacent_cosine_reads_strided_keys(triton_kernels):
-    k = torch.randn(2, 17, 3, 64).transpose(1, 2)  # [B, Hkv, S, D] with a head-major stride
+def test_adjacent_cosine_reads_strided_keys(device):
+    k = randn(2, 17, 3, 64, device=device).transpose(1, 2)  # [B, Hkv, S, D], not contiguous
     assert_close(cosine.adjacent_cosine(k), cosine.adjacent_cosine_reference(k), **SCORE_TOL)
 
 
 # -- gather_slots --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
-def test_gather_slots_matches_reference(triton_kernels, dtype, dim, groups, length, batch):
-    x = torch.randn(batch, kv_heads(batch) * groups, length, dim, dtype=dtype)
-    kept = max(1, length // 2 + 1)
-    index = torch.rand(batch, x.shape[1], length).argsort(-1)[..., :kept].sort(-1).values
+@long_grid
+def test_gather_slots_matches_reference(device, dtype, dim, groups, length, batch):
+    x = randn(batch, kv_heads(batch) * groups, length, dim, dtype=dtype, device=device)
+    kept = length // 2 + 1
+    index = torch.rand(batch, x.shape[1], length).argsort(-1)[..., :kept].sort(-1).values.to(device)
     out = gather.gather_slots(x, index)
     assert out.is_contiguous()
     assert torch.equal(out, gather.gather_slots_reference(x, index))  # a copy: exact
@@ -170,45 +199,44 @@ def test_gather_slots_matches_reference(triton_kernels, dtype, dim, groups, leng
 # -- slot_attention ------------------------------------------------------------
 
 
-def make_slot_bias(batch, hkv, past):
+def make_slot_bias(batch, hkv, past, device):
     """0 for plain slots, -inf for padding, log(count) for merged slots."""
     bias = torch.zeros(batch, hkv, past)
     if past > 4:
         bias[0, :, :2] = float("-inf")
         bias[..., -3] = math.log(3.0)
-    return bias
+    return bias.to(device)
 
 
-@pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=IDS)
+@long_grid
 @pytest.mark.parametrize("q_len", [1, 3], ids=["decode", "chunk"])
-def test_slot_attention_matches_reference(triton_kernels, dtype, dim, groups, length, batch, q_len):
+def test_slot_attention_matches_reference(device, dtype, dim, groups, length, batch, q_len):
     q_len = min(q_len, length)
-    softcap = 30.0 if groups % 2 == 0 else 0.0  # Gemma-2 caps its logits at 50 / 30
+    softcap = 30.0 if groups % 2 == 0 else 0.0  # Gemma-2 caps attention logits at 50
     hkv = kv_heads(batch)
-    q = torch.randn(batch, hkv * groups, q_len, dim, dtype=dtype)
-    k = torch.randn(batch, hkv, length, dim, dtype=dtype)
-    v = torch.randn(batch, hkv, length, dim, dtype=dtype)
-    bias = make_slot_bias(batch, hkv, length - q_len)
+    q = randn(batch, hkv * groups, q_len, dim, dtype=dtype, device=device)
+    k, v = randn(2, batch, hkv, length, dim, dtype=dtype, device=device).unbind(0)
+    bias = make_slot_bias(batch, hkv, length - q_len, device)
     expected = attention.slot_attention_reference(q, k, v, bias, dim**-0.5, softcap)
     assert_close(attention.slot_attention(q, k, v, bias, dim**-0.5, softcap), expected, **OUT_TOL[dtype])
 
 
-def test_slot_attention_split_slots_match_reference():
-    q = torch.randn(1, 4, 2, 64, dtype=BF16)
-    k = torch.randn(1, 2, 130, 64, dtype=BF16)
-    v = torch.randn(1, 2, 130, 80, dtype=BF16)  # Dv != D
-    bias = make_slot_bias(1, 2, 128)
+def test_slot_attention_split_slots_match_reference(device):
+    q = randn(1, 4, 2, 64, dtype=BF16, device=device)
+    k = randn(1, 2, 130, 64, dtype=BF16, device=device)
+    v = randn(1, 2, 130, 80, dtype=BF16, device=device)  # Dv != D
+    bias = make_slot_bias(1, 2, 128, device)
     bias[..., 40:90] = float("-inf")  # a whole split sees only masked slots
     expected = attention.slot_attention_reference(q, k, v, bias, 0.125, 5.0)
     actual = dispatch.triton_module("attention").slot_attention(q, k, v, bias, 0.125, 5.0, splits=5)
     assert_close(actual, expected, **OUT_TOL[BF16])
 
 
-def test_slot_attention_chunk_of_many_queries_matches_reference(triton_kernels):
-    # Prefill-sized Sq: query rows span several row blocks.
-    q = torch.randn(1, 2, 40, 64)
-    k, v = torch.randn(2, 1, 50, 64).unbind(0)
-    bias = make_slot_bias(1, 1, 10)
+def test_slot_attention_chunk_of_many_queries_matches_reference(device):
+    # Prefill-sized Sq: the query rows span several row blocks.
+    q = randn(1, 2, 40, 64, device=device)
+    k, v = randn(2, 1, 1, 50, 64, device=device).unbind(0)
+    bias = make_slot_bias(1, 1, 10, device)
     expected = attention.slot_attention_reference(q, k, v, bias, 0.125)
     assert_close(attention.slot_attention(q, k, v, bias, 0.125), expected, **OUT_TOL[F32])
 
@@ -224,8 +252,8 @@ def test_unknown_kernel_mode_names_the_variable_and_the_choices(monkeypatch):
 
 def test_forced_triton_on_cpu_without_interpreter_says_to_set_it(monkeypatch):
     monkeypatch.setenv("KVFX_KERNELS", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         dispatch.use_triton(torch.zeros(1))
 
 
@@ -239,8 +267,10 @@ def test_forced_reference_never_uses_triton(monkeypatch):
     assert not dispatch.use_triton(torch.zeros(1))
 
 
-def test_kernel_module_built_before_the_interpreter_was_enabled_is_rebuilt(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+def test_kernel_module_built_for_the_other_mode_is_rebuilt(device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("the interpreter side of the switch")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     module = importlib.reload(importlib.import_module("kvfx.kernels.cosine_triton"))
     assert not module.INTERPRETED  # compiled-mode kernels: unusable on CPU tensors
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -257,3 +287,14 @@ def test_kvfx_imports_and_runs_references_without_triton():
     )
     env = {k: v for k, v in os.environ.items() if k != "KVFX_KERNELS"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.skipif(
+    dispatch.language_interpreted(), reason="triton is interpreted in this process: the CPU tests ran here"
+)
+def test_cpu_kernels_in_a_fresh_interpreter_process():
+    env = {k: v for k, v in os.environ.items() if k != "KVFX_KERNELS"}
+    env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

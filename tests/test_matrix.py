@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kvfx
+from kvfx.explain import Report
 from kvfx.testing import assert_equivalent, assert_rewritten, cache_lengths, generate
 from kvfx.testing.zoo import ZOO, tiny_model
 
@@ -45,6 +46,10 @@ def test_snapkv_half_budget_cache_lengths_graphs_and_breaks(name, attn):
         else:
             assert kept == full, f"layer {layer} was not rewritten but its cache changed"
             assert layer in left_alone, f"layer {layer} is neither rewritten nor explained"
+    # the table `kvfx inspect` prints says exactly what was rewritten
+    rows = Report(policy, run.records, 0, 0).rows()
+    assert sum(r[-1].startswith("rewritten") for r in rows) == sum(len(r.rewritten) for r in run.records)
+    assert all(r[-1].startswith(("rewritten", "left alone: ")) and len(r[-1]) > 12 for r in rows)
     if ZOO[name].sliding:
         assert any("sliding" in why for why in left_alone.values()), "sliding layers must be reported"
     assert len(run.records) <= 3, f"{len(run.records)} graphs compiled for prefill + {STEPS} decode steps"

@@ -1,0 +1,78 @@
+"""kvfx.explain: site table, memory formulas against measured bytes, logs, pictures."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kvfx
+from kvfx.explain import S
+from kvfx.testing.zoo import tiny_model
+
+POLICIES = [
+    kvfx.StreamingLLM(budget=0.5, sinks=2), kvfx.SnapKV(budget=0.5, window=4), kvfx.KNorm(budget=0.5),
+    kvfx.H2O(budget=0.5, window=4), kvfx.TOVA(budget=0.5), kvfx.PyramidKV(budget=0.5, window=4),
+    kvfx.KVMerger(budget=0.5), kvfx.ChunkKV(budget=0.5, window=4, chunk=4, reuse_every=2),
+    kvfx.RazorAttention(budget=0.1, sinks=2, window=4, retrieval_heads=((1, 0),)),
+    kvfx.ZeroMerge(budget=0.25, residual=2, window=3),
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: type(p).__name__)
+def test_memory_formula_at_prompt_length_equals_bytes_held(policy):
+    model = tiny_model("gemma3")                 # a sliding layer and a global layer
+    ids = torch.randint(2, 100, (1, 40))
+    report = kvfx.explain(model, ids, policy=policy, use_cache=True)
+    assert report.memory_at(40) == report.cache_bytes_kept
+    assert report.memory_at(40, "full") == report.cache_bytes_full
+    for layer in report.layers:
+        assert int(layer.kvfx.subs(S, 40)) == layer.measured_kvfx
+        assert layer.nominal_kvfx <= layer.measured_kvfx
+
+
+def test_headwise_budget_reports_bytes_held_next_to_valid_slots():
+    model = tiny_model("llama")
+    policy = kvfx.RazorAttention(budget=0.1, sinks=2, window=4, retrieval_heads=((1, 0),))
+    report = kvfx.explain(model, torch.randint(2, 100, (1, 40)), policy=policy, use_cache=True)
+    retrieval_layer = report.layers[1]
+    assert retrieval_layer.measured_kvfx == retrieval_layer.measured_full         # the longest head sets S
+    assert retrieval_layer.nominal_kvfx < retrieval_layer.measured_kvfx           # only one head needs it
+    assert "valid slots" in str(report)
+
+
+def test_site_table_matches_the_sites_rewritten():
+    model = tiny_model("gemma2", attn="eager")
+    report = kvfx.explain(model, torch.randint(2, 100, (1, 24)), policy=kvfx.SnapKV(budget=0.5, window=4),
+                          use_cache=True)
+    rows = report.rows()
+    rewritten = [r for r in rows if r[-1].startswith("rewritten")]
+    assert len(rewritten) == sum(len(rec.rewritten) for rec in report.records) > 0
+    for record in report.records:
+        marked = [line for line in report.graph_code(record.index).splitlines() if line.endswith("# <-- kvfx")]
+        assert len([l for l in marked if "kvfx.compress.default(" in l or "kvfx.attend.default(" in l]) == \
+            len(record.rewritten)
+
+
+def test_torch_logs_show_one_line_per_rewritten_site():
+    code = ("import torch, kvfx\n"
+            "from kvfx.testing import generate\nfrom kvfx.testing.zoo import tiny_model\n"
+            "m = tiny_model('llama')\n"
+            "generate(m, torch.randint(2, 100, (1, 24)), policy=kvfx.SnapKV(budget=0.5, window=4), steps=3)\n")
+    env = dict(os.environ, TORCH_LOGS="+kvfx")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [l for l in out.stderr.splitlines() if "rewritten to kvfx." in l]
+    assert len(lines) == 2 * 3, "\n".join(lines)            # 2 layers x 3 graphs (prefill, decode, dynamic decode)
+
+
+def test_save_writes_graphs_and_pictures(tmp_path):
+    model = tiny_model("llama")
+    report = kvfx.explain(model, torch.randint(2, 100, (1, 24)), policy=kvfx.SnapKV(budget=0.5, window=4),
+                          use_cache=True)
+    report.save(tmp_path)
+    assert "kvfx.compress" in (tmp_path / "graph0_after.py").read_text()
+    dot = (tmp_path / "graph0_layer0_prefill.dot").read_text()
+    assert "cluster_before" in dot and "cluster_after" in dot and "kvfx.compress" in dot
+    assert "<table>" in report._repr_html_()
