@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
     # Read when a kernel is decorated: must precede the first kernel import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvfx.kernels import attention, column_sums, cosine, gather, scores  # noqa: E402
+from kvfx.kernels import attention, column_sums, cosine, gather, merge, scores  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,11 @@ def cases(shape: Shape, device: torch.device) -> list[Case]:
     index = torch.rand(b, hkv, s, device=device, generator=g).argsort(-1)[..., :kept].sort(-1).values
     bias = torch.zeros(b, hkv, s - 1, device=device)
     scores_out = b * hkv * s * 4
+    score = torch.rand(b, hkv, s, device=device, generator=g)
+    # KVMerger-like sets: runs of 4 consecutive tokens; one residual group in 4 tokens for ZeroMerge-like means
+    runs = (torch.arange(s, device=device) // 4).expand(b, hkv, s).contiguous()
+    n_runs = (s + 3) // 4
+    kept_bias = torch.zeros(b, hkv, s, device=device)
     return [
         Case(
             "window_attention", shape,
@@ -105,6 +110,24 @@ def cases(shape: Shape, device: torch.device) -> list[Case]:
             lambda: gather.gather_slots(k, index),
             lambda: gather.gather_slots_reference(k, index),
             2 * b * hkv * kept * d * e + index.numel() * 8,
+        ),
+        Case(
+            "gaussian_merge (KVMerger)", shape,
+            lambda: merge.gaussian_merge(k, v, score, runs, n_runs, 5.0)[0],
+            lambda: merge.gaussian_merge_reference(k, v, score, runs, n_runs, 5.0)[0],
+            2 * k.numel() * e + score.numel() * 4 + runs.numel() * 8 + 2 * b * hkv * n_runs * d * e,
+        ),
+        Case(
+            "segment_mean (compensation / residual)", shape,
+            lambda: merge.segment_mean(k, v, runs, n_runs)[0],
+            lambda: merge.segment_mean_reference(k, v, runs, n_runs)[0],
+            2 * k.numel() * e + runs.numel() * 8 + 2 * b * hkv * n_runs * d * e,
+        ),
+        Case(
+            "gather_kv_bias (fused)", shape,
+            lambda: gather.gather_kv_bias(k, v, kept_bias, index)[0],
+            lambda: gather.gather_kv_bias_reference(k, v, kept_bias, index)[0],
+            2 * 2 * b * hkv * kept * d * e + 2 * b * hkv * kept * 4 + index.numel() * 8,
         ),
         Case(
             "slot_attention (decode)", shape,

@@ -184,7 +184,14 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
             positions = _positions_from_state(args, kwargs)
             if positions is not None:
                 kwargs["position_ids"] = positions
-        return compiled(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchRuntimeError as err:
+            # Some models (Falcon) materialise the shared mask even for SDPA.
+            lengths = _layer_lengths(kwargs)
+            if len(lengths) > 1 and "broadcast" in str(err):
+                raise _uneven_layers_error(model, lengths, "this model materialises its attention mask") from err
+            raise
 
     model.forward = forward
     model._kvfx_original_forward = original
@@ -192,29 +199,33 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
     return model
 
 
-def _check_shared_mask(model, kwargs) -> None:
-    """transformers builds one attention mask for all full-attention layers,
-    sized by the first one; eager attention (and SDPA with padding) adds it
-    as is. Layers of different lengths then cannot trace: say so plainly."""
+def _layer_lengths(kwargs) -> set[int]:
+    """Cache lengths of a transformers cache's full-attention layers."""
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    layers = getattr(cache, "layers", None)
-    if not layers:
-        return
-    lengths = {layer.keys.shape[-2] for layer in layers
-               if type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
-               and layer.keys.numel()}
+    return {layer.keys.shape[-2] for layer in getattr(cache, "layers", None) or ()
+            if type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
+            and layer.keys.numel()}
+
+
+def _uneven_layers_error(model, lengths: set[int], why: str) -> ValueError:
+    return ValueError(
+        f"kvfx: {model._kvfx_backend.policy!r} left the layers with different cache lengths {sorted(lengths)}, "
+        f"and {why}: transformers builds one attention mask, sized for the first layer, for every layer. "
+        "Use attn_implementation='sdpa' with an unpadded batch, or a policy with one budget for every layer "
+        "(no per-layer plan, no exempt layers, no retrieval heads).")
+
+
+def _check_shared_mask(model, kwargs) -> None:
+    """Eager attention (and SDPA with padding) adds the shared mask as is, so
+    layers of different lengths cannot trace: say so before dynamo fails."""
+    lengths = _layer_lengths(kwargs)
     if len(lengths) < 2:
         return
     mask = kwargs.get("attention_mask")
-    eager = getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager"
-    padded = isinstance(mask, torch.Tensor) and not bool(mask.all())
-    if eager or padded:
-        why = "attention is 'eager'" if eager else "the batch is padded"
-        raise ValueError(
-            f"kvfx: {model._kvfx_backend.policy!r} left the layers with different cache lengths {sorted(lengths)}, "
-            f"and {why}: transformers adds one attention mask, sized for the first layer, to every layer. "
-            "Use attn_implementation='sdpa' with an unpadded batch, or a policy with one budget for every layer "
-            "(no per-layer plan, no exempt layers, no retrieval heads).")
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager":
+        raise _uneven_layers_error(model, lengths, "attention is 'eager'")
+    if isinstance(mask, torch.Tensor) and not bool(mask.all()):
+        raise _uneven_layers_error(model, lengths, "the batch is padded")
 
 
 def _positions_from_state(args, kwargs):

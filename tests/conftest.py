@@ -18,3 +18,18 @@ def _fresh_dynamo():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request, monkeypatch):
+    """Triton forced on: interpreted for CPU tensors, compiled for CUDA ones."""
+    from kvfx.kernels import dispatch
+
+    monkeypatch.setenv("KVFX_KERNELS", "triton")
+    if request.param == "cpu":
+        if not dispatch.language_interpreted():
+            pytest.skip("triton was imported without TRITON_INTERPRET=1: run in a fresh process instead")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return torch.device(request.param)

@@ -71,18 +71,6 @@ grid = pytest.mark.parametrize("dtype,dim,groups,length,batch", CASES, ids=list(
 long_grid = pytest.mark.parametrize("dtype,dim,groups,length,batch", LONG_CASES, ids=list(map(case_id, LONG_CASES)))
 
 
-@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def device(request, monkeypatch):
-    """Triton forced on: interpreted for CPU tensors, compiled for CUDA ones."""
-    monkeypatch.setenv("KVFX_KERNELS", "triton")
-    if request.param == "cpu":
-        if not dispatch.language_interpreted():
-            pytest.skip("triton was imported without TRITON_INTERPRET=1: run in a fresh process instead")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return torch.device(request.param)
-
 
 def kv_heads(batch: int) -> int:
     # Two KV heads exercise the head offsets; one keeps batch-3 cases quick.

@@ -61,18 +61,6 @@ grid = pytest.mark.parametrize("dtype,dim,hkv,length,batch", CASES, ids=list(map
 layouts = pytest.mark.parametrize("layout", LAYOUTS)
 
 
-@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def device(request, monkeypatch):
-    """Triton forced on: interpreted for CPU tensors, compiled for CUDA ones."""
-    monkeypatch.setenv("KVFX_KERNELS", "triton")
-    if request.param == "cpu":
-        if not dispatch.language_interpreted():
-            pytest.skip("triton was imported without TRITON_INTERPRET=1: run in a fresh process instead")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return torch.device(request.param)
-
 
 def segments(layout: str, batch: int, hkv: int, length: int) -> tuple[torch.Tensor, int]:
     """(seg [B, Hkv, S] int64, n_seg) shaped like one seed's segments."""

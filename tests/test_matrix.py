@@ -54,3 +54,33 @@ def test_snapkv_half_budget_cache_lengths_graphs_and_breaks(name, attn):
         assert any("sliding" in why for why in left_alone.values()), "sliding layers must be reported"
     assert len(run.records) <= 3, f"{len(run.records)} graphs compiled for prefill + {STEPS} decode steps"
     assert run.graph_breaks == 0
+
+
+def test_handwritten_gpt_with_tuple_cache():
+    """The matrix checks on a plain nn.Module whose cache is a tuple of (k, v)."""
+    from torch._dynamo.utils import counters
+
+    from kvfx.testing.handwritten import TinyGPT, greedy_generate
+
+    model = TinyGPT().eval()
+    ids = torch.randint(0, 128, (1, PROMPT))
+    expected = greedy_generate(model, ids, 16)
+    with torch.no_grad():
+        expected_logits, _ = model(ids)
+    for policy, check in ((kvfx.StreamingLLM(budget=1 << 30), "equal"), (kvfx.SnapKV(budget=0.5, window=4), "lengths")):
+        torch._dynamo.reset()
+        counters.clear()
+        kvfx.compile(model, policy, inner="aot_eager")
+        if check == "equal":                                          # (a) budget above the prompt
+            assert torch.equal(greedy_generate(model, ids, 16), expected)
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids)[0], expected_logits, rtol=0, atol=1e-4)
+        else:                                                         # (b) + (c)
+            with torch.no_grad():
+                logits, past = model(ids)
+                for _ in range(STEPS - 1):
+                    logits, past = model(logits[:, -1:].argmax(-1), past)
+            assert [k.shape[-2] for k, _ in past] == [(PROMPT + 1) // 2 + STEPS - 1] * 2
+            assert len(model._kvfx_backend.records) <= 3
+            assert sum(counters["graph_break"].values()) == 0
+        kvfx.restore(model)

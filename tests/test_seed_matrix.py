@@ -39,7 +39,8 @@ else:  # each architecture once, methods assigned round-robin
 @pytest.mark.parametrize("arch,method", [pytest.param(a, m, id=f"{a[0]}-{a[1]}-{m}") for a, m in PAIRS])
 def test_method_runs_on_architecture(arch, method):
     name, attn = arch
-    policy = EAGER_SAFE.get(method, METHODS[method]) if attn == "eager" else METHODS[method]
+    masked = attn == "eager" or name == "falcon"   # a materialised mask: layers must be of one length
+    policy = EAGER_SAFE.get(method, METHODS[method]) if masked else METHODS[method]
     model = tiny_model(name, attn=attn)
     ids = torch.randint(2, model.config.vocab_size, (1, PROMPT))
     run = generate(model, ids, policy=policy, steps=STEPS)
@@ -56,6 +57,13 @@ def test_method_runs_on_architecture(arch, method):
         assert held == expected, f"layer {layer}: {held} slots, expected {expected}"
     state = run.cache.layers[min(rewritten)].keys._kvfx_state
     assert int(state.seen) == PROMPT + STEPS - 1
+
+
+def test_uneven_layers_with_a_materialised_mask_fail_clearly():
+    model = tiny_model("falcon", attn="sdpa")                 # Falcon builds a 4-D mask even for SDPA
+    ids = torch.randint(2, 100, (1, PROMPT))
+    with pytest.raises(ValueError, match=r"different cache lengths.*materialises its attention mask"):
+        generate(model, ids, policy=METHODS["RazorAttention"], steps=3)
 
 
 def test_uneven_layers_with_eager_attention_fail_clearly():

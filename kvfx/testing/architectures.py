@@ -52,7 +52,7 @@ def main(path: str = "docs/architectures.md") -> None:
         "inner compiler aot_eager. *Same as eager*: a budget above the prompt gives logits within 1e-4 and",
         "identical greedy tokens over 16 steps. *Cache*: slots per layer at the end (prompt layers",
         f"compress to {(PROMPT + 1) // 2}, + {STEPS - 1} decode tokens). The same checks run in",
-        "`tests/test_matrix.py`; a hand-written `nn.Module` with a tuple cache is covered in `tests/test_positions.py`.",
+        "`tests/test_matrix.py`, which also runs them on a hand-written `nn.Module` with a tuple cache (`kvfx.testing.handwritten.TinyGPT`).",
         "",
         "| model | attention | forms found | same as eager | layers rewritten | cache slots | graphs | breaks | left alone |",
         "|---|---|---|---|---|---|---|---|---|",
