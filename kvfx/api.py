@@ -180,23 +180,55 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
     @functools.wraps(original)
     def forward(*args, **kwargs):
         _check_shared_mask(model, kwargs)
+        _check_state_kept(kwargs)
         if accepts_positions and kwargs.get("position_ids") is None:
             positions = _positions_from_state(args, kwargs)
             if positions is not None:
                 kwargs["position_ids"] = positions
         try:
-            return compiled(*args, **kwargs)
+            out = compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchRuntimeError as err:
             # Some models (Falcon) materialise the shared mask even for SDPA.
             lengths = _layer_lengths(kwargs)
             if len(lengths) > 1 and "broadcast" in str(err):
                 raise _uneven_layers_error(model, lengths, "this model materialises its attention mask") from err
             raise
+        _mark_compressed(getattr(out, "past_key_values", None) or kwargs.get("past_key_values", kwargs.get("cache")))
+        return out
 
     model.forward = forward
     model._kvfx_original_forward = original
     model._kvfx_backend = be
     return model
+
+
+def _dynamic_layers(cache) -> list:
+    return [(i, layer) for i, layer in enumerate(getattr(cache, "layers", None) or ())
+            if type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)]
+
+
+def _mark_compressed(cache) -> None:
+    """Remember which layers of a transformers cache carry kvfx state."""
+    layers = {i for i, layer in _dynamic_layers(cache) if state_of(layer.keys) is not None}
+    if layers:
+        cache._kvfx_layers = layers
+
+
+def _check_state_kept(kwargs) -> None:
+    """A cache kvfx compressed that comes back without its state was edited
+    outside the graph: its slots no longer match the model's positions and
+    mask, and merged slots lost their counts. Refuse rather than decode wrong."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    expected = getattr(cache, "_kvfx_layers", None)
+    if not expected:
+        return
+    lost = [i for i, layer in _dynamic_layers(cache) if i in expected and state_of(layer.keys) is None]
+    if lost:
+        raise RuntimeError(
+            f"kvfx: the compressed cache of layers {lost} was changed outside the compiled graph (beam search's "
+            "reorder_cache, crop, batch_select_indices, or a manual edit): its per-slot state (slot bias, merge "
+            "counts, tokens seen) is lost and attention would be wrong. kvfx does not support beam search or "
+            "cache edits yet: use greedy or sampling generation.")
 
 
 def _layer_lengths(kwargs) -> set[int]:
