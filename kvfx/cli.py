@@ -55,6 +55,22 @@ def _step(message: str):
     return timed()
 
 
+class _ProgressBar:
+    """A transformers streamer drawing a tqdm bar: the prefill (the first put),
+    then one tick per generated token. tqdm comes with transformers."""
+
+    def __init__(self, label: str, steps: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=steps + 1, desc=f"kvfx: {label}", unit="step", file=sys.stderr, leave=False)
+
+    def put(self, value) -> None:
+        self.bar.update(1)
+
+    def end(self) -> None:
+        self.bar.close()
+
+
 def cmd_demo(args) -> dict:
     if args.model is None:
         args.model = "gemma3-270m" if _models_installed() else "llama"
@@ -87,11 +103,13 @@ def _demo_real(args) -> dict:
     n = ids.shape[1]
     with _step(f"full cache: prefill {n} tokens + {args.steps} new tokens"):
         t0 = time.perf_counter()
-        full = generate(model, ids, attention_mask=mask, steps=args.steps)
+        full = generate(model, ids, attention_mask=mask, steps=args.steps,
+                        streamer=_ProgressBar("full cache (prefill, then tokens)", args.steps))
         t_full = time.perf_counter() - t0
     with _step(f"kvfx {args.policy!r} (inner compiler {args.inner}, compile included)"):
         t0 = time.perf_counter()
-        run = generate(model, ids, attention_mask=mask, policy=args.policy, inner=args.inner, steps=args.steps)
+        run = generate(model, ids, attention_mask=mask, policy=args.policy, inner=args.inner, steps=args.steps,
+                       streamer=_ProgressBar("kvfx (compile + prefill, then tokens)", args.steps))
         t_kvfx = time.perf_counter() - t0
     answer_full = answer_of(tokenizer, full.tokens, prompt_length=n)
     answer_kvfx = answer_of(tokenizer, run.tokens, prompt_length=n)

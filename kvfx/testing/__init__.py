@@ -36,9 +36,10 @@ def cache_lengths(cache) -> list[int]:
 
 
 def generate(model, input_ids, *, policy: Optional[Policy] = None, inner: str = "aot_eager", steps: int = 16,
-             attention_mask: Optional[torch.Tensor] = None) -> Run:
+             attention_mask: Optional[torch.Tensor] = None, streamer=None) -> Run:
     """Greedy generation, eager when ``policy`` is None, else through kvfx.
-    Restores the model's forward afterwards."""
+    Restores the model's forward afterwards. ``streamer``: a transformers
+    streamer (e.g. a progress bar) fed the prompt, then each new token."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -54,7 +55,7 @@ def generate(model, input_ids, *, policy: Optional[Policy] = None, inner: str = 
         with torch.no_grad():
             out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=steps, min_new_tokens=steps,
                                  do_sample=False, return_dict_in_generate=True, output_logits=True,
-                                 pad_token_id=model.config.pad_token_id or 0)
+                                 pad_token_id=model.config.pad_token_id or 0, streamer=streamer)
     finally:
         if policy is not None:
             restore(model)
