@@ -234,9 +234,7 @@ def _check_state_kept(kwargs) -> None:
 def _layer_lengths(kwargs) -> set[int]:
     """Cache lengths of a transformers cache's full-attention layers."""
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    return {layer.keys.shape[-2] for layer in getattr(cache, "layers", None) or ()
-            if type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
-            and layer.keys.numel()}
+    return {layer.keys.shape[-2] for _, layer in _dynamic_layers(cache) if layer.keys.numel()}
 
 
 def _uneven_layers_error(model, lengths: set[int], why: str) -> ValueError:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from kvfx.kernels import attention as attention_kernels
-from kvfx.policies import policy_from_spec
+from kvfx.policies import bias_of, policy_from_spec
 
 
 def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tensor:
@@ -129,9 +129,7 @@ def _step_fake(q, k, v, slot_bias, slot_score, policy, layer, n_layers, scale):
 
 
 def _bias_from_mask(mask: Optional[Tensor], batch: int, kv_heads: int, past: int, device) -> Tensor:
-    valid = valid_slots(mask, batch, past, device)
-    bias = torch.zeros(batch, kv_heads, past, dtype=torch.float32, device=device)
-    return bias.masked_fill(~valid[:, None, :], float("-inf"))
+    return bias_of(valid_slots(mask, batch, past, device)[:, None, :].expand(batch, kv_heads, past))
 
 
 # kvfx compresses caches for inference: no gradient flows through its ops.

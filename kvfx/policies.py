@@ -90,11 +90,16 @@ class Compressed:
     index: torch.Tensor        # [B, Hkv, n] int64
 
 
+def bias_of(valid: torch.Tensor) -> torch.Tensor:
+    """Slot bias of plain slots: 0 where valid, -inf where padding."""
+    return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, float("-inf"))
+
+
 def evict_to(index: torch.Tensor, k, v, valid, score=None) -> Compressed:
     """Keep the slots ``index`` names (fold = evict): gather K, V; padding
     that had to be kept gets -inf."""
     kept_valid = valid[:, None, :].expand(-1, k.shape[1], -1).gather(2, index)
-    bias = torch.zeros(index.shape, dtype=torch.float32, device=k.device).masked_fill(~kept_valid, float("-inf"))
+    bias = bias_of(kept_valid)
     kept_score = torch.zeros_like(bias) if score is None else score.float().gather(2, index)
     return Compressed(gather_slots(k, index), gather_slots(v, index), bias, kept_score, index)
 

@@ -31,7 +31,7 @@ from kvfx.passes.sites import Site
 
 import kvfx.ops  # noqa: F401  (registers torch.ops.kvfx)
 
-POSITION_INPUT_HINTS = ("position", "cache_position")
+POSITION_INPUT_HINT = "position"  # position_ids, cache_position
 
 
 @dataclasses.dataclass
@@ -140,7 +140,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         output_is_sequence=is_sequence,
         decode_args=decode_args,
         state_outputs=state_outputs,
-        positions_from_cache=bool(decode_args) and not any(h in n for n in names for h in POSITION_INPUT_HINTS),
+        positions_from_cache=bool(decode_args) and not any(POSITION_INPUT_HINT in n for n in names),
         example_inputs=example_inputs,
     )
 
