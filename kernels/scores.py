@@ -37,8 +37,19 @@ def window_attention_reference(
     probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     score = probs.sum(dim=-2)  # [B, H, S]
     if kernel > 1:
-        score = F.avg_pool1d(score, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        score = pool_valid(score, valid, kernel)
     return score.view(b, hkv, h // hkv, s).mean(dim=2)
+
+
+def pool_valid(score: torch.Tensor, valid: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Average of each slot's ``kernel`` neighbours that are real tokens (not
+    pads, not past either end), so a left-padded row pools as it would alone.
+    score: [B, R, S], valid: [B, S]."""
+    pad = kernel // 2
+    real = valid.to(score.dtype)[:, None, :]
+    total = F.avg_pool1d(score * real, kernel, stride=1, padding=pad, count_include_pad=True) * kernel
+    count = F.avg_pool1d(real, kernel, stride=1, padding=pad, count_include_pad=True) * kernel
+    return total / count.round().clamp(min=1.0)
 
 
 def query_attention(q: torch.Tensor, k: torch.Tensor, slot_bias: torch.Tensor, scale: float) -> torch.Tensor:

@@ -24,20 +24,23 @@ INTERPRETED = interpreting()
     interpreter={"BLOCK_S": 32},
 )
 @triton.jit
-def _avg_pool_kernel(x_ptr, out_ptr, length, KERNEL: tl.constexpr, BLOCK_S: tl.constexpr):
-    """avg_pool1d(stride 1, padding KERNEL // 2, count_include_pad=False) of
-    contiguous rows of ``length`` float32."""
+def _avg_pool_kernel(x_ptr, valid_ptr, out_ptr, length, rows_per_batch, KERNEL: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Mean of the real-token neighbours (``valid``) within KERNEL // 2 of each
+    slot, for contiguous rows of ``length`` float32 (see ``pool_valid``)."""
     row = tl.program_id(0).to(tl.int64)
+    batch = row // rows_per_batch
     offs = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     radius: tl.constexpr = KERNEL // 2
     acc = tl.zeros([BLOCK_S], tl.float32)
+    count = tl.zeros([BLOCK_S], tl.float32)
     for t in tl.static_range(KERNEL):
         src = offs + (t - radius)
-        acc += tl.load(x_ptr + row * length + src, mask=(src >= 0) & (src < length), other=0.0)
-    # In-range neighbours only (count_include_pad=False); at least 1 so that
-    # the lanes past the end, which are not stored, do not divide by zero.
-    count = tl.maximum(tl.minimum(offs + radius, length - 1) - tl.maximum(offs - radius, 0) + 1, 1)
-    tl.store(out_ptr + row * length + offs, acc / count.to(tl.float32), mask=offs < length)
+        inside = (src >= 0) & (src < length)
+        real = tl.load(valid_ptr + batch * length + src, mask=inside, other=0).to(tl.float32)
+        acc += tl.load(x_ptr + row * length + src, mask=inside, other=0.0) * real
+        count += real
+    # At least 1: a slot with no real neighbour (a pad) scores 0, and lanes past the end do not divide by zero.
+    tl.store(out_ptr + row * length + offs, acc / tl.maximum(count, 1.0), mask=offs < length)
 
 
 def window_attention(q, k, valid, scale, window: int, kernel: int, splits: int | None = None) -> torch.Tensor:
@@ -57,5 +60,5 @@ def window_attention(q, k, valid, scale, window: int, kernel: int, splits: int |
     s = score.shape[-1]
     pooled = torch.empty_like(score)
     grid = lambda meta: (score.shape[0] * score.shape[1], triton.cdiv(s, meta["BLOCK_S"]))  # noqa: E731
-    _avg_pool_kernel[grid](score, pooled, s, KERNEL=kernel)
+    _avg_pool_kernel[grid](score, valid.to(torch.int8).contiguous(), pooled, s, score.shape[1], KERNEL=kernel)
     return pooled

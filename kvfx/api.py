@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import fx
 
+from kvfx.cache_edits import follow_cache_edits
 from kvfx.passes import Site, find_sites, rewrite
 from kvfx.policies import Policy
 from kvfx.runtime import StatefulGraph, state_of
@@ -69,6 +70,20 @@ class GraphRecord:
         return [s for s in self.sites if s.compressible]
 
 
+@dataclasses.dataclass
+class _Rewritable:
+    """What rewriting one graph again for another policy needs (``Backend.set_policy``):
+    the traced graph before any rewrite, fake inputs (never the real tensors of the
+    first call: those would keep its cache alive) and dynamo's tracing context."""
+
+    record: GraphRecord
+    original: fx.GraphModule
+    fake_inputs: list
+    context: Any
+    grad_enabled: bool  # aot_autograd builds an inference or a training graph from it
+    runner: StatefulGraph
+
+
 class Backend:
     """A torch.compile backend: rewrite attention + KV cache for ``policy``,
     then hand the graph to ``inner``. ``records`` lists every graph compiled."""
@@ -80,9 +95,11 @@ class Backend:
             raise ValueError(f"kvfx.backend: inner={inner!r} is invalid: inner must be one of {INNER_BACKENDS} or a callable backend")
         if not isinstance(inner, str) and not callable(inner):
             raise TypeError(f"kvfx.backend: inner must be one of {INNER_BACKENDS} or a callable backend, got {inner!r}")
+        follow_cache_edits()
         self.policy = policy
         self.inner = inner
         self.records: list[GraphRecord] = []
+        self._rewritable: list[_Rewritable] = []
         self._warned: set[str] = set()
 
     def __repr__(self) -> str:
@@ -111,10 +128,33 @@ class Backend:
             self._warn_untouched(sites)
             record.code_after = record.code_before
             return self._inner(gm, example_inputs)
+        fake_inputs = _fake_inputs(before, example_inputs)
         plan = rewrite(gm, example_inputs, sites, self.policy)
         record.code_after = gm.code
         self._log(record)
-        return StatefulGraph(self._inner(gm, plan.example_inputs), plan)
+        runner = StatefulGraph(self._inner(gm, plan.example_inputs), plan)
+        if fake_inputs is not None:
+            self._rewritable.append(_Rewritable(record, before, fake_inputs, torch._guards.TracingContext.try_get(),
+                                                torch.is_grad_enabled(), runner))
+        return runner
+
+    def set_policy(self, policy: Policy) -> None:
+        """Rewrite every graph compiled so far for ``policy``, without tracing the
+        model again (dynamo's guards do not depend on the policy), so sweeping
+        policies or budgets costs one trace. Caches compressed before the switch
+        should not be continued: start a new generation."""
+        if not isinstance(policy, Policy):
+            raise TypeError(f"kvfx.set_policy: policy must be a kvfx policy (e.g. kvfx.SnapKV(budget=0.5)), got {policy!r}")
+        self.policy = policy
+        for entry in self._rewritable:
+            gm = _private_copy(entry.original)
+            sites = find_sites(gm)
+            plan = rewrite(gm, entry.fake_inputs, sites, policy)
+            with torch._guards.tracing(entry.context), torch.set_grad_enabled(entry.grad_enabled):
+                compiled = self._inner(gm, plan.example_inputs)
+            entry.runner.compiled, entry.runner.plan = compiled, plan
+            entry.record.sites, entry.record.code_after, entry.record.graph_after = sites, gm.code, gm.graph
+            self._log(entry.record)
 
     def _log(self, record: GraphRecord) -> None:
         """One line per site for TORCH_LOGS="+kvfx"; both graphs for tlparse."""
@@ -152,6 +192,24 @@ def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
+def _fake_inputs(gm: fx.GraphModule, example_inputs) -> Optional[list]:
+    """Dynamo's fake value of each graph input, or None when one is missing."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [n.meta.get("example_value") for n in placeholders]
+    if len(fakes) != len(example_inputs) or any(f is None for f in fakes):
+        return None
+    return fakes
+
+
+def set_policy(model: Any, policy: Policy) -> None:
+    """Switch a ``kvfx.compile``d model (or a ``kvfx.backend``) to ``policy`` without
+    re-tracing: each compiled graph is rewritten again from its traced original."""
+    be = model if isinstance(model, Backend) else getattr(model, "_kvfx_backend", None)
+    if be is None:
+        raise TypeError(f"kvfx.set_policy: model must be a model compiled with kvfx.compile or a kvfx.backend, got {type(model).__name__}")
+    be.set_policy(policy)
+
+
 def backend(policy: Policy, *, inner: Union[str, Callable] = "inductor") -> Backend:
     """A torch.compile backend that compresses the KV cache with ``policy``.
 
@@ -179,8 +237,11 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
+        _check_padding(model, kwargs)
         _check_shared_mask(model, kwargs)
         _check_state_kept(kwargs)
+        if _needs_single_tokens(args, kwargs):
+            return _token_by_token(forward, model, args, kwargs)
         if accepts_positions and kwargs.get("position_ids") is None:
             positions = _positions_from_state(args, kwargs)
             if positions is not None:
@@ -225,10 +286,12 @@ def _check_state_kept(kwargs) -> None:
     lost = [i for i, layer in _dynamic_layers(cache) if i in expected and state_of(layer.keys) is None]
     if lost:
         raise RuntimeError(
-            f"kvfx: the compressed cache of layers {lost} was changed outside the compiled graph (beam search's "
-            "reorder_cache, crop, batch_select_indices, or a manual edit): its per-slot state (slot bias, merge "
-            "counts, tokens seen) is lost and attention would be wrong. kvfx does not support beam search or "
-            "cache edits yet: use greedy or sampling generation.")
+            f"kvfx: the compressed cache of layers {lost} was changed outside the compiled graph (a manual edit of "
+            "its tensors): its per-slot state (slot bias, merge counts, tokens seen) is lost and attention would be "
+            "wrong. kvfx follows transformers' reorder_cache, batch_select_indices and batch_repeat_interleave "
+            "(beam search works); other edits are refused. (The same happens when dynamo reached its "
+            "recompile_limit and ran the model's own forward: raise torch._dynamo.config.recompile_limit; "
+            "TORCH_LOGS=recompiles shows why it recompiled.)")
 
 
 def _layer_lengths(kwargs) -> set[int]:
@@ -243,6 +306,57 @@ def _uneven_layers_error(model, lengths: set[int], why: str) -> ValueError:
         f"and {why}: transformers builds one attention mask, sized for the first layer, for every layer. "
         "Use attn_implementation='sdpa' with an unpadded batch, or a policy with one budget for every layer "
         "(no per-layer plan, no exempt layers, no retrieval heads).")
+
+
+def _needs_single_tokens(args, kwargs) -> bool:
+    """Several new tokens on a cache whose layers differ in length: transformers
+    materialises one [new, cached + new] mask for every layer, which fits only
+    one of them; one token at a time it passes no mask at all."""
+    if args or len(_layer_lengths(kwargs)) < 2:
+        return False
+    ids = kwargs.get("input_ids")
+    return isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > 1
+
+
+_SLICED = ("input_ids", "position_ids", "cache_position")
+_PASSED = ("past_key_values", "cache", "attention_mask", "use_cache", "logits_to_keep", "return_dict")
+
+
+def _token_by_token(forward, model, args, kwargs):
+    """Feed a multi-token step one token at a time (same attention: each token
+    sees the cache and the tokens before it) and join the logits."""
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _SLICED + _PASSED)
+    if unknown or kwargs.get("return_dict") is False:
+        raise ValueError(
+            f"kvfx: {model._kvfx_backend.policy!r} left the layers with different cache lengths "
+            f"{sorted(_layer_lengths(kwargs))}, so kvfx feeds several new tokens one at a time, which it cannot do "
+            f"with {unknown or ['return_dict=False']}: pass input_ids (and position_ids, cache_position, "
+            "attention_mask) only, or use a policy with one budget for every layer.")
+    n = kwargs["input_ids"].shape[1]
+    keep = kwargs.get("logits_to_keep") or 0
+    mask = kwargs.get("attention_mask")
+    logits, out = [], None
+    for t in range(n):
+        step = dict(kwargs, logits_to_keep=1) if "logits_to_keep" in kwargs else dict(kwargs)
+        for name in _SLICED:
+            if isinstance(kwargs.get(name), torch.Tensor):
+                step[name] = kwargs[name][..., t:t + 1]
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            step["attention_mask"] = mask[:, :mask.shape[1] - (n - 1 - t)]
+        out = forward(**step)
+        logits.append(out.logits[:, -1:])
+    joined = torch.cat(logits, dim=1)
+    out.logits = joined[:, -keep:] if isinstance(keep, int) and keep > 0 else joined
+    return out
+
+
+def _check_padding(model, kwargs) -> None:
+    policy = model._kvfx_backend.policy
+    mask = kwargs.get("attention_mask")
+    if not policy.supports_padding and isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+        raise ValueError(
+            f"kvfx: {policy!r} cannot compress a left-padded batch so that each row matches running it alone "
+            "(its chunks start at each row's first token). Generate the rows one at a time, or pad none of them.")
 
 
 def _check_shared_mask(model, kwargs) -> None:

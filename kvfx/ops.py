@@ -117,7 +117,11 @@ def step(
     including the new tokens; returns (k, v, slot_bias, slot_score) with
     policy.decode_length(S, Sq) slots."""
     out = policy_from_spec(policy).step(q, k, v, slot_bias, slot_score, scale, layer, n_layers)
-    return tuple(t.contiguous() for t in out)
+    # A step with nothing to evict (a budget not reached yet) may hand back its
+    # inputs; a custom op's outputs must not alias them.
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, slot_bias, slot_score)}
+    return tuple(t.clone(memory_format=torch.contiguous_format) if t.untyped_storage().data_ptr() in inputs
+                 else t.contiguous() for t in out)
 
 
 @step.register_fake

@@ -95,10 +95,13 @@ def bias_of(valid: torch.Tensor) -> torch.Tensor:
     return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, float("-inf"))
 
 
-def evict_to(index: torch.Tensor, k, v, valid, score=None) -> Compressed:
+def evict_to(index: torch.Tensor, k, v, valid, score=None, slot_valid=None) -> Compressed:
     """Keep the slots ``index`` names (fold = evict): gather K, V; padding
-    that had to be kept gets -inf."""
+    that had to be kept, and slots ``slot_valid`` ([B, Hkv, n]) rules out,
+    get -inf."""
     kept_valid = valid[:, None, :].expand(-1, k.shape[1], -1).gather(2, index)
+    if slot_valid is not None:
+        kept_valid = kept_valid & slot_valid
     bias = bias_of(kept_valid)
     kept_score = torch.zeros_like(bias) if score is None else score.float().gather(2, index)
     return Compressed(gather_slots(k, index), gather_slots(v, index), bias, kept_score, index)
@@ -124,6 +127,8 @@ class Policy:
     #: whether sinks + window must fit in a token budget (not for a policy
     #: whose budget sizes only part of what it keeps, like RazorAttention).
     window_within_budget: ClassVar[bool] = True
+    #: whether a left-padded row compresses as it would alone (else kvfx.compile refuses padded batches).
+    supports_padding: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -162,16 +167,31 @@ class Policy:
     # -- keep ---------------------------------------------------------------
     def select(self, q, k, valid, scale, layer: int = 0, n_layers: int = 1, score=None) -> torch.Tensor:
         """Indices of the slots kept, [B, Hkv, n], ascending (original order)."""
+        return self._select_ranked(q, k, valid, scale, layer, n_layers, score)[0]
+
+    def _select_ranked(self, q, k, valid, scale, layer, n_layers, score=None):
+        """Kept indices and each one's rank (0 = best)."""
         n = self.kept_length(k.shape[-2], layer, n_layers)
         key = (self.score(q, k, valid, scale) if score is None else score).float()
         key = score_kernels.protect(key, valid, self.sinks, self.window)
-        return top_sorted(key, n)
+        return top_sorted(key, n, ranked=True)
+
+    def row_limits(self, valid: torch.Tensor, layer: int = 0, n_layers: int = 1) -> torch.Tensor:
+        """Real slots each row keeps, [B]: the budget of its own real tokens. The
+        cache is rectangular (``kept_length`` of the padded length), so a padded
+        row fills the rest with invalid slots and decodes as it would alone."""
+        real = valid.sum(-1)
+        n = budget_tokens(self.layer_budget(layer, n_layers), real)
+        n = torch.clamp(torch.as_tensor(n, device=valid.device), min=self.sinks + self.window)
+        return torch.minimum(n, real)
 
     # -- fold ---------------------------------------------------------------
     def compress(self, q, k, v, valid, scale, layer: int = 0, n_layers: int = 1, reuse_index=None) -> Compressed:
         """Compress one layer's prompt cache (fold = evict by default)."""
-        index = reuse_index if reuse_index is not None else self.select(q, k, valid, scale, layer, n_layers)
-        return evict_to(index, k, v, valid)
+        if reuse_index is not None:
+            return evict_to(reuse_index, k, v, valid)
+        index, rank = self._select_ranked(q, k, valid, scale, layer, n_layers)
+        return evict_to(index, k, v, valid, slot_valid=rank < self.row_limits(valid, layer, n_layers)[:, None, None])
 
     # -- schedule: continuous policies only ---------------------------------
     def decode_length(self, total, new):
@@ -189,12 +209,14 @@ class Policy:
         return repr(self)
 
 
-def top_sorted(key: torch.Tensor, n) -> torch.Tensor:
+def top_sorted(key: torch.Tensor, n, ranked: bool = False):
     """The ``n`` best slots per row of key [..., S], in original order.
     A stable descending sort breaks ties by position, so the reference, the
-    compiled graph and any kernel agree on which slots survive."""
+    compiled graph and any kernel agree on which slots survive.
+    ``ranked``: also return each kept slot's rank (0 = best)."""
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
-    return order.sort(dim=-1).values
+    index, rank = order.sort(dim=-1)
+    return (index, rank) if ranked else index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,11 +299,18 @@ class TOVA(Policy):
         return score_kernels.window_attention(q, k, valid, scale, 1, 1)
 
     def step(self, q, k, v, slot_bias, slot_score, scale, layer=0, n_layers=1):
-        n = self.decode_length(k.shape[-2], q.shape[-2])
+        new = q.shape[-2]
+        n = self.decode_length(k.shape[-2], new)
+        invalid = slot_bias == float("-inf")
         attention = score_kernels.query_attention(q, k, slot_bias, scale)  # [B, Hkv, S]
-        index = top_sorted(attention.masked_fill(slot_bias == float("-inf"), float("-inf")), n)
-        return (gather_slots(k, index), gather_slots(v, index), slot_bias.gather(2, index),
-                slot_score.gather(2, index))
+        index, rank = top_sorted(attention.masked_fill(invalid, float("-inf")), n, ranked=True)
+        # Each row applies the rule to its own real slots, so a padded row
+        # evicts a real slot, not one of its invalid fillers, as it would alone.
+        real = (~invalid).sum(-1, keepdim=True)
+        cap = self.budget if isinstance(self.budget, int) else 0
+        target = torch.minimum(real, torch.clamp(real - new, min=cap))  # decode_length, per row
+        bias = slot_bias.gather(2, index).masked_fill(rank >= target, float("-inf"))
+        return gather_slots(k, index), gather_slots(v, index), bias, slot_score.gather(2, index)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,26 +92,31 @@ class KVMerger(Policy):
         score = column_sums(q, k, valid, scale)                       # accumulated attention [B, Hkv, S]
         if n >= s:
             return _identity(k, v, valid)
-        recent = math.ceil(self.recent * s)
-        protected_top = top_sorted(score.masked_fill(~valid[:, None], NEG_INF), math.ceil(self.protect_top * s))
-        protected = torch.zeros_like(score, dtype=torch.bool).scatter(2, protected_top, True)
-        protected |= score_kernels.protect(torch.zeros_like(score), valid, 0, recent) == float("inf")
+        # Counts per row come from its own real length, so a padded row merges as it would alone.
+        real = valid.sum(-1)[:, None, None]                           # [B, 1, 1]
+        recent = budget_tokens(float(self.recent), real)
+        protected_top, rank = top_sorted(score.masked_fill(~valid[:, None], NEG_INF),
+                                         math.ceil(self.protect_top * s), ranked=True)
+        own_top = rank < budget_tokens(float(self.protect_top), real)
+        protected = torch.zeros_like(score, dtype=torch.bool).scatter(2, protected_top, own_top)
+        protected |= score_kernels.protect(torch.zeros_like(score), valid, 0, recent[:, 0]) == float("inf")
         free = valid[:, None, :] & ~protected
         similar = adjacent_cosine(k)                                  # cos(k_i, k_{i-1})
         can_join = (similar > self.epsilon) & free & torch.nn.functional.pad(free[..., :-1], (1, 0))
         # Merge the strongest similarities first, exactly as many as the budget needs.
-        strongest = top_sorted(similar.masked_fill(~can_join, NEG_INF), s - n)
-        join = torch.zeros_like(can_join).scatter(2, strongest, True) & can_join
+        kept_rows = self.row_limits(valid, layer, n_layers)[:, None, None]
+        strongest, rank = top_sorted(similar.masked_fill(~can_join, NEG_INF), s - n, ranked=True)
+        join = torch.zeros_like(can_join).scatter(2, strongest, rank < real - kept_rows) & can_join
         seg = (~join).long().cumsum(-1) - 1                            # merging set of each token
         merged_k, merged_v, count, pivot = gaussian_merge(k, v, score, seg, s, self.sigma)
         # Rank sets: protected first, then by their pivot's attention, padding last.
         key = score.masked_fill(protected, float("inf")).masked_fill(~valid[:, None], LOWEST_REAL)
         set_key = torch.full_like(score, NEG_INF).scatter_reduce(2, seg, key, reduce="amax", include_self=True)
         set_valid = torch.zeros_like(score).scatter_reduce(2, seg, valid[:, None].expand_as(score).float(), "amax")
-        keep = top_sorted(set_key, n)                                  # set ids ascend with position
+        keep, rank = top_sorted(set_key, n, ranked=True)                # set ids ascend with position
         bias = _log_count(count) if self.count_bias else torch.zeros_like(count)
-        bias = bias.masked_fill(set_valid == 0, NEG_INF)
-        return Compressed(gather_slots(merged_k, keep), gather_slots(merged_v, keep), bias.gather(2, keep),
+        bias = bias.masked_fill(set_valid == 0, NEG_INF).gather(2, keep).masked_fill(rank >= kept_rows, NEG_INF)
+        return Compressed(gather_slots(merged_k, keep), gather_slots(merged_v, keep), bias,
                           torch.zeros(keep.shape, device=k.device), pivot.gather(2, keep))
 
 
@@ -136,6 +141,9 @@ class ChunkKV(Policy):
     reuse_every: int = 1
 
     needs_queries: ClassVar[bool] = True
+    # Chunks start at a row's first token, so rows of different real lengths
+    # need different kept counts than one rectangular cache can hold.
+    supports_padding: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,6 +160,10 @@ class ChunkKV(Policy):
 
     def reuse_source(self, layer: int) -> Optional[int]:
         return layer - layer % self.reuse_every if layer % self.reuse_every else None
+
+    def compress(self, q, k, v, valid, scale, layer=0, n_layers=1, reuse_index=None) -> Compressed:
+        index = reuse_index if reuse_index is not None else self.select(q, k, valid, scale, layer, n_layers)
+        return evict_to(index, k, v, valid)
 
     def select(self, q, k, valid, scale, layer=0, n_layers=1, score=None):
         b, hkv, s, _ = k.shape
@@ -216,11 +228,14 @@ class RazorAttention(Policy):
         recent = min(s, self.recent(s))
         if self.sinks + recent + 1 >= s:  # nothing would be dropped
             return _identity(k, v, valid)
-        keep = score_kernels.protect(torch.zeros(b, hkv, s, device=k.device), valid, self.sinks, recent)
+        # Each row's window is the budget of its own real tokens; a padded row's
+        # leftover slots are invalid and what they hold is compensated, as alone.
+        rows = torch.clamp(torch.as_tensor(budget_tokens(self.budget, valid.sum(-1, keepdim=True))), min=self.window)
+        keep = score_kernels.protect(torch.zeros(b, hkv, s, device=k.device), valid, self.sinks, rows)
+        protected = keep == float("inf")
         kept = top_sorted(keep, self.sinks + recent)                              # sinks + window
-        plain = evict_to(kept, k, v, valid)
-        kept_mask = torch.zeros(b, hkv, s, dtype=torch.bool, device=k.device).scatter(2, kept, True)
-        dropped = valid[:, None] & ~kept_mask
+        plain = evict_to(kept, k, v, valid, slot_valid=protected.gather(2, kept))
+        dropped = valid[:, None] & ~protected
         comp_k, comp_v, count = segment_mean(k, v, torch.where(dropped, 0, -1), 1)  # one compensation slot
         comp_bias = _log_count(count) if self.compensation_bias else torch.zeros_like(count)
         comp_bias = comp_bias.masked_fill(count == 0, NEG_INF)
@@ -294,9 +309,12 @@ class ZeroMerge(Policy):
         if n >= s:
             return _identity(k, v, valid, score)
         key = score_kernels.protect(score, valid, 0, self.window)
-        kept = top_sorted(key, n - self.residual)                                # top + tail
-        plain = evict_to(kept, k, v, valid, score)
-        kept_mask = torch.zeros_like(valid[:, None].expand(b, hkv, s)).scatter(2, kept, True)
+        kept, rank = top_sorted(key, n - self.residual, ranked=True)            # top + tail
+        # A padded row keeps top + tail for its own real length; its leftover
+        # slots are invalid and what they would hold is merged, as alone.
+        own = rank < (self.row_limits(valid) - self.residual)[:, None, None]
+        plain = evict_to(kept, k, v, valid, score, slot_valid=own)
+        kept_mask = torch.zeros_like(valid[:, None].expand(b, hkv, s)).scatter(2, kept, own)
         dropped = valid[:, None] & ~kept_mask
         rank = dropped.long().cumsum(-1) - 1
         group = torch.div(rank * self.residual, dropped.sum(-1, keepdim=True).clamp_min(1), rounding_mode="floor")
@@ -315,20 +333,31 @@ class ZeroMerge(Policy):
         total, new = k.shape[2], q.shape[2]
         attention = score_kernels.query_attention(q, k, slot_bias, scale)
         score = self.decay * slot_score + attention
-        for _ in range(total - self.decode_length(total, new)):
-            k, v, slot_bias, score = self._merge_one(k, v, slot_bias, score)
+        # Merges each row needs by its own count (a padded row's invalid
+        # fillers are not counted); the other removals drop a filler.
+        filler = (slot_bias == NEG_INF) & (torch.arange(total, device=k.device) >= self.residual)
+        real = total - filler.sum(-1, keepdim=True)
+        cap = self.budget if isinstance(self.budget, int) else 0
+        need = real - torch.minimum(real, torch.clamp(real - new, min=cap))
+        for i in range(total - self.decode_length(total, new)):
+            k, v, slot_bias, score = self._merge_one(k, v, slot_bias, score, need > i)
         return k.contiguous(), v.contiguous(), slot_bias.contiguous(), score.contiguous()
 
-    def _merge_one(self, k, v, bias, score):
-        """Fold the lowest-scored top slot into its most similar residual slot."""
+    def _merge_one(self, k, v, bias, score, merge):
+        """Fold the lowest-scored real top slot into its most similar residual
+        slot; rows where ``merge`` ([B, Hkv, 1]) is False drop their first
+        invalid filler slot instead."""
         b, hkv, s, d = k.shape
         r, tail = self.residual, self.window
         top = torch.arange(s, device=k.device)
         in_top = (top >= r) & (top < s - tail)          # after the oldest tail token graduated
-        low = score.masked_fill(~in_top, float("inf")).masked_fill(bias == NEG_INF, NEG_INF).argmin(-1, keepdim=True)
+        low = score.masked_fill(~in_top | (bias == NEG_INF), float("inf")).argmin(-1, keepdim=True)
+        filler = in_top & (bias == NEG_INF)
+        merge = merge | ~filler.any(-1, keepdim=True)
+        drop = torch.where(merge, low, filler.long().argmax(-1, keepdim=True))
         low_k = k.gather(2, low[..., None].expand(-1, -1, -1, d)).float()               # [B, Hkv, 1, D]
         low_v = v.gather(2, low[..., None].expand(-1, -1, -1, d)).float()
-        low_count = bias.gather(2, low).exp()                                           # 0 for padding
+        low_count = torch.where(merge, bias.gather(2, low).exp(), 0.0)                   # 0: nothing folded
         similar = torch.nn.functional.cosine_similarity(k[:, :, :r].float(), low_k, dim=-1)  # [B, Hkv, r]
         j = similar.argmax(-1, keepdim=True)
         res_count = bias[:, :, :r].gather(2, j).exp()
@@ -337,10 +366,11 @@ class ZeroMerge(Policy):
         res_v = v.gather(2, j[..., None].expand(-1, -1, -1, d)).float()
         new_k = ((res_count[..., None] * res_k + low_count[..., None] * low_k) / total[..., None]).to(k.dtype)
         new_v = ((res_count[..., None] * res_v + low_count[..., None] * low_v) / total[..., None]).to(v.dtype)
-        k = k.scatter(2, j[..., None].expand(-1, -1, -1, d), new_k)
-        v = v.scatter(2, j[..., None].expand(-1, -1, -1, d), new_v)
-        merged_count = res_count + low_count
-        bias = bias.scatter(2, j, _log_count(merged_count))
-        score = score.scatter(2, j, torch.maximum(score.gather(2, j), score.gather(2, low)))
-        keep = top_sorted(torch.zeros(b, hkv, s, device=k.device).scatter(2, low, NEG_INF), s - 1)
+        folded = merge[..., None]
+        k = k.scatter(2, j[..., None].expand(-1, -1, -1, d), torch.where(folded, new_k, res_k.to(k.dtype)))
+        v = v.scatter(2, j[..., None].expand(-1, -1, -1, d), torch.where(folded, new_v, res_v.to(v.dtype)))
+        bias = bias.scatter(2, j, torch.where(merge, _log_count(res_count + low_count), bias.gather(2, j)))
+        merged_score = torch.maximum(score.gather(2, j), score.gather(2, low))
+        score = score.scatter(2, j, torch.where(merge, merged_score, score.gather(2, j)))
+        keep = top_sorted(torch.zeros(b, hkv, s, device=k.device).scatter(2, drop, NEG_INF), s - 1)
         return gather_slots(k, keep), gather_slots(v, keep), bias.gather(2, keep), score.gather(2, keep)

@@ -289,6 +289,10 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             else:
                 site.k_past, site.k_new, site.k_out = cache["k_past"], cache["k_new"], cache["out"]
                 site.v_past, site.v_out = v_cache["k_past"], v_cache["out"]
+        if not site.reason and not isinstance(site.scale, (int, float)):
+            # torch.compile(dynamic=True) can trace a model's float attribute
+            # (Gemma's query_pre_attn_scalar) as a graph value, not a constant.
+            site.reason = "the softmax scale is a traced value, not a constant (compile without dynamic=True)"
         if not site.reason and site.heads is None:
             site.reason = "q/k are not 4-D [B, H, S, D]"
         if not site.reason and site.heads % site.kv_heads:

@@ -71,3 +71,38 @@ def test_explain_reports_each_site_and_the_bytes_held():
     assert "sliding-window layer" in text
     assert 0 < report.cache_bytes_kept < report.cache_bytes_full
     assert "kvfx.compress" in report.graph_code(0) and "kvfx" not in report.graph_code(0, after=False)
+
+
+def _greedy(model, ids, steps=5):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits), [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_set_policy_rewrites_again_without_tracing_and_equals_a_fresh_compile(inner):
+    model = tiny_model("llama")
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    first, second = kvfx.SnapKV(budget=0.5, window=8), kvfx.ZeroMerge(budget=0.25, window=8)
+    torch._dynamo.reset()
+    kvfx.compile(model, second, inner=inner)
+    expected = _greedy(model, ids)
+    kvfx.restore(model)
+    torch._dynamo.reset()
+    kvfx.compile(model, first, inner=inner)
+    before = _greedy(model, ids)
+    n_graphs = len(model._kvfx_backend.records)
+    kvfx.set_policy(model, second)
+    got = _greedy(model, ids)
+    assert len(model._kvfx_backend.records) == n_graphs  # no new trace
+    assert before[2] != got[2]  # the first policy's cache lengths differ, so the switch is visible
+    assert torch.equal(got[0], expected[0]) and got[2] == expected[2]
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-6)
+    kvfx.restore(model)
+
+
+def test_set_policy_needs_a_kvfx_model_and_a_policy():
+    with pytest.raises(TypeError, match="model must be a model compiled with kvfx.compile"):
+        kvfx.set_policy(nn.Linear(2, 2), kvfx.SnapKV())
+    with pytest.raises(TypeError, match="policy must be a kvfx policy"):
+        kvfx.backend(kvfx.SnapKV(), inner="eager").set_policy(0.3)

@@ -10,15 +10,70 @@ from kvfx.testing import cache_lengths, generate
 from kvfx.testing.zoo import tiny_model
 
 
-def test_beam_search_reorder_is_refused_with_a_clear_error():
+def test_beam_search_without_compression_equals_eager_beam_search():
     model = tiny_model("llama")
-    ids = torch.randint(2, 100, (1, 24))
-    kvfx.compile(model, kvfx.SnapKV(budget=0.5, window=4), inner="aot_eager")
+    ids = torch.randint(2, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+
+    def beams():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, num_beams=3,
+                              num_return_sequences=3, do_sample=False)
+
+    expected = beams()
+    kvfx.compile(model, kvfx.StreamingLLM(budget=1 << 20), inner="eager")
     try:
-        with pytest.raises(RuntimeError, match="reorder_cache.*beam search"):
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, num_beams=2, do_sample=False)
+        assert torch.equal(beams(), expected)
     finally:
         kvfx.restore(model)
+
+
+def _steps(model, ids, steps, edit=None):
+    """Prefill + greedy steps by hand; ``edit(cache)`` after the first step. Returns the logits of each step."""
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        logits = []
+        for step in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            if step == 1 and edit is not None:
+                nxt = edit(out.past_key_values, nxt)
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return logits
+
+
+POLICY = kvfx.ZeroMerge(budget=0.5, window=4)   # continuous: each row's slot counts and scores differ
+
+
+def test_state_follows_a_beam_reorder():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    kvfx.compile(model, POLICY, inner="eager")
+    try:
+        swap = torch.tensor([1, 0])
+        reordered = _steps(model, ids, 4, edit=lambda cache, nxt: (cache.reorder_cache(swap), nxt[swap])[1])
+        swapped = _steps(model, ids[swap], 4)
+    finally:
+        kvfx.restore(model)
+    for got, want in zip(reordered[1:], swapped[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_state_follows_batch_select_and_crop_is_refused():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (2, 24), generator=torch.Generator().manual_seed(2))
+    kvfx.compile(model, POLICY, inner="eager")
+    try:
+        keep = torch.tensor([1])
+        selected = _steps(model, ids, 4, edit=lambda cache, nxt: (cache.batch_select_indices(keep), nxt[keep])[1])
+        alone = _steps(model, ids[1:], 4)
+        with pytest.raises(ValueError, match=r"crop\(\) on a compressed cache"):
+            _steps(model, ids, 3, edit=lambda cache, nxt: (cache.crop(-1), nxt)[1])
+        with pytest.raises(RuntimeError, match="changed outside the compiled graph"):   # any other edit
+            _steps(model, ids, 3, edit=lambda cache, nxt: (setattr(cache.layers[0], "keys",
+                                                                     cache.layers[0].keys.clone()), nxt)[1])
+    finally:
+        kvfx.restore(model)
+    for got, want in zip(selected[1:], alone[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -114,3 +169,20 @@ def test_runtime_keeps_no_reference_to_a_dropped_cache():
     gc.collect()
     assert keys() is None and bias() is None, "kvfx kept a dropped cache alive"
     kvfx.restore(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_generation_matches_cpu(dtype):
+    """The same policy on CUDA (Triton kernels, the default there) keeps the same cache and greedy tokens as on CPU."""
+    policy = kvfx.SnapKV(budget=0.5, window=4)
+    ids = torch.randint(2, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_model("llama", dtype=dtype).to(device)
+        runs[device] = generate(model, ids.to(device), policy=policy, steps=8)
+    assert torch.equal(runs["cuda"].tokens.cpu(), runs["cpu"].tokens)
+    assert cache_lengths(runs["cuda"].cache) == cache_lengths(runs["cpu"].cache)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    for got, want in zip(runs["cuda"].logits, runs["cpu"].logits):
+        torch.testing.assert_close(got.float().cpu(), want.float(), rtol=tol, atol=tol)

@@ -1,0 +1,154 @@
+"""What quality.py and speed.py share: loading a model, the policy grid, cache
+bytes, timing, and writing JSON, markdown and the generated parts of docs/results.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import kvfx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+RESULTS_DOC = ROOT / "docs" / "results.md"
+REAL_MODELS = ("gemma3-270m", "smollm2-135m")
+QUICK_MODEL = "llama"  # a kvfx.testing.zoo entry: random weights, byte tokenizer
+BUDGETS = (0.5, 0.35, 0.2, 0.1, 0.05)
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for the tiny random zoo models (vocab 128): one token per ASCII byte."""
+
+    bos_token = None
+    chat_template = None
+    eos_token_id = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True, return_tensors: str = "pt"):
+        ids = [min(b, 127) for b in text.encode("ascii", "replace")]
+        return {"input_ids": torch.tensor([ids])}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) for i in ids).decode("ascii", "replace")
+
+
+def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
+    """(model, tokenizer, one-line description) for a kvfx.models name, a local folder or GGUF, or a zoo name."""
+    from kvfx.testing import zoo
+
+    if name in zoo.ZOO:
+        model = zoo.tiny_model(name, dtype=dtype)
+        return model, ByteTokenizer(), f"{name}: tiny random kvfx.testing.zoo model (answers are noise)"
+    from kvfx.models import load_model
+
+    return load_model(name, dtype=dtype)
+
+
+def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads: tuple = ()) -> dict[str, kvfx.Policy]:
+    """Each preset at ``budget``, its always-kept tokens (sinks, window) shrunk so
+    they fit in the budget of the shortest prompt: a 256-token window would
+    otherwise hold a 5% budget at 25% of a 1k prompt."""
+    tokens = max(2, int(budget * shortest))
+    grid = {}
+    for name in names:
+        defaults = kvfx.PRESETS[name]()
+        fields: dict[str, Any] = {"budget": budget, "sinks": min(defaults.sinks, tokens // 8),
+                                  "window": max(1, min(defaults.window, tokens // 2)) if defaults.window else 0}
+        if name == "RazorAttention":
+            fields["retrieval_heads"] = tuple(retrieval_heads)
+        grid[name] = type(defaults)(**fields)
+    return grid
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every key and value tensor a transformers cache holds."""
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# Prompts of several lengths, decode steps, multi-token continuations and (Gemma) sliding-window
+# layers filling up each add graph variants: allow more of them than dynamo's default 8, past
+# which it would run the model's own forward, uncompressed. (dynamic=True would need fewer, but
+# traces Gemma's attention scale as a value, which kvfx cannot rewrite.)
+COMPILE_OPTIONS: dict = {}
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def fresh_compile(model, policy: kvfx.Policy, inner: str) -> None:
+    torch._dynamo.reset()
+    kvfx.restore(model)
+    kvfx.compile(model, policy, inner=inner, **COMPILE_OPTIONS)
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "kvfx_commit": _commit()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    return info
+
+
+def _commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def update_doc(section: str, text: str, doc: Path = RESULTS_DOC) -> bool:
+    """Replace the block between ``<!-- {section}:begin -->`` and ``<!-- {section}:end -->``
+    in docs/results.md, so every table there comes from a run. False when the markers are absent."""
+    if not doc.is_file():
+        return False
+    content = doc.read_text()
+    pattern = re.compile(rf"(<!-- {section}:begin -->\n).*?(<!-- {section}:end -->)", re.S)
+    if not pattern.search(content):
+        return False
+    doc.write_text(pattern.sub(lambda m: m.group(1) + text.rstrip() + "\n" + m.group(2), content))
+    return True
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

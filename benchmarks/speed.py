@@ -1,0 +1,427 @@
+"""What compression costs or saves in time and memory, as ratios to the full cache measured in the same run.
+
+    python benchmarks/speed.py                 # CPU: Gemma-3-270M and SmolLM2-135M, 1k and 2k tokens
+    python benchmarks/speed.py --quick         # a tiny random model: checks the script runs
+    python benchmarks/speed.py --llama7b       # CUDA: a Llama-7B-shaped model with random bf16 weights, 8k and 32k
+
+Per model, policy and context length: prefill time, decode time per token, KV bytes held after the
+prompt and after decoding, peak memory (CPU: the process's peak resident set, reset before each
+measurement; CUDA: torch.cuda.max_memory_allocated), compile time and the number of graphs. The
+full cache is the same model compiled with the same inner compiler but without kvfx, so each ratio
+isolates what kvfx adds. Compile time = the first pass over every shape (tracing and compiling)
+minus the same pass once warm. Writes ``speed.json``, ``speed.md`` and ``speed.png`` to ``--out``
+(default docs/results/) and refreshes the tables in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import kvfx  # noqa: E402
+
+FULL = "full cache"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...]
+    policies: tuple[str, ...]
+    budgets: tuple[float, ...]
+    contexts: tuple[int, ...]
+    decode_tokens: int
+    repeats: int
+    inner: str
+    batch: int = 1
+    dtype: str = "float32"
+
+
+# -- memory -------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's allocator peak, or on CPU the process's resident-set
+    high-water mark (Linux VmHWM), reset by writing 5 to /proc/self/clear_refs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            _reset_hwm()
+            self.base = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = _status_kib("VmHWM") * 1024 - self.base
+
+
+def _reset_hwm() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _status_kib(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# -- one measurement ------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generate_once(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, float]:
+    """Prefill ``ids`` then decode greedily; times, cache bytes and peak memory."""
+    device = ids.device
+    with PeakMemory(device) as memory:
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        prefill = time.perf_counter() - start
+        held_prompt = common.cache_bytes(out.past_key_values)
+        nxt = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode = time.perf_counter() - start
+        held_end = common.cache_bytes(out.past_key_values)
+    del out
+    return {"prefill_s": prefill, "decode_s_per_token": decode / max(decode_tokens, 1), "kv_bytes_prompt": held_prompt,
+            "kv_bytes_end": held_end, "peak_bytes": memory.peak}
+
+
+class GraphCounter:
+    """An inner backend that counts the graphs it compiles (for the full-cache baseline)."""
+
+    def __init__(self, inner: str) -> None:
+        self.inner, self.graphs = inner, 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        if self.inner == "eager":
+            return gm.forward
+        if self.inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
+
+
+def install(model, policy: Optional[kvfx.Policy], inner: str) -> Any:
+    """Compile ``model`` afresh: kvfx with ``policy``, or plain torch.compile for the full cache."""
+    torch._dynamo.reset()
+    kvfx.restore(model)
+    if policy is None:
+        counter = GraphCounter(inner)
+        model._kvfx_original_forward = model.forward
+        model.forward = torch.compile(model.forward, backend=counter, **common.COMPILE_OPTIONS)
+        return counter
+    kvfx.compile(model, policy, inner=inner, **common.COMPILE_OPTIONS)
+    return model._kvfx_backend
+
+
+def graphs_of(handle) -> int:
+    return handle.graphs if isinstance(handle, GraphCounter) else len(handle.records)
+
+
+def measure(model, policy: Optional[kvfx.Policy], prompts: dict[int, torch.Tensor], settings: Settings) -> dict[str, Any]:
+    """Compile, warm up over every context (this compiles every shape), then time each context."""
+    handle = install(model, policy, settings.inner)
+    first = time.perf_counter()
+    for ids in prompts.values():
+        generate_once(model, ids, 2)
+    first = time.perf_counter() - first
+    warm = time.perf_counter()
+    for ids in prompts.values():
+        generate_once(model, ids, 2)
+    warm = time.perf_counter() - warm
+    by_context = {}
+    for length, ids in prompts.items():
+        runs = [generate_once(model, ids, settings.decode_tokens) for _ in range(settings.repeats)]
+        by_context[str(length)] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    result = {"compile_s": max(first - warm, 0.0), "graphs": graphs_of(handle), "contexts": by_context}
+    kvfx.restore(model)
+    torch._dynamo.reset()
+    return result
+
+
+# -- runs ------------------------------------------------------------------------
+
+def make_prompts(model, contexts, batch: int, device, seed: int = 0) -> dict[int, torch.Tensor]:
+    """Random token ids: time and memory do not depend on what the tokens say."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    return {n: torch.randint(3, vocab, (batch, n), generator=gen).to(device) for n in contexts}
+
+
+def run_model(name: str, settings: Settings, model=None, description: str = "") -> dict[str, Any]:
+    dtype = getattr(torch, settings.dtype)
+    if model is None:
+        model, _, description = common.load(name, dtype=dtype)
+    device = next(model.parameters()).device
+    common.progress(f"[speed] {description}")
+    prompts = make_prompts(model, settings.contexts, settings.batch, device)
+    rows = {FULL: measure(model, None, prompts, settings)}
+    common.progress(f"[speed] {name} {FULL}: {_summary(rows[FULL])}")
+    for budget in settings.budgets:
+        for pname, policy in common.policy_grid(list(settings.policies), budget, min(settings.contexts)).items():
+            row = measure(model, policy, prompts, settings)
+            row.update(policy=pname, budget=budget, spec=repr(policy))
+            rows[f"{pname}@{budget:g}"] = row
+            common.progress(f"[speed] {name} {policy!r}: {_summary(row)}")
+    _add_ratios(rows)
+    return {"description": description, "device": str(device), "rows": rows}
+
+
+def _summary(row: dict[str, Any]) -> str:
+    parts = [f"compile {row['compile_s']:.1f}s, {row['graphs']} graphs"]
+    for n, c in row["contexts"].items():
+        parts.append(f"{n}: prefill {c['prefill_s']:.2f}s, decode {1000 * c['decode_s_per_token']:.1f}ms/token, "
+                     f"KV {c['kv_bytes_prompt'] / 2**20:.1f}MiB, peak {c['peak_bytes'] / 2**20:.0f}MiB")
+    return "; ".join(parts)
+
+
+def _add_ratios(rows: dict[str, dict[str, Any]]) -> None:
+    full = rows[FULL]
+    for row in rows.values():
+        row["compile_ratio"] = row["compile_s"] / full["compile_s"] if full["compile_s"] > 0 else None
+        for n, c in row["contexts"].items():
+            base = full["contexts"][n]
+            c["ratio"] = {key: (c[key] / base[key] if base[key] else None)
+                          for key in ("prefill_s", "decode_s_per_token", "kv_bytes_prompt", "kv_bytes_end", "peak_bytes")}
+
+
+# -- Llama-7B on CUDA ------------------------------------------------------------
+
+def llama7b(device: torch.device, small: bool = False):
+    """A Llama-2-7B-shaped model with random bf16 weights (``small``: the same code on a toy shape)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=32768 + 1024)
+    if small:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=128, max_position_embeddings=4096)
+    config = LlamaConfig(**shape, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in bf16 on the GPU: a float32 7B would need 27 GB first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def largest_batch(model, policy: Optional[kvfx.Policy], length: int, inner: str, limit: int = 256) -> int:
+    """Largest batch whose prefill plus 8 decode steps fits on the GPU (doubling, then bisecting)."""
+    install(model, policy, inner)
+    device = next(model.parameters()).device
+
+    def fits(batch: int) -> bool:
+        try:
+            generate_once(model, make_prompts(model, (length,), batch, device)[length], 8)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    good, bad = 0, None
+    batch = 1
+    while batch <= limit and fits(batch):
+        good, batch = batch, batch * 2
+    bad = min(batch, limit + 1)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    kvfx.restore(model)
+    torch._dynamo.reset()
+    return good
+
+
+def run_llama7b(settings: Settings, small: bool = False) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = llama7b(device, small=small)
+    data = run_model("llama-7b-shaped", settings, model=model,
+                     description="Llama-2-7B-shaped (32 layers, 32 heads of 128, random bf16 weights)"
+                     if not small else "toy Llama shape (the --llama7b code path on CPU)")
+    if device.type == "cuda":
+        longest = max(settings.contexts)
+        data["largest_batch"] = {FULL: largest_batch(model, None, longest, settings.inner)}
+        for budget in settings.budgets:
+            for pname, policy in common.policy_grid(list(settings.policies), budget, longest).items():
+                data["largest_batch"][f"{pname}@{budget:g}"] = largest_batch(model, policy, longest, settings.inner)
+        data["largest_batch_context"] = longest
+    return data
+
+
+# -- reporting -----------------------------------------------------------------------
+
+def _ratio(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.2f}×"
+
+
+def tables(data: dict[str, Any]) -> str:
+    parts = []
+    for name, m in data["models"].items():
+        rows = m["rows"]
+        for n in next(iter(rows.values()))["contexts"]:
+            full = rows[FULL]["contexts"][n]
+            header = ["policy", "prefill", "decode / token", "KV after prompt", "KV after decode", "peak memory",
+                      "compile", "graphs"]
+            table = [[FULL, f"{full['prefill_s']:.2f} s", f"{1000 * full['decode_s_per_token']:.1f} ms",
+                      f"{full['kv_bytes_prompt'] / 2**20:.1f} MiB", f"{full['kv_bytes_end'] / 2**20:.1f} MiB",
+                      f"{full['peak_bytes'] / 2**20:.0f} MiB", f"{rows[FULL]['compile_s']:.1f} s", rows[FULL]["graphs"]]]
+            for key, row in rows.items():
+                if key == FULL:
+                    continue
+                c = row["contexts"][n]["ratio"]
+                table.append([key.replace("@", " @ "), _ratio(c["prefill_s"]), _ratio(c["decode_s_per_token"]),
+                              _ratio(c["kv_bytes_prompt"]), _ratio(c["kv_bytes_end"]), _ratio(c["peak_bytes"]),
+                              _ratio(row["compile_ratio"]), row["graphs"]])
+            parts.append(f"### {name}, {n} tokens\n\n{m['description']} on {m['device']}. First row: the full "
+                         "cache's absolute numbers; other rows: ratios to it (below 1× = less time or memory).\n\n"
+                         + common.markdown_table(header, table) + "\n")
+        if "largest_batch" in m:
+            parts.append(f"Largest batch that fits at {m['largest_batch_context']} tokens:\n\n"
+                         + common.markdown_table(["policy", "batch"], [[k, v] for k, v in m["largest_batch"].items()]) + "\n")
+    parts.append("![speed](results/speed.png)\n")
+    return "\n".join(parts)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(data["models"])
+    metrics = (("prefill_s", "prefill time"), ("decode_s_per_token", "decode time per token"),
+               ("kv_bytes_prompt", "KV bytes after prompt"))
+    fig, axes = plt.subplots(len(models), len(metrics), figsize=(15, 0.6 + 3.8 * len(models)), squeeze=False)
+    for r, name in enumerate(models):
+        rows = {k: v for k, v in data["models"][name]["rows"].items() if k != FULL}
+        contexts = list(data["models"][name]["rows"][FULL]["contexts"])
+        labels = [k.replace("@", " @ ") for k in rows]
+        width = 0.8 / len(contexts)
+        for c_i, (metric, title) in enumerate(metrics):
+            ax = axes[r][c_i]
+            for j, n in enumerate(contexts):
+                values = [row["contexts"][n]["ratio"][metric] or 0 for row in rows.values()]
+                ax.barh([i + j * width for i in range(len(rows))], values, height=width, label=f"{n} tokens")
+            ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+            ax.set_yticks([i + width * (len(contexts) - 1) / 2 for i in range(len(rows))])
+            ax.set_yticklabels(labels if c_i == 0 else [], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{name}: {title}\n(ratio to full cache)", fontsize=10)
+            ax.grid(axis="x", alpha=0.3)
+        axes[r][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- command line -----------------------------------------------------------------------
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    return parse
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model, short contexts (a smoke run)")
+    parser.add_argument("--llama7b", action="store_true", help="the Llama-7B-shaped bf16 model on CUDA at 8k and 32k")
+    parser.add_argument("--models", type=_list(str), help=f"comma-separated; default {','.join(common.REAL_MODELS)}")
+    parser.add_argument("--policies", type=_list(str), default=list(kvfx.PRESETS), help="comma-separated presets")
+    parser.add_argument("--budgets", type=_list(float), help="comma-separated fractions in (0, 1); default 0.35")
+    parser.add_argument("--contexts", type=_list(int), help="prompt lengths in tokens; default 1024,2048")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--inner", default="aot_eager", choices=("eager", "aot_eager", "inductor"))
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    args = parser.parse_args(argv)
+    for p in args.policies:
+        if p not in kvfx.PRESETS:
+            parser.error(f"--policies: {p!r} is not a preset; presets are: {', '.join(kvfx.PRESETS)}")
+    for b in args.budgets or ():
+        if not 0 < b < 1:
+            parser.error(f"--budgets: {b} is not a fraction in (0, 1)")
+    if args.llama7b and not torch.cuda.is_available() and not args.quick:
+        parser.error("--llama7b needs a CUDA GPU (add --quick to run its code path on a toy shape on CPU)")
+    if args.llama7b:
+        settings = Settings(models=("llama-7b-shaped",), policies=tuple(args.policies),
+                            budgets=tuple(args.budgets or (0.35, 0.05)), contexts=tuple(args.contexts or (8192, 32768)),
+                            decode_tokens=args.decode_tokens, repeats=args.repeats, inner=args.inner, dtype="bfloat16")
+        if args.quick:
+            settings = dataclasses.replace(settings, contexts=(64, 128), decode_tokens=4, repeats=1, dtype="float32")
+    elif args.quick:
+        settings = Settings(models=tuple(args.models or [common.QUICK_MODEL]), policies=tuple(args.policies),
+                            budgets=tuple(args.budgets or (0.35,)), contexts=tuple(args.contexts or (64, 128)),
+                            decode_tokens=4, repeats=1, inner=args.inner)
+    else:
+        settings = Settings(models=tuple(args.models or common.REAL_MODELS), policies=tuple(args.policies),
+                            budgets=tuple(args.budgets or (0.35,)), contexts=tuple(args.contexts or (1024, 2048)),
+                            decode_tokens=args.decode_tokens, repeats=args.repeats, inner=args.inner)
+    started = time.perf_counter()
+    data: dict[str, Any] = {"settings": dataclasses.asdict(settings), "machine": common.machine(), "models": {}}
+    if args.llama7b:
+        data["models"]["llama-7b-shaped"] = run_llama7b(settings, small=args.quick)
+    else:
+        for name in settings.models:
+            data["models"][name] = run_model(name, settings)
+    data["seconds"] = round(time.perf_counter() - started, 1)
+    stem = "speed_llama7b" if args.llama7b else "speed"
+    args.out.mkdir(parents=True, exist_ok=True)
+    common.write_json(args.out / f"{stem}.json", data)
+    text = tables(data).replace("results/speed.png", f"results/{stem}.png")
+    (args.out / f"{stem}.md").write_text(text)
+    plot(data, args.out / f"{stem}.png")
+    if args.out.resolve() == common.RESULTS.resolve() and not args.quick:
+        common.update_doc(stem, text)
+    common.progress(f"[speed] done in {data['seconds']:.0f}s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

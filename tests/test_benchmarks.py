@@ -1,0 +1,69 @@
+"""The benchmark scripts run end to end in --quick mode on a tiny random model
+and write what docs/results.md is built from. (No timing is asserted here.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(script: str, out: Path, *args: str) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / script.replace(".py", ".json")).read_text())
+
+
+def test_quality_quick_writes_json_table_and_plot(tmp_path):
+    data = _run("quality.py", tmp_path, "--policies", "SnapKV,PyramidKV,ZeroMerge", "--budgets", "0.5,0.25")
+    model = data["models"]["llama"]
+    full = model["full"]
+    assert full["asked"] == len(model["prompts"]) == 6 and 0 <= full["accuracy"] <= 1
+    rows = {(r["policy"], r["budget"]): r for r in model["results"]}
+    assert set(rows) == {(p, b) for p in ("SnapKV", "PyramidKV", "ZeroMerge") for b in (0.5, 0.25)}
+    for (policy, budget), r in rows.items():
+        assert r["asked"] == full["asked"] and r["loss_delta"] == pytest.approx(r["loss"] - full["loss"])
+    # uniform budgets hold their fraction of the cache (within a token of rounding per prompt)
+    assert rows[("SnapKV", 0.25)]["kv_fraction"] == pytest.approx(0.25, abs=0.03)
+    assert rows[("SnapKV", 0.5)]["kv_fraction"] == pytest.approx(0.5, abs=0.03)
+    table = (tmp_path / "quality.md").read_text()
+    assert "| SnapKV |" in table and "Full cache:" in table
+    assert (tmp_path / "quality_llama.png").read_bytes()[:8] == PNG
+
+
+def test_speed_quick_reports_ratios_to_the_full_cache(tmp_path):
+    data = _run("speed.py", tmp_path, "--policies", "SnapKV", "--budgets", "0.25")
+    rows = data["models"]["llama"]["rows"]
+    assert set(rows) == {"full cache", "SnapKV@0.25"}
+    row = rows["SnapKV@0.25"]
+    for n, context in row["contexts"].items():
+        full = rows["full cache"]["contexts"][n]
+        assert context["ratio"]["kv_bytes_prompt"] == pytest.approx(context["kv_bytes_prompt"] / full["kv_bytes_prompt"])
+        assert context["ratio"]["kv_bytes_prompt"] == pytest.approx(0.25, abs=0.02)
+        assert context["kv_bytes_end"] < full["kv_bytes_end"]
+    assert 1 <= row["graphs"] <= 4 and row["compile_s"] >= 0
+    assert "| full cache |" in (tmp_path / "speed.md").read_text()
+    assert (tmp_path / "speed.png").read_bytes()[:8] == PNG
+
+
+def test_results_doc_blocks_are_replaced_between_markers(tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n<!-- quality:begin -->\nold\n<!-- quality:end -->\nafter\n")
+    assert common.update_doc("quality", "new table\n", doc)
+    assert doc.read_text() == "intro\n<!-- quality:begin -->\nnew table\n<!-- quality:end -->\nafter\n"
+    assert not common.update_doc("speed", "x", doc)
+
+
+def test_policy_grid_fits_the_always_kept_tokens_in_the_budget():
+    grid = common.policy_grid(["SnapKV", "RazorAttention", "StreamingLLM"], 0.05, 512, ((1, 0),))
+    for policy in grid.values():
+        assert policy.sinks + policy.window <= int(0.05 * 512)
+    assert grid["RazorAttention"].retrieval_heads == ((1, 0),)
