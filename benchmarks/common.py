@@ -3,6 +3,7 @@ bytes, timing, and writing JSON, markdown and the generated parts of docs/result
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -152,3 +153,31 @@ def update_doc(section: str, text: str, doc: Path = RESULTS_DOC) -> bool:
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def list_of(kind):
+    """An argparse type: comma-separated values of ``kind``."""
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    return parse
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inner: str) -> None:
+    """The options quality.py and speed.py share."""
+    parser.add_argument("--models", type=list_of(str), help=f"comma-separated; default {','.join(REAL_MODELS)}")
+    parser.add_argument("--policies", type=list_of(str), default=list(kvfx.PRESETS), help="comma-separated presets")
+    parser.add_argument("--budgets", type=list_of(float), help=budgets_help)
+    parser.add_argument("--inner", default=inner, choices=("eager", "aot_eager", "inductor"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    for p in args.policies:
+        if p not in kvfx.PRESETS:
+            parser.error(f"--policies: {p!r} is not a preset; presets are: {', '.join(kvfx.PRESETS)}")
+    for b in args.budgets or ():
+        if not 0 < b < 1:
+            parser.error(f"--budgets: {b} is not a fraction in (0, 1)")

@@ -374,34 +374,16 @@ def settings_from(args) -> Settings:
                     inner=args.inner)
 
 
-def _list(kind):
-    def parse(text: str):
-        try:
-            return [kind(x) for x in text.split(",") if x]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-    return parse
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model, two budgets (a smoke run)")
-    parser.add_argument("--models", type=_list(str), help=f"comma-separated; default {','.join(common.REAL_MODELS)}")
-    parser.add_argument("--policies", type=_list(str), default=list(kvfx.PRESETS), help="comma-separated presets")
-    parser.add_argument("--budgets", type=_list(float), help="comma-separated fractions in (0, 1)")
-    parser.add_argument("--lengths", type=_list(int), default=[512, 1024], help="prompt lengths in tokens")
+    common.add_common_arguments(parser, "comma-separated fractions in (0, 1)", "eager")
+    parser.add_argument("--lengths", type=common.list_of(int), default=[512, 1024], help="prompt lengths in tokens")
     parser.add_argument("--loss-context", type=int, default=1024)
     parser.add_argument("--loss-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--inner", default="eager", choices=("eager", "aot_eager", "inductor"))
-    parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args(argv)
-    for p in args.policies:
-        if p not in kvfx.PRESETS:
-            parser.error(f"--policies: {p!r} is not a preset; presets are: {', '.join(kvfx.PRESETS)}")
-    for b in args.budgets or ():
-        if not 0 < b < 1:
-            parser.error(f"--budgets: {b} is not a fraction in (0, 1)")
+    common.check_arguments(parser, args)
     settings = settings_from(args)
     torch.manual_seed(settings.seed)
     started = time.perf_counter()

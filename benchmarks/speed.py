@@ -359,34 +359,16 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
 # -- command line -----------------------------------------------------------------------
 
-def _list(kind):
-    def parse(text: str):
-        try:
-            return [kind(x) for x in text.split(",") if x]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-    return parse
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model, short contexts (a smoke run)")
     parser.add_argument("--llama7b", action="store_true", help="the Llama-7B-shaped bf16 model on CUDA at 8k and 32k")
-    parser.add_argument("--models", type=_list(str), help=f"comma-separated; default {','.join(common.REAL_MODELS)}")
-    parser.add_argument("--policies", type=_list(str), default=list(kvfx.PRESETS), help="comma-separated presets")
-    parser.add_argument("--budgets", type=_list(float), help="comma-separated fractions in (0, 1); default 0.35")
-    parser.add_argument("--contexts", type=_list(int), help="prompt lengths in tokens; default 1024,2048")
+    common.add_common_arguments(parser, "comma-separated fractions in (0, 1); default 0.35", "aot_eager")
+    parser.add_argument("--contexts", type=common.list_of(int), help="prompt lengths in tokens; default 1024,2048")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--inner", default="aot_eager", choices=("eager", "aot_eager", "inductor"))
-    parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args(argv)
-    for p in args.policies:
-        if p not in kvfx.PRESETS:
-            parser.error(f"--policies: {p!r} is not a preset; presets are: {', '.join(kvfx.PRESETS)}")
-    for b in args.budgets or ():
-        if not 0 < b < 1:
-            parser.error(f"--budgets: {b} is not a fraction in (0, 1)")
+    common.check_arguments(parser, args)
     if args.llama7b and not torch.cuda.is_available() and not args.quick:
         parser.error("--llama7b needs a CUDA GPU (add --quick to run its code path on a toy shape on CPU)")
     if args.llama7b:

@@ -198,6 +198,8 @@ class Policy:
         """Slots kept after a decode step that brought ``total`` slots
         (``new`` of them new): grow until the token budget, then stay."""
         cap = self.budget if isinstance(self.budget, int) else 0
+        if isinstance(total, torch.Tensor):  # per row: a padded row's count of its real slots
+            return torch.minimum(total, torch.clamp(total - new, min=cap))
         return smin(total, smax(total - new, cap))
 
     def step(self, q, k, v, slot_bias, slot_score, scale, layer: int = 0, n_layers: int = 1):
@@ -307,9 +309,7 @@ class TOVA(Policy):
         # Each row applies the rule to its own real slots, so a padded row
         # evicts a real slot, not one of its invalid fillers, as it would alone.
         real = (~invalid).sum(-1, keepdim=True)
-        cap = self.budget if isinstance(self.budget, int) else 0
-        target = torch.minimum(real, torch.clamp(real - new, min=cap))  # decode_length, per row
-        bias = slot_bias.gather(2, index).masked_fill(rank >= target, float("-inf"))
+        bias = slot_bias.gather(2, index).masked_fill(rank >= self.decode_length(real, new), float("-inf"))
         return gather_slots(k, index), gather_slots(v, index), bias, slot_score.gather(2, index)
 
 

@@ -337,8 +337,7 @@ class ZeroMerge(Policy):
         # fillers are not counted); the other removals drop a filler.
         filler = (slot_bias == NEG_INF) & (torch.arange(total, device=k.device) >= self.residual)
         real = total - filler.sum(-1, keepdim=True)
-        cap = self.budget if isinstance(self.budget, int) else 0
-        need = real - torch.minimum(real, torch.clamp(real - new, min=cap))
+        need = real - self.decode_length(real, new)
         for i in range(total - self.decode_length(total, new)):
             k, v, slot_bias, score = self._merge_one(k, v, slot_bias, score, need > i)
         return k.contiguous(), v.contiguous(), slot_bias.contiguous(), score.contiguous()
