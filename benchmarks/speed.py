@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import kvfx  # noqa: E402
+from kvfx.api import compile_inner  # noqa: E402
 
 FULL = "full cache"
 
@@ -138,13 +139,7 @@ class GraphCounter:
 
     def __call__(self, gm, example_inputs):
         self.graphs += 1
-        if self.inner == "eager":
-            return gm.forward
-        if self.inner == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-
-            return compile_fx(gm, example_inputs)
-        return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
+        return compile_inner(self.inner, gm, example_inputs)
 
 
 def install(model, policy: Optional[kvfx.Policy], inner: str) -> Any:

@@ -84,6 +84,19 @@ class _Rewritable:
     runner: StatefulGraph
 
 
+def compile_inner(inner: Union[str, Callable], gm: fx.GraphModule, example_inputs):
+    """Compile ``gm`` with ``inner``: one of INNER_BACKENDS or a callable backend."""
+    if callable(inner):
+        return inner(gm, example_inputs)
+    if inner == "eager":
+        return gm.forward
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+    return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
+
+
 class Backend:
     """A torch.compile backend: rewrite attention + KV cache for ``policy``,
     then hand the graph to ``inner``. ``records`` lists every graph compiled."""
@@ -106,15 +119,7 @@ class Backend:
         return f"kvfx.backend(policy={self.policy!r}, inner={self.inner!r})"
 
     def _inner(self, gm: fx.GraphModule, example_inputs):
-        if callable(self.inner):
-            return self.inner(gm, example_inputs)
-        if self.inner == "eager":
-            return gm.forward
-        if self.inner == "inductor":
-            from torch._inductor.compile_fx import compile_fx
-
-            return compile_fx(gm, example_inputs)
-        return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
+        return compile_inner(self.inner, gm, example_inputs)
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         before = _private_copy(gm)
