@@ -18,12 +18,26 @@ def column_sums_reference(
     """
     b, h, sq, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    logits = q.float() @ repeat_kv(k.float(), h // hkv).transpose(-1, -2) * scale  # [B, H, Sq, S]
-    query_pos = torch.arange(s - sq, s, device=k.device)[:, None]
-    visible = (torch.arange(s, device=k.device)[None, :] <= query_pos) & valid[:, None, None, :]
-    probs = logits.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)
-    weights = decay ** torch.arange(sq - 1, -1, -1, device=k.device, dtype=torch.float32)  # [Sq]
-    score = (probs * weights[:, None]).sum(dim=-2)  # [B, H, S]
+    keys = repeat_kv(k.float(), h // hkv).transpose(-1, -2)  # [B, H, D, S]
+    key_pos = torch.arange(s, device=k.device)
+    # A query that sees no real key (left padding) contributes nothing: weight 0.
+    sees_any = valid.cumsum(-1)[:, s - sq:] > 0  # [B, Sq]
+    weights = decay ** torch.arange(sq - 1, -1, -1, device=k.device, dtype=torch.float32) * sees_any
+    score = q.new_zeros(b, h, 1, s, dtype=torch.float32)
+    # Query chunks keep the [B, H, rows, S] temporaries small: a whole-prompt
+    # matrix (150 MB at 2k tokens) is mmap'd and zero-filled afresh on every call.
+    rows = max(1, (1 << 21) // max(b * h * s, 1))
+    for lo in range(0, sq, rows):
+        hi = min(lo + rows, sq)
+        query_pos = key_pos[s - sq + lo:s - sq + hi, None]
+        visible = (key_pos[None, :] <= query_pos) & valid[:, None, None, :]
+        # A finite floor instead of -inf: a query that sees a real key has a
+        # finite max, so the floor's exp is exactly 0 (and no row is all -inf).
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=k.device).masked_fill_(
+            ~visible, torch.finfo(torch.float32).min)
+        logits = torch.matmul(q[:, :, lo:hi].float(), keys).mul_(scale).add_(bias)  # [B, H, rows, S]
+        probs = logits.softmax(-1)
+        score += torch.matmul(weights[:, None, None, lo:hi], probs)
     return score.view(b, hkv, h // hkv, s).sum(dim=2)
 
 
