@@ -380,7 +380,7 @@ def main(argv=None) -> int:
     common.add_common_arguments(parser, "comma-separated fractions in (0, 1)", "eager")
     parser.add_argument("--lengths", type=common.list_of(int), default=[512, 1024], help="prompt lengths in tokens")
     parser.add_argument("--loss-context", type=int, default=1024)
-    parser.add_argument("--loss-tokens", type=int, default=128)
+    parser.add_argument("--loss-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     common.check_arguments(parser, args)

@@ -3,14 +3,18 @@
     python benchmarks/speed.py                 # CPU: Gemma-3-270M and SmolLM2-135M, 1k and 2k tokens
     python benchmarks/speed.py --quick         # a tiny random model: checks the script runs
     python benchmarks/speed.py --llama7b       # CUDA: a Llama-7B-shaped model with random bf16 weights, 8k and 32k
+    python benchmarks/speed.py --render a.json b.json   # redraw tables and plot from earlier runs
 
 Per model, policy and context length: prefill time, decode time per token, KV bytes held after the
 prompt and after decoding, peak memory (CPU: the process's peak resident set, reset before each
 measurement; CUDA: torch.cuda.max_memory_allocated), compile time and the number of graphs. The
 full cache is the same model compiled with the same inner compiler but without kvfx, so each ratio
 isolates what kvfx adds. Compile time = the first pass over every shape (tracing and compiling)
-minus the same pass once warm. Writes ``speed.json``, ``speed.md`` and ``speed.png`` to ``--out``
-(default docs/results/) and refreshes the tables in docs/results.md.
+minus the same pass once warm. ``--llama7b`` traces once and switches each policy in with
+``kvfx.set_policy`` (its compile column is the switch), predicts the largest batch at the longest
+context from the batch-1 peak, and stops starting rows after ``--time-limit`` seconds.
+Writes ``speed.json``, ``speed.md`` and ``speed.png`` (``speed_llama7b.*``) to ``--out`` (default
+docs/results/) and refreshes the tables in docs/results.md.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import argparse
 import ctypes
 import dataclasses
 import gc
+import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -159,13 +165,27 @@ def graphs_of(handle) -> int:
     return handle.graphs if isinstance(handle, GraphCounter) else len(handle.records)
 
 
-def measure(model, policy: Optional[kvfx.Policy], prompts: dict[int, torch.Tensor], settings: Settings) -> dict[str, Any]:
-    """Compile, warm up over every context (this compiles every shape), then time each context."""
+def measure(model, policy: Optional[kvfx.Policy], prompts: dict[int, torch.Tensor], settings: Settings,
+            keep: bool = False) -> dict[str, Any]:
+    """Compile afresh, then time: compile time = the first pass over every context
+    (which traces and compiles each shape) minus a warm pass. ``keep`` leaves
+    the compiled model installed (for ``kvfx.set_policy``)."""
     handle = install(model, policy, settings.inner)
     first = time.perf_counter()
     for ids in prompts.values():
         generate_once(model, ids, 2)
     first = time.perf_counter() - first
+    result = timed(model, prompts, settings)
+    result.update(compile_s=max(first - result.pop("timed_s"), 0.0), graphs=graphs_of(handle))
+    if not keep:
+        kvfx.restore(model)
+        torch._dynamo.reset()
+    return result
+
+
+def timed(model, prompts: dict[int, torch.Tensor], settings: Settings) -> dict[str, Any]:
+    """A warm pass over every context (compiling any shape not seen yet; its time is
+    ``timed_s``), then ``settings.repeats`` timed runs of each, medians kept."""
     warm = time.perf_counter()
     for ids in prompts.values():
         generate_once(model, ids, 2)
@@ -174,10 +194,7 @@ def measure(model, policy: Optional[kvfx.Policy], prompts: dict[int, torch.Tenso
     for length, ids in prompts.items():
         runs = [generate_once(model, ids, settings.decode_tokens) for _ in range(settings.repeats)]
         by_context[str(length)] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    result = {"compile_s": max(first - warm, 0.0), "graphs": graphs_of(handle), "contexts": by_context}
-    kvfx.restore(model)
-    torch._dynamo.reset()
-    return result
+    return {"timed_s": warm, "contexts": by_context}
 
 
 # -- runs ------------------------------------------------------------------------
@@ -249,47 +266,100 @@ def llama7b(device: torch.device, small: bool = False):
     return model.eval()
 
 
-def largest_batch(model, policy: Optional[kvfx.Policy], length: int, inner: str, limit: int = 256) -> int:
-    """Largest batch whose prefill plus 8 decode steps fits on the GPU (doubling, then bisecting)."""
-    install(model, policy, inner)
+def predicted_batch(base_bytes: int, peak_bytes: float, reserve: int = 2 << 30) -> int:
+    """Rows that fit if everything above the weights (KV, activations, workspace)
+    grows with the batch: (GPU memory - weights - reserve) / (peak at batch 1).
+    Conservative: fixed workspace is counted once per row."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    return max(int((total - base_bytes - reserve) // max(peak_bytes, 1)), 0)
+
+
+def batch_fits(model, length: int, batch: int) -> bool:
+    """One prefill plus 8 decode steps at ``batch`` rows, on the GPU."""
     device = next(model.parameters()).device
-
-    def fits(batch: int) -> bool:
-        try:
-            generate_once(model, make_prompts(model, (length,), batch, device)[length], 8)
-            return True
-        except torch.cuda.OutOfMemoryError:
-            return False
-        finally:
-            gc.collect()
-            torch.cuda.empty_cache()
-
-    good, bad = 0, None
-    batch = 1
-    while batch <= limit and fits(batch):
-        good, batch = batch, batch * 2
-    bad = min(batch, limit + 1)
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
-    kvfx.restore(model)
-    torch._dynamo.reset()
-    return good
+    try:
+        generate_once(model, make_prompts(model, (length,), batch, device)[length], 8)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
-def run_llama7b(settings: Settings, small: bool = False) -> dict[str, Any]:
+def run_llama7b(settings: Settings, small: bool = False, time_limit: Optional[float] = None,
+                partial: Optional[Path] = None) -> dict[str, Any]:
+    """The full cache (plain torch.compile), then every policy × budget switched in with
+    ``kvfx.set_policy`` on one trace: tracing a 32-layer model per policy would
+    take most of a GPU session. Stops starting new rows after ``time_limit``
+    seconds (the full cache always runs: every ratio needs it); ``partial`` gets
+    the JSON after every row."""
+    started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = llama7b(device, small=small)
-    data = run_model("llama-7b-shaped", settings, model=model,
-                     description="Llama-2-7B-shaped (32 layers, 32 heads of 128, random bf16 weights)"
-                     if not small else "toy Llama shape (the --llama7b code path on CPU)")
-    if device.type == "cuda":
-        longest = max(settings.contexts)
-        data["largest_batch"] = {FULL: largest_batch(model, None, longest, settings.inner)}
-        for budget in settings.budgets:
-            for pname, policy in common.policy_grid(list(settings.policies), budget, longest).items():
-                data["largest_batch"][f"{pname}@{budget:g}"] = largest_batch(model, policy, longest, settings.inner)
-        data["largest_batch_context"] = longest
+    description = ("Llama-2-7B-shaped (32 layers, 32 heads of 128, random bf16 weights)" if not small
+                   else "toy Llama shape (the --llama7b code path on CPU)")
+    common.progress(f"[speed] {description}")
+    prompts = make_prompts(model, settings.contexts, settings.batch, device)
+    longest = max(settings.contexts)
+    data: dict[str, Any] = {"description": description + "; policies switched with kvfx.set_policy on one trace",
+                            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else str(device),
+                            "rows": {}, "skipped": []}
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    data["weights_bytes"] = base
+    grid = [(budget, pname, policy) for budget in settings.budgets
+            for pname, policy in common.policy_grid(list(settings.policies), budget, min(settings.contexts)).items()]
+    todo = [(None, FULL, None)] + grid
+    traced = False
+    for budget, pname, policy in todo:
+        key = pname if policy is None else f"{pname}@{budget:g}"
+        if policy is not None and time_limit is not None and time.perf_counter() - started > time_limit:
+            data["skipped"].append(key)
+            continue
+        try:
+            if policy is None or not traced:
+                row = measure(model, policy, prompts, settings, keep=policy is not None)
+                traced = policy is not None
+            else:
+                switch = time.perf_counter()
+                kvfx.set_policy(model, policy)
+                switch = time.perf_counter() - switch
+                row = timed(model, prompts, settings)
+                # Any shape first seen under this policy is traced in the warm pass.
+                row.update(switch_s=switch, compile_s=switch + row.pop("timed_s"),
+                           graphs=graphs_of(model._kvfx_backend))
+        except Exception as err:  # one failing row must not cost the GPU session the others
+            common.progress(f"[speed] llama-7b-shaped {key} failed: {type(err).__name__}: {err}")
+            traceback.print_exc()
+            data.setdefault("failed", {})[key] = f"{type(err).__name__}: {str(err)[:500]}"
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            kvfx.restore(model)
+            torch._dynamo.reset()
+            traced = False
+            continue
+        if policy is not None:
+            row.update(policy=pname, budget=budget, spec=repr(policy))
+        if device.type == "cuda":
+            row["predicted_batch"] = predicted_batch(base, row["contexts"][str(longest)]["peak_bytes"])
+        data["rows"][key] = row
+        common.progress(f"[speed] llama-7b-shaped {key}: {_summary(row)}")
+        if partial is not None:
+            common.write_json(partial, data)
+    kvfx.restore(model)
+    torch._dynamo.reset()
+    if FULL in data["rows"]:
+        _add_ratios(data["rows"])
+    if device.type == "cuda" and FULL in data["rows"] and (time_limit is None or time.perf_counter() - started < time_limit):
+        # Check the prediction once, on the full cache: it fits, one row more does not.
+        install(model, None, settings.inner)
+        guess = data["rows"][FULL]["predicted_batch"]
+        data["full_cache_batch_check"] = {"batch": guess, "fits": batch_fits(model, longest, guess),
+                                          "one_more_fits": batch_fits(model, longest, guess + 1)}
+        kvfx.restore(model)
+        torch._dynamo.reset()
+    data["largest_batch_context"] = longest
     return data
 
 
@@ -316,13 +386,25 @@ def tables(data: dict[str, Any]) -> str:
                 c = row["contexts"][n]["ratio"]
                 table.append([key.replace("@", " @ "), _ratio(c["prefill_s"]), _ratio(c["decode_s_per_token"]),
                               _ratio(c["kv_bytes_prompt"]), _ratio(c["kv_bytes_end"]), _ratio(c["peak_bytes"]),
-                              _ratio(row["compile_ratio"]), row["graphs"]])
+                              f"{row['switch_s']:.2f} s switch" if "switch_s" in row else _ratio(row["compile_ratio"]),
+                              row["graphs"]])
             parts.append(f"### {name}, {n} tokens\n\n{m['description']} on {m['device']}. First row: the full "
                          "cache's absolute numbers; other rows: ratios to it (below 1× = less time or memory).\n\n"
                          + common.markdown_table(header, table) + "\n")
-        if "largest_batch" in m:
-            parts.append(f"Largest batch that fits at {m['largest_batch_context']} tokens:\n\n"
-                         + common.markdown_table(["policy", "batch"], [[k, v] for k, v in m["largest_batch"].items()]) + "\n")
+        if any("predicted_batch" in row for row in rows.values()):
+            n = m["largest_batch_context"]
+            table = [[key.replace("@", " @ "), row["predicted_batch"]] for key, row in rows.items()]
+            text = (f"Largest batch at {n} tokens, predicted from the batch-1 peak: (GPU memory − weights − 2 GiB) ÷ "
+                    "(peak memory above the weights). Conservative: fixed workspace is counted once per row.")
+            check = m.get("full_cache_batch_check")
+            if check:
+                text += (f" Checked on the full cache: batch {check['batch']} {'fits' if check['fits'] else 'does NOT fit'}"
+                         f", batch {check['batch'] + 1} {'fits too' if check['one_more_fits'] else 'does not'}.")
+            parts.append(text + "\n\n" + common.markdown_table(["policy", "predicted batch"], table) + "\n")
+        for key, error in m.get("failed", {}).items():
+            parts.append(f"{key} failed: {error}\n")
+        if m.get("skipped"):
+            parts.append(f"Not measured (the run's time limit was reached): {', '.join(m['skipped'])}.\n")
     parts.append("![speed](results/speed.png)\n")
     return "\n".join(parts)
 
@@ -359,6 +441,28 @@ def plot(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def render(paths: list[Path], out: Path) -> int:
+    """Tables and plot from earlier runs' JSON; each run keeps its own full-cache baseline."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    data: dict[str, Any] = {"models": {}}
+    for i, run in enumerate(runs, 1):
+        for name, m in run["models"].items():
+            label = name if len(runs) == 1 else f"{name}, run {i}"
+            data["models"][label] = m
+    stem = "speed_llama7b" if all("llama-7b-shaped" in r["models"] for r in runs) else "speed"
+    _write_report(data, out, stem, refresh_doc=True)
+    return 0
+
+
+def _write_report(data: dict[str, Any], out: Path, stem: str, refresh_doc: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = tables(data).replace("results/speed.png", f"results/{stem}.png")
+    (out / f"{stem}.md").write_text(text)
+    plot(data, out / f"{stem}.png")
+    if refresh_doc and out.resolve() == common.RESULTS.resolve():
+        common.update_doc(stem, text)
+
+
 # -- command line -----------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -367,16 +471,28 @@ def main(argv=None) -> int:
     parser.add_argument("--llama7b", action="store_true", help="the Llama-7B-shaped bf16 model on CUDA at 8k and 32k")
     common.add_common_arguments(parser, "comma-separated fractions in (0, 1); default 0.35", "aot_eager")
     parser.add_argument("--contexts", type=common.list_of(int), help="prompt lengths in tokens; default 1024,2048")
-    parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--decode-tokens", type=int, help="greedy tokens timed after each prompt; default 16 (--llama7b: 32)")
+    parser.add_argument("--repeats", type=int, help="timed runs per context, median kept; default 2 (--llama7b: 1)")
+    parser.add_argument("--time-limit", type=float,
+                        help="--llama7b: seconds after which no new row starts (the rest are listed as skipped)")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                        help="measure nothing: redraw the tables and plot from JSON files this script wrote "
+                             "(several --llama7b runs are shown one after another)")
     args = parser.parse_args(argv)
     common.check_arguments(parser, args)
+    if args.render:
+        return render(args.render, args.out)
+    for name in ("decode_tokens", "repeats", "time_limit"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')}: {value} must be positive")
     if args.llama7b and not torch.cuda.is_available() and not args.quick:
         parser.error("--llama7b needs a CUDA GPU (add --quick to run its code path on a toy shape on CPU)")
     if args.llama7b:
         settings = Settings(models=("llama-7b-shaped",), policies=tuple(args.policies),
                             budgets=tuple(args.budgets or (0.35, 0.05)), contexts=tuple(args.contexts or (8192, 32768)),
-                            decode_tokens=args.decode_tokens, repeats=args.repeats, inner=args.inner, dtype="bfloat16")
+                            decode_tokens=args.decode_tokens or 32, repeats=args.repeats or 1, inner=args.inner,
+                            dtype="bfloat16")
         if args.quick:
             settings = dataclasses.replace(settings, contexts=(64, 128), decode_tokens=4, repeats=1, dtype="float32")
     elif args.quick:
@@ -386,11 +502,13 @@ def main(argv=None) -> int:
     else:
         settings = Settings(models=tuple(args.models or common.REAL_MODELS), policies=tuple(args.policies),
                             budgets=tuple(args.budgets or (0.35,)), contexts=tuple(args.contexts or (1024, 2048)),
-                            decode_tokens=args.decode_tokens, repeats=args.repeats, inner=args.inner)
+                            decode_tokens=args.decode_tokens or 16, repeats=args.repeats or 2, inner=args.inner)
     started = time.perf_counter()
     data: dict[str, Any] = {"settings": dataclasses.asdict(settings), "machine": common.machine(), "models": {}}
     if args.llama7b:
-        data["models"]["llama-7b-shaped"] = run_llama7b(settings, small=args.quick)
+        args.out.mkdir(parents=True, exist_ok=True)
+        data["models"]["llama-7b-shaped"] = run_llama7b(settings, small=args.quick, time_limit=args.time_limit,
+                                                        partial=args.out / "speed_llama7b.partial.json")
     else:
         for name in settings.models:
             data["models"][name] = run_model(name, settings)
@@ -398,11 +516,7 @@ def main(argv=None) -> int:
     stem = "speed_llama7b" if args.llama7b else "speed"
     args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / f"{stem}.json", data)
-    text = tables(data).replace("results/speed.png", f"results/{stem}.png")
-    (args.out / f"{stem}.md").write_text(text)
-    plot(data, args.out / f"{stem}.png")
-    if args.out.resolve() == common.RESULTS.resolve() and not args.quick:
-        common.update_doc(stem, text)
+    _write_report(data, args.out, stem, refresh_doc=not args.quick)
     common.progress(f"[speed] done in {data['seconds']:.0f}s; wrote {args.out}")
     return 0
 

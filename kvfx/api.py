@@ -254,9 +254,10 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
         try:
             out = compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchRuntimeError as err:
-            # Some models (Falcon) materialise the shared mask even for SDPA.
+            # Some models (Falcon; Llama under transformers 5.17 even for one new
+            # token) materialise the shared mask even for SDPA.
             lengths = _layer_lengths(kwargs)
-            if len(lengths) > 1 and "broadcast" in str(err):
+            if len(lengths) > 1 and any(word in str(err) for word in ("broadcast", "expand", "must match")):
                 raise _uneven_layers_error(model, lengths, "this model materialises its attention mask") from err
             raise
         _mark_compressed(getattr(out, "past_key_values", None) or kwargs.get("past_key_values", kwargs.get("cache")))

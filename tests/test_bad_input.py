@@ -38,6 +38,7 @@ def test_every_preset_names_a_bad_field_and_its_range(name, kwargs, field):
     ("quality.py", ["--policies", "SnapKV,Nope"], "--policies: 'Nope' is not a preset"),
     ("speed.py", ["--budgets", "half"], "expected comma-separated floats"),
     ("speed.py", ["--inner", "tvm"], "invalid choice: 'tvm'"),
+    ("speed.py", ["--time-limit", "-5"], "--time-limit: -5.0 must be positive"),
 ])
 def test_benchmark_scripts_reject_bad_arguments(script, args, message):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,

@@ -15,11 +15,11 @@ import common  # noqa: E402
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(script: str, out: Path, *args: str) -> dict:
+def _run(script: str, out: Path, *args: str, stem: str = "") -> dict:
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *args],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / script.replace(".py", ".json")).read_text())
+    return json.loads((out / f"{stem or script.replace('.py', '')}.json").read_text())
 
 
 def test_quality_quick_writes_json_table_and_plot(tmp_path):
@@ -52,6 +52,28 @@ def test_speed_quick_reports_ratios_to_the_full_cache(tmp_path):
     assert 1 <= row["graphs"] <= 4 and row["compile_s"] >= 0
     assert "| full cache |" in (tmp_path / "speed.md").read_text()
     assert (tmp_path / "speed.png").read_bytes()[:8] == PNG
+
+
+def test_speed_llama7b_path_switches_policies_stops_at_its_time_limit_and_renders(tmp_path):
+    # The --llama7b code path on a toy shape: one trace, later policies switched in.
+    first, second = tmp_path / "run1", tmp_path / "run2"
+    args = ("--llama7b", "--inner", "eager", "--policies", "SnapKV,H2O", "--budgets", "0.35")
+    rows = _run("speed.py", first, *args, stem="speed_llama7b")["models"]["llama-7b-shaped"]["rows"]
+    assert set(rows) == {"full cache", "SnapKV@0.35", "H2O@0.35"}
+    assert "switch_s" not in rows["SnapKV@0.35"] and rows["H2O@0.35"]["switch_s"] >= 0
+    for key in ("SnapKV@0.35", "H2O@0.35"):
+        for context in rows[key]["contexts"].values():
+            assert context["ratio"]["kv_bytes_prompt"] == pytest.approx(0.35, abs=0.02)
+    limited = _run("speed.py", second, *args, "--time-limit", "0.001", stem="speed_llama7b")["models"]["llama-7b-shaped"]
+    assert set(limited["rows"]) == {"full cache"} and limited["skipped"] == ["SnapKV@0.35", "H2O@0.35"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--out", str(tmp_path), "--render",
+                           str(first / "speed_llama7b.json"), str(second / "speed_llama7b.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "speed_llama7b.md").read_text()
+    assert "run 1" in table and "run 2" in table and "| H2O @ 0.35 |" in table and "s switch" in table
+    assert "Not measured (the run's time limit was reached): SnapKV@0.35, H2O@0.35." in table
+    assert (tmp_path / "speed_llama7b.png").read_bytes()[:8] == PNG
 
 
 def test_results_doc_blocks_are_replaced_between_markers(tmp_path):
