@@ -8,13 +8,15 @@ from kvfx.kernels.scores import repeat_kv
 
 
 def column_sums_reference(
-    q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float, decay: float = 1.0
+    q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float, decay: float = 1.0,
+    chunk_rows: int = 0,
 ) -> torch.Tensor:
     """sum_i a_ij * decay^(Sq-1-i): attention each key j receives from every
     query i of the prompt (causal), older queries down-weighted by ``decay``.
 
     q: [B, H, Sq, D] aligned with the end of k: [B, Hkv, S, D]; valid: [B, S].
     Returns [B, Hkv, S] float32, summed over the query heads of each KV head.
+    ``chunk_rows``: queries per chunk (0: sized to keep temporaries near 8 MB).
     """
     b, h, sq, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -26,7 +28,7 @@ def column_sums_reference(
     score = q.new_zeros(b, h, 1, s, dtype=torch.float32)
     # Query chunks keep the [B, H, rows, S] temporaries small: a whole-prompt
     # matrix (150 MB at 2k tokens) is mmap'd and zero-filled afresh on every call.
-    rows = max(1, (1 << 21) // max(b * h * s, 1))
+    rows = chunk_rows or max(1, (1 << 21) // max(b * h * s, 1))
     for lo in range(0, sq, rows):
         hi = min(lo + rows, sq)
         query_pos = key_pos[s - sq + lo:s - sq + hi, None]

@@ -140,6 +140,15 @@ def test_column_sums_matches_reference(device, dtype, dim, groups, length, batch
         assert_close(column_sums.column_sums(q, k, valid, dim**-0.5, decay), expected, **SCORE_TOL)
 
 
+def test_column_sums_reference_is_the_same_in_query_chunks():
+    # Long prompts are summed a few query rows at a time; the rows are independent.
+    q, k = make_qk(F32, 16, 2, 40, 2, 30, "cpu")  # the last 30 queries of 40 keys
+    valid = make_valid(2, 40, "cpu")
+    whole = column_sums.column_sums_reference(q, k, valid, 0.25, 0.9, chunk_rows=30)
+    for rows in (1, 3, 7):
+        assert_close(column_sums.column_sums_reference(q, k, valid, 0.25, 0.9, chunk_rows=rows), whole, **SCORE_TOL)
+
+
 def test_column_sums_split_keys_match_reference(device):
     q, k = make_qk(F16, 80, 4, 130, 1, 5, device)
     valid = make_valid(1, 130, device)
