@@ -206,10 +206,8 @@ def make_prompts(model, contexts, batch: int, device, seed: int = 0) -> dict[int
     return {n: torch.randint(3, vocab, (batch, n), generator=gen).to(device) for n in contexts}
 
 
-def run_model(name: str, settings: Settings, model=None, description: str = "") -> dict[str, Any]:
-    dtype = getattr(torch, settings.dtype)
-    if model is None:
-        model, _, description = common.load(name, dtype=dtype)
+def run_model(name: str, settings: Settings) -> dict[str, Any]:
+    model, _, description = common.load(name, dtype=getattr(torch, settings.dtype))
     device = next(model.parameters()).device
     common.progress(f"[speed] {description}")
     prompts = make_prompts(model, settings.contexts, settings.batch, device)
@@ -505,8 +503,8 @@ def main(argv=None) -> int:
                             decode_tokens=args.decode_tokens or 16, repeats=args.repeats or 2, inner=args.inner)
     started = time.perf_counter()
     data: dict[str, Any] = {"settings": dataclasses.asdict(settings), "machine": common.machine(), "models": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.llama7b:
-        args.out.mkdir(parents=True, exist_ok=True)
         data["models"]["llama-7b-shaped"] = run_llama7b(settings, small=args.quick, time_limit=args.time_limit,
                                                         partial=args.out / "speed_llama7b.partial.json")
     else:
@@ -514,7 +512,6 @@ def main(argv=None) -> int:
             data["models"][name] = run_model(name, settings)
     data["seconds"] = round(time.perf_counter() - started, 1)
     stem = "speed_llama7b" if args.llama7b else "speed"
-    args.out.mkdir(parents=True, exist_ok=True)
     common.write_json(args.out / f"{stem}.json", data)
     _write_report(data, args.out, stem, refresh_doc=not args.quick)
     common.progress(f"[speed] done in {data['seconds']:.0f}s; wrote {args.out}")
