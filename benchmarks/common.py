@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 import kvfx
+from kvfx.integrations.transformers import cache_bytes  # noqa: F401  (K, V and kvfx's slot state)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -67,16 +68,6 @@ def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads:
             fields["retrieval_heads"] = tuple(retrieval_heads)
         grid[name] = type(defaults)(**fields)
     return grid
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of every key and value tensor a transformers cache holds."""
-    total = 0
-    for layer in getattr(cache, "layers", ()):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 # Prompts of several lengths, decode steps, multi-token continuations and (Gemma) sliding-window

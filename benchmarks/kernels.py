@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
     # Read when a kernel is decorated: must precede the first kernel import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvfx.kernels import attention, column_sums, cosine, gather, merge, scores  # noqa: E402
+from kvfx.kernels import attention, column_sums, cosine, gather, merge, window_scores  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ def shapes(device: torch.device, quick: bool) -> list[Shape]:
         length, chunk, dtype, dim = (1024, 256, torch.bfloat16, 128) if quick else (32768, 1024, torch.bfloat16, 128)
         return [Shape(1, 32, kv, length, dim, dtype, chunk) for kv in (32, 4)]
     # The interpreter runs every Triton program in Python: keep it small.
-    length, chunk = (32, 16) if quick else (256, 32)
+    length, chunk = (48, 16) if quick else (256, 32)  # longer than the window: the prefix is pooled
     return [Shape(1, 4, kv, length, 64, torch.float32, chunk) for kv in (4, 1)]
 
 
@@ -89,8 +89,8 @@ def cases(shape: Shape, device: torch.device) -> list[Case]:
     return [
         Case(
             "window_attention", shape,
-            lambda: scores.window_attention(q_window, k, valid, scale, shape.window, shape.kernel),
-            lambda: scores.window_attention_reference(q_window, k, valid, scale, shape.window, shape.kernel),
+            lambda: window_scores.window_attention(q_window, k, valid, scale, shape.window, shape.kernel),
+            lambda: window_scores.window_attention_reference(q_window, k, valid, scale, shape.window, shape.kernel),
             q_window.numel() * e + k.numel() * e + valid.numel() + scores_out,
         ),
         Case(

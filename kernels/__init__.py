@@ -1,6 +1,8 @@
 """Operators behind kvfx's compressed cache.
 
-Each module holds the plain-torch reference of one operator (read it as the
-paper's formula). Triton kernels go beside their reference; only the module's
-public function dispatches between them.
+One folder per operator, ``kernels/<op>/``: ``reference.py`` holds the
+plain-torch reference (read it as the paper's formula), ``triton.py`` the
+Triton kernels, and ``__init__.py`` the public function, built once by
+``dispatch.dispatched`` (Triton on CUDA, the reference on CPU,
+``KVFX_KERNELS`` forces one).
 """

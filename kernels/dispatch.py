@@ -13,11 +13,15 @@
 when triton is imported, so the variable must be set before the first
 ``import triton`` in the process -- and ``import torch._dynamo`` or
 ``import kvfx`` already imports triton. :func:`interpreting` raises a clear
-error when it was set too late. kvfx's own ``*_triton`` modules are imported
-lazily through :func:`triton_module`, which re-imports one whose kernels were
-built for the other mode.
+error when it was set too late. Each operator's ``kernels/<op>/triton.py`` is
+imported lazily through :func:`triton_module`, which re-imports one whose
+kernels were built for the other mode.
 
-This module imports neither triton nor any ``*_triton`` module at import time:
+Every operator's public function is built by :func:`dispatched` from its
+reference; nothing else calls a Triton kernel (tests and the kernel benchmark
+reach them through :func:`triton_module`).
+
+This module imports neither triton nor any kernel module at import time:
 kvfx must import where triton is missing.
 """
 
@@ -27,6 +31,7 @@ import functools
 import importlib
 import os
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -97,10 +102,28 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def triton_module(name: str) -> ModuleType:
-    """``kvfx.kernels.<name>_triton``, its kernels built for the current mode
+def triton_module(op: str) -> ModuleType:
+    """``kvfx.kernels.<op>.triton``, its kernels built for the current mode
     (compiled or interpreted)."""
-    module = importlib.import_module(f"kvfx.kernels.{name}_triton")
+    module = importlib.import_module(f"kvfx.kernels.{op}.triton")
     if module.INTERPRETED != interpreting():
         module = importlib.reload(module)
     return module
+
+
+def dispatched(op: str, reference: Callable) -> Callable:
+    """The public function of operator ``op``: the Triton kernel of the same
+    name (``reference``'s name without ``_reference``) in ``kernels/<op>/triton.py``
+    when :func:`use_triton` says so for its tensor arguments, else ``reference``."""
+    name = reference.__name__.removesuffix("_reference")
+
+    @functools.wraps(reference)
+    def run(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if use_triton(*tensors):
+            return getattr(triton_module(op), name)(*args, **kwargs)
+        return reference(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = name
+    run.reference = reference
+    return run

@@ -1,4 +1,4 @@
-"""Helpers shared by the ``*_triton`` kernel modules (imports triton)."""
+"""Helpers shared by the ``kernels/<op>/triton.py`` modules (imports triton)."""
 
 from __future__ import annotations
 

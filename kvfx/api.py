@@ -7,14 +7,16 @@ import functools
 import inspect
 import logging
 import os
+import re
 import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import fx
 
-from kvfx.cache_edits import follow_cache_edits
-from kvfx.passes import Site, find_sites, rewrite
+from kvfx import integrations
+from kvfx.integrations.transformers import TransformersForward, is_transformers_model, state_keys
+from kvfx.passes import Site, assign_depths, find_sites, rewrite
 from kvfx.policies import Policy
 from kvfx.runtime import StatefulGraph, state_of
 
@@ -82,6 +84,7 @@ class _Rewritable:
     context: Any
     grad_enabled: bool  # aot_autograd builds an inference or a training graph from it
     runner: StatefulGraph
+    depths: list        # each site's stack depth, read from the model when it was traced
 
 
 def compile_inner(inner: Union[str, Callable], gm: fx.GraphModule, example_inputs):
@@ -101,16 +104,20 @@ class Backend:
     """A torch.compile backend: rewrite attention + KV cache for ``policy``,
     then hand the graph to ``inner``. ``records`` lists every graph compiled."""
 
-    def __init__(self, policy: Policy, inner: Union[str, Callable] = "inductor") -> None:
+    def __init__(self, policy: Policy, inner: Union[str, Callable] = "inductor",
+                 model: Optional[torch.nn.Module] = None) -> None:
         if not isinstance(policy, Policy):
             raise TypeError(f"kvfx.backend: policy must be a kvfx policy (e.g. kvfx.SnapKV(budget=0.5)), got {policy!r}")
         if isinstance(inner, str) and inner not in INNER_BACKENDS:
             raise ValueError(f"kvfx.backend: inner={inner!r} is invalid: inner must be one of {INNER_BACKENDS} or a callable backend")
         if not isinstance(inner, str) and not callable(inner):
             raise TypeError(f"kvfx.backend: inner must be one of {INNER_BACKENDS} or a callable backend, got {inner!r}")
-        follow_cache_edits()
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"kvfx.backend: model must be the torch.nn.Module being compiled, got {type(model).__name__}")
+        integrations.install_patches(lambda module: _kvfx_backend_of(module) is not None)
         self.policy = policy
         self.inner = inner
+        self.model = model
         self.records: list[GraphRecord] = []
         self._rewritable: list[_Rewritable] = []
         self._warned: set[str] = set()
@@ -133,15 +140,33 @@ class Backend:
             self._warn_untouched(sites)
             record.code_after = record.code_before
             return self._inner(gm, example_inputs)
+        self._warn_unknown_depth(assign_depths(sites, self._root_module))
         fake_inputs = _fake_inputs(before, example_inputs)
-        plan = rewrite(gm, example_inputs, sites, self.policy)
+        plan, rewritten_inputs = rewrite(gm, example_inputs, sites, self.policy)
         record.code_after = gm.code
         self._log(record)
-        runner = StatefulGraph(self._inner(gm, plan.example_inputs), plan)
+        runner = StatefulGraph(self._inner(gm, rewritten_inputs), plan)
         if fake_inputs is not None:
             self._rewritable.append(_Rewritable(record, before, fake_inputs, torch._guards.TracingContext.try_get(),
-                                                torch.is_grad_enabled(), runner))
+                                                torch.is_grad_enabled(), runner, [s.depth for s in sites]))
         return runner
+
+    def _root_module(self, source: str) -> Optional[torch.nn.Module]:
+        """The module a site's path is relative to: the model given to the
+        backend, else the object dynamo's source names in the compiled frame."""
+        if self.model is not None:
+            return self.model
+        return _frame_object(source)
+
+    def _warn_unknown_depth(self, sites: list[Site]) -> None:
+        if not sites or not _depends_on_depth(self.policy):
+            return
+        why = (f"the layer count of {sorted({s.module or '?' for s in sites})} could not be read from the model, so "
+               f"{self.policy!r} plans for the {sites[0].depth} layer(s) this graph holds; pass the model: "
+               "kvfx.backend(policy, model=model), or use kvfx.compile(model, policy)")
+        if why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(f"kvfx: {why}", stacklevel=2)
 
     def set_policy(self, policy: Policy) -> None:
         """Rewrite every graph compiled so far for ``policy``, without tracing the
@@ -154,9 +179,11 @@ class Backend:
         for entry in self._rewritable:
             gm = _private_copy(entry.original)
             sites = find_sites(gm)
-            plan = rewrite(gm, entry.fake_inputs, sites, policy)
+            for site, depth in zip(sites, entry.depths):
+                site.depth = depth
+            plan, rewritten_inputs = rewrite(gm, entry.fake_inputs, sites, policy)
             with torch._guards.tracing(entry.context), torch.set_grad_enabled(entry.grad_enabled):
-                compiled = self._inner(gm, plan.example_inputs)
+                compiled = self._inner(gm, rewritten_inputs)
             entry.runner.compiled, entry.runner.plan = compiled, plan
             entry.record.sites, entry.record.code_after, entry.record.graph_after = sites, gm.code, gm.graph
             self._log(entry.record)
@@ -206,6 +233,32 @@ def _fake_inputs(gm: fx.GraphModule, example_inputs) -> Optional[list]:
     return fakes
 
 
+_SOURCE = re.compile(r"L\['(\w+)'\]|\[(\d+)\]")
+
+
+def _frame_object(source: str) -> Optional[torch.nn.Module]:
+    """The module dynamo's ``source`` (``L['self']``, ``L['args'][0]``) names in
+    the frame being compiled: its locals are reachable while the backend runs."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        obj: Any = InstructionTranslator.current_tx().output.local_scope
+    except Exception:  # not inside dynamo, or another torch's internals
+        return None
+    for name, index in _SOURCE.findall(source):
+        try:
+            obj = obj[name] if name else obj[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return obj if isinstance(obj, torch.nn.Module) else None
+
+
+def _depends_on_depth(policy: Policy) -> bool:
+    """Whether the policy plans its layers by the model's depth (PyramidKV, exempt layers)."""
+    lengths = lambda n: [policy.kept_length(4096, layer, n) for layer in range(n)]  # noqa: E731
+    return lengths(4) != lengths(8)[:4]
+
+
 def set_policy(model: Any, policy: Policy) -> None:
     """Switch a ``kvfx.compile``d model (or a ``kvfx.backend``) to ``policy`` without
     re-tracing: each compiled graph is rewritten again from its traced original."""
@@ -215,7 +268,8 @@ def set_policy(model: Any, policy: Policy) -> None:
     be.set_policy(policy)
 
 
-def backend(policy: Policy, *, inner: Union[str, Callable] = "inductor") -> Backend:
+def backend(policy: Policy, *, inner: Union[str, Callable] = "inductor",
+            model: Optional[torch.nn.Module] = None) -> Backend:
     """A torch.compile backend that compresses the KV cache with ``policy``.
 
     Install it on the forward the model's generation loop calls::
@@ -223,9 +277,10 @@ def backend(policy: Policy, *, inner: Union[str, Callable] = "inductor") -> Back
         model.forward = torch.compile(model.forward, backend=kvfx.backend(policy))
 
     ``inner`` compiles the rewritten graph: "inductor" (default), "aot_eager",
-    "eager", or any callable backend.
+    "eager", or any callable backend. ``model``: the module being compiled, for
+    its layer count (by default read from the compiled frame's module).
     """
-    return Backend(policy, inner)
+    return Backend(policy, inner, model)
 
 
 def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callable] = "inductor", **compile_kwargs):
@@ -235,153 +290,42 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
     the tokens the cache has absorbed, never from its (shorter) length."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"kvfx.compile: model must be a torch.nn.Module, got {type(model).__name__}")
-    be = backend(policy, inner=inner)
+    be = backend(policy, inner=inner, model=model)
     original = getattr(model, "_kvfx_original_forward", None) or model.forward
-    compiled = torch.compile(original, backend=be, **compile_kwargs)
-    accepts_positions = "position_ids" in inspect.signature(original).parameters
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        _check_padding(model, kwargs)
-        _check_shared_mask(model, kwargs)
-        _check_state_kept(kwargs)
-        if _needs_single_tokens(args, kwargs):
-            return _token_by_token(forward, model, args, kwargs)
-        if accepts_positions and kwargs.get("position_ids") is None:
-            positions = _positions_from_state(args, kwargs)
-            if positions is not None:
-                kwargs["position_ids"] = positions
-        try:
-            out = compiled(*args, **kwargs)
-        except torch._dynamo.exc.TorchRuntimeError as err:
-            # Some models (Falcon; Llama under transformers 5.17 even for one new
-            # token) materialise the shared mask even for SDPA.
-            lengths = _layer_lengths(kwargs)
-            if len(lengths) > 1 and any(word in str(err) for word in ("broadcast", "expand", "must match")):
-                raise _uneven_layers_error(model, lengths, "this model materialises its attention mask") from err
-            raise
-        _mark_compressed(getattr(out, "past_key_values", None) or kwargs.get("past_key_values", kwargs.get("cache")))
-        return out
-
-    model.forward = forward
+    model.forward = compiled_forward(model, be, original, **compile_kwargs)
     model._kvfx_original_forward = original
     model._kvfx_backend = be
     return model
 
 
-def _dynamic_layers(cache) -> list:
-    return [(i, layer) for i, layer in enumerate(getattr(cache, "layers", None) or ())
-            if type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)]
+def compiled_forward(model: torch.nn.Module, be: Backend, original: Callable, **compile_kwargs) -> Callable:
+    """``original`` compiled with ``be``, wrapped as ``kvfx.compile`` installs it."""
+    compiled = torch.compile(original, backend=be, **compile_kwargs)
+    accepts_positions = "position_ids" in inspect.signature(original).parameters
+    around = TransformersForward(model, be) if is_transformers_model(model) else _plain_call
+
+    def run(*args, **kwargs):
+        if accepts_positions and kwargs.get("position_ids") is None:
+            positions = _positions_from_state(args, kwargs)
+            if positions is not None:
+                kwargs["position_ids"] = positions
+        return compiled(*args, **kwargs)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return around(run, args, kwargs)
+
+    return forward
 
 
-def _mark_compressed(cache) -> None:
-    """Remember which layers of a transformers cache carry kvfx state."""
-    layers = {i for i, layer in _dynamic_layers(cache) if state_of(layer.keys) is not None}
-    if layers:
-        cache._kvfx_layers = layers
-
-
-def _check_state_kept(kwargs) -> None:
-    """A cache kvfx compressed that comes back without its state was edited
-    outside the graph: its slots no longer match the model's positions and
-    mask, and merged slots lost their counts. Refuse rather than decode wrong."""
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    expected = getattr(cache, "_kvfx_layers", None)
-    if not expected:
-        return
-    lost = [i for i, layer in _dynamic_layers(cache) if i in expected and state_of(layer.keys) is None]
-    if lost:
-        raise RuntimeError(
-            f"kvfx: the compressed cache of layers {lost} was changed outside the compiled graph (a manual edit of "
-            "its tensors): its per-slot state (slot bias, merge counts, tokens seen) is lost and attention would be "
-            "wrong. kvfx follows transformers' reorder_cache, batch_select_indices and batch_repeat_interleave "
-            "(beam search works); other edits are refused. (The same happens when dynamo reached its "
-            "recompile_limit and ran the model's own forward: raise torch._dynamo.config.recompile_limit; "
-            "TORCH_LOGS=recompiles shows why it recompiled.)")
-
-
-def _layer_lengths(kwargs) -> set[int]:
-    """Cache lengths of a transformers cache's full-attention layers."""
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    return {layer.keys.shape[-2] for _, layer in _dynamic_layers(cache) if layer.keys.numel()}
-
-
-def _uneven_layers_error(model, lengths: set[int], why: str) -> ValueError:
-    return ValueError(
-        f"kvfx: {model._kvfx_backend.policy!r} left the layers with different cache lengths {sorted(lengths)}, "
-        f"and {why}: transformers builds one attention mask, sized for the first layer, for every layer. "
-        "Use attn_implementation='sdpa' with an unpadded batch, or a policy with one budget for every layer "
-        "(no per-layer plan, no exempt layers, no retrieval heads).")
-
-
-def _needs_single_tokens(args, kwargs) -> bool:
-    """Several new tokens on a cache whose layers differ in length: transformers
-    materialises one [new, cached + new] mask for every layer, which fits only
-    one of them; one token at a time it passes no mask at all."""
-    if args or len(_layer_lengths(kwargs)) < 2:
-        return False
-    ids = kwargs.get("input_ids")
-    return isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > 1
-
-
-_SLICED = ("input_ids", "position_ids", "cache_position")
-_PASSED = ("past_key_values", "cache", "attention_mask", "use_cache", "logits_to_keep", "return_dict")
-
-
-def _token_by_token(forward, model, args, kwargs):
-    """Feed a multi-token step one token at a time (same attention: each token
-    sees the cache and the tokens before it) and join the logits."""
-    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _SLICED + _PASSED)
-    if unknown or kwargs.get("return_dict") is False:
-        raise ValueError(
-            f"kvfx: {model._kvfx_backend.policy!r} left the layers with different cache lengths "
-            f"{sorted(_layer_lengths(kwargs))}, so kvfx feeds several new tokens one at a time, which it cannot do "
-            f"with {unknown or ['return_dict=False']}: pass input_ids (and position_ids, cache_position, "
-            "attention_mask) only, or use a policy with one budget for every layer.")
-    n = kwargs["input_ids"].shape[1]
-    keep = kwargs.get("logits_to_keep") or 0
-    mask = kwargs.get("attention_mask")
-    logits, out = [], None
-    for t in range(n):
-        step = dict(kwargs, logits_to_keep=1) if "logits_to_keep" in kwargs else dict(kwargs)
-        for name in _SLICED:
-            if isinstance(kwargs.get(name), torch.Tensor):
-                step[name] = kwargs[name][..., t:t + 1]
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            step["attention_mask"] = mask[:, :mask.shape[1] - (n - 1 - t)]
-        out = forward(**step)
-        logits.append(out.logits[:, -1:])
-    joined = torch.cat(logits, dim=1)
-    out.logits = joined[:, -keep:] if isinstance(keep, int) and keep > 0 else joined
-    return out
-
-
-def _check_padding(model, kwargs) -> None:
-    policy = model._kvfx_backend.policy
-    mask = kwargs.get("attention_mask")
-    if not policy.supports_padding and isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-        raise ValueError(
-            f"kvfx: {policy!r} cannot compress a left-padded batch so that each row matches running it alone "
-            "(its chunks start at each row's first token). Generate the rows one at a time, or pad none of them.")
-
-
-def _check_shared_mask(model, kwargs) -> None:
-    """Eager attention (and SDPA with padding) adds the shared mask as is, so
-    layers of different lengths cannot trace: say so before dynamo fails."""
-    lengths = _layer_lengths(kwargs)
-    if len(lengths) < 2:
-        return
-    mask = kwargs.get("attention_mask")
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "eager":
-        raise _uneven_layers_error(model, lengths, "attention is 'eager'")
-    if isinstance(mask, torch.Tensor) and not bool(mask.all()):
-        raise _uneven_layers_error(model, lengths, "the batch is padded")
+def _plain_call(run: Callable, args: tuple, kwargs: dict):
+    return run(*args, **kwargs)
 
 
 def _positions_from_state(args, kwargs):
     """position_ids = tokens seen + arange(new tokens), from the first cache
     tensor that carries kvfx state; None when there is none."""
-    keys = next((t for t in _walk_tensors((args, kwargs)) if state_of(t) is not None), None)
+    keys = state_keys(args, kwargs)
     if keys is None:
         return None
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
@@ -393,22 +337,6 @@ def _positions_from_state(args, kwargs):
     return (seen + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0).expand(ids.shape[0], -1)
 
 
-def _walk_tensors(obj, depth: int = 0):
-    if depth > 4:
-        return
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _walk_tensors(item, depth + 1)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _walk_tensors(item, depth + 1)
-    elif hasattr(obj, "layers") and isinstance(getattr(obj, "layers"), (list, tuple)):  # transformers Cache
-        for layer in obj.layers:
-            yield from _walk_tensors(getattr(layer, "keys", None), depth + 1)
-
-
 def _kvfx_backend_of(compiled_module) -> Any:
     fn = getattr(getattr(compiled_module, "dynamo_ctx", None), "callback", None)
     for _ in range(16):
@@ -417,31 +345,6 @@ def _kvfx_backend_of(compiled_module) -> Any:
         # dynamo's wrappers, then torch.compile's own wrapper (compiler_fn)
         fn = getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
     return None
-
-
-def _guard_generate_trap() -> None:
-    """``torch.compile(model, backend=kvfx.backend(...)).generate(...)`` runs the
-    original module: the backend is never reached. Make that an error."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    if getattr(OptimizedModule, "_kvfx_guarded", False):
-        return
-    original_getattr = OptimizedModule.__getattr__
-
-    def __getattr__(self, name: str):
-        if name == "generate" and _kvfx_backend_of(self) is not None:
-            raise AttributeError(
-                "kvfx: torch.compile(model, backend=kvfx.backend(...)) compiles model.__call__ only; "
-                "model.generate() calls the original module, so the KV cache would not be compressed. "
-                "Use kvfx.compile(model, policy), or model.forward = torch.compile(model.forward, backend=...)."
-            )
-        return original_getattr(self, name)
-
-    OptimizedModule.__getattr__ = __getattr__
-    OptimizedModule._kvfx_guarded = True
-
-
-_guard_generate_trap()
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:

@@ -20,12 +20,24 @@ def _policy(text: str):
 
 
 def _model(name: str, attn: str):
+    """A tiny zoo model, or a real one: a name of kvfx.models, a local transformers folder or .gguf file."""
     from kvfx.testing.zoo import ZOO, tiny_model
 
-    if name not in ZOO:
-        raise SystemExit(f"kvfx: --model {name!r} is unknown; tiny models: {', '.join(sorted(ZOO))}")
-    entry = ZOO[name]
-    return tiny_model(name, attn=attn if attn in entry.attn_impls else entry.attn_impls[0])
+    if name in ZOO:
+        entry = ZOO[name]
+        return tiny_model(name, attn=attn if attn in entry.attn_impls else entry.attn_impls[0])
+    from kvfx.models import MODELS, load_model
+
+    try:
+        with _step(f"loading {name}"):
+            model = load_model(name, tokenizer=False)[0]
+    except ValueError:
+        raise SystemExit(f"kvfx: --model {name!r} is neither a tiny model ({', '.join(sorted(ZOO))}), a model name "
+                         f"({', '.join(sorted(MODELS))}), a local transformers folder (with config.json) nor a local "
+                         ".gguf file") from None
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"kvfx: {err}") from None
+    return model
 
 
 def _prompt(model, length: int, seed: int):
@@ -89,9 +101,9 @@ def _models_installed() -> bool:
 
 
 def _demo_real(args) -> dict:
-    import torch
 
-    from kvfx.explain import Report, _cache_bytes
+    from kvfx.explain import Report
+    from kvfx.integrations.transformers import cache_bytes
     from kvfx.models import answer_of, encode_prompt, load_model, passkey_prompt
     from kvfx.testing import generate
 
@@ -113,7 +125,7 @@ def _demo_real(args) -> dict:
         t_kvfx = time.perf_counter() - t0
     answer_full = answer_of(tokenizer, full.tokens, prompt_length=n)
     answer_kvfx = answer_of(tokenizer, run.tokens, prompt_length=n)
-    report = Report(args.policy, run.records[:1], _cache_bytes(full.cache), _cache_bytes(run.cache), prompt_length=n)
+    report = Report(args.policy, run.records[:1], cache_bytes(full.cache), cache_bytes(run.cache), prompt_length=n)
     result = {
         "model": description,
         "policy": repr(args.policy),
@@ -146,7 +158,8 @@ def _demo_real(args) -> dict:
 
 
 def _demo_tiny(args) -> dict:
-    from kvfx.explain import Report, _cache_bytes
+    from kvfx.explain import Report
+    from kvfx.integrations.transformers import cache_bytes
     from kvfx.testing import generate
 
     model = _model(args.model, args.attn)
@@ -160,7 +173,7 @@ def _demo_tiny(args) -> dict:
         t_kvfx = time.perf_counter() - t0
     new = slice(ids.shape[1], None)
     agree = (full.tokens[:, new] == run.tokens[:, new]).float().mean().item()
-    report = Report(args.policy, run.records, _cache_bytes(full.cache), _cache_bytes(run.cache))
+    report = Report(args.policy, run.records, cache_bytes(full.cache), cache_bytes(run.cache))
     result = {
         "model": f"tiny random {args.model} (built from a config, no weights downloaded)",
         "policy": repr(args.policy),
@@ -191,22 +204,18 @@ def _demo_tiny(args) -> dict:
 
 
 def cmd_inspect(args) -> dict:
-    from kvfx.testing import assert_rewritten, generate
+    import kvfx
 
     model = _model(args.model, args.attn)
     ids = _prompt(model, args.prompt_len, args.seed)
-    run = generate(model, ids, policy=args.policy, inner=args.inner, steps=2)
-    from kvfx.explain import Report
-
-    report = Report(args.policy, run.records, 0, 0)
+    report = kvfx.explain(model, ids, policy=args.policy, inner=args.inner, use_cache=True)
     if not args.json:
-        print(report.table())
-    return {"sites": [dict(zip(("graph", "layer", "module", "attention", "cache", "phase", "heads", "action"), row))
-                      for row in report.rows()]}
+        print(report)
+    return report.to_json()
 
 
 def cmd_bench(args) -> dict:
-    from kvfx.explain import _cache_bytes
+    from kvfx.integrations.transformers import cache_bytes
     from kvfx.testing import generate
 
     model = _model(args.model, args.attn)
@@ -216,7 +225,7 @@ def cmd_bench(args) -> dict:
         generate(model, ids, policy=policy, inner=args.inner, steps=2)  # warm up / compile
         t0 = time.perf_counter()
         run = generate(model, ids, policy=policy, inner=args.inner, steps=args.steps)
-        rows[label] = {"seconds": time.perf_counter() - t0, "kv_bytes": _cache_bytes(run.cache)}
+        rows[label] = {"seconds": time.perf_counter() - t0, "kv_bytes": cache_bytes(run.cache)}
     ratio = {"time_ratio_kvfx_over_full": rows["kvfx"]["seconds"] / rows["full"]["seconds"],
              "kv_bytes_ratio_kvfx_over_full": rows["kvfx"]["kv_bytes"] / rows["full"]["kv_bytes"]}
     if not args.json:
@@ -244,9 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--policy", type=_policy, default=_policy(DEFAULT_POLICY),
                        help=f'a preset and its parameters, e.g. "SnapKV(budget=0.25)" (default {DEFAULT_POLICY})')
         p.add_argument("--model", default=None if name == "demo" else "llama",
-                       help="a tiny model of kvfx.testing.zoo (e.g. llama, gemma3)" +
-                       ("; for demo also gemma3-270m (default when installed), smollm2-135m, "
-                        "a local transformers folder or .gguf file" if name == "demo" else " (default llama)"))
+                       help="a tiny model of kvfx.testing.zoo (e.g. llama, gemma3), gemma3-270m, smollm2-135m, "
+                       "a local transformers folder or .gguf file" +
+                       (" (default gemma3-270m when installed)" if name == "demo" else " (default llama)"))
         p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"))
         p.add_argument("--inner", default="aot_eager",
                        choices=("inductor", "aot_eager", "eager"), help="compiler for the rewritten graph")

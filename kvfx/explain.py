@@ -8,31 +8,28 @@ import html
 import json
 import shutil
 import subprocess
+import types
 from pathlib import Path
 from typing import Optional
 
 import sympy
 import torch
 
-from kvfx.api import GraphRecord, compile as kvfx_compile, restore
+from kvfx.api import Backend, GraphRecord, compiled_forward
+from kvfx.integrations.transformers import cache_bytes, kv_pairs
 from kvfx.policies import Policy
+from kvfx.runtime import state_of
 
 COLUMNS = ("graph", "layer", "module", "attention", "cache", "phase", "heads", "action")
 #: the sequence length the memory formulas are written in
 S = sympy.Symbol("S", integer=True, positive=True)
 
 
-def _layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if cache is None:
-        return []
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [tuple(pair) for pair in cache]
-
-
-def _cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for pair in _layer_tensors(cache) for t in pair
-               if isinstance(t, torch.Tensor))
+# Per-slot state kvfx keeps beside a compressed layer's K/V: slot_bias and
+# slot_score (float32 each) per (batch, KV head, slot), and one int64 count of
+# tokens seen per layer.
+STATE_BYTES_PER_SLOT = 4 + 4
+SEEN_BYTES = 8
 
 
 @dataclasses.dataclass
@@ -42,10 +39,10 @@ class LayerMemory:
     layer: int
     action: str                  # "compressed" | why not
     full: sympy.Expr             # bytes with the full cache
-    kvfx: sympy.Expr             # bytes held with kvfx (a rectangular cache: the longest head)
+    kvfx: sympy.Expr             # bytes held with kvfx, slot state included (a rectangular cache: the longest head)
     measured_full: int
-    measured_kvfx: int
-    nominal_kvfx: int            # bytes of the valid slots only: what a ragged layout would hold
+    measured_kvfx: int           # K, V and slot state, as measured
+    nominal_kvfx: int            # the same for the valid slots only: what a ragged layout would hold
 
 
 @dataclasses.dataclass
@@ -101,8 +98,8 @@ class Report:
         text = [f"kvfx report for {self.policy!r}", self.table(), ""]
         if self.layers:
             text += [f"KV cache per layer after a {self.prompt_length}-token prefill "
-                     "('held now' = bytes of the cache tensors; 'valid slots' = bytes of real slots, "
-                     "less where head-wise budgets pad a rectangular cache):", self.memory_table(), "",
+                     "('held now' = bytes of the cache tensors and kvfx's slot state; 'valid slots' = the same for "
+                     "real slots, less where head-wise budgets pad a rectangular cache):", self.memory_table(), "",
                      f"total: full {self.memory('full')}  ->  kvfx {sympy.simplify(self.memory('kvfx'))}"]
         text.append(f"KV cache after prefill: {self.cache_bytes_kept:,} bytes held vs {self.cache_bytes_full:,} "
                     f"for the full cache ({saved:.0%} saved)")
@@ -194,21 +191,24 @@ def _layer_memory(report: Report, full_cache, kept_cache, policy: Policy) -> lis
     if prefill is None:
         return []
     by_layer = {s.layer: s for s in prefill.sites}
-    n_layers = max((s.layer for s in prefill.sites if s.layer is not None), default=0) + 1
     rows = []
-    for layer, ((fk, fv), (kk, kv)) in enumerate(zip(_layer_tensors(full_cache), _layer_tensors(kept_cache))):
+    for layer, ((fk, fv), (kk, kv)) in enumerate(zip(kv_pairs(full_cache), kv_pairs(kept_cache))):
         site = by_layer.get(layer)
-        per_slot = fk.shape[0] * fk.shape[1] * (fk.shape[3] * fk.element_size() + fv.shape[3] * fv.element_size())
+        heads = fk.shape[0] * fk.shape[1]
+        per_slot = heads * (fk.shape[3] * fk.element_size() + fv.shape[3] * fv.element_size())
         full = per_slot * (sympy.Min(S, site.bounded) if site is not None and site.bounded else S)
         if site is not None and site.compressible:
-            kvfx, action = per_slot * policy.kept_length(S, layer, n_layers), "compressed"
+            slots = policy.kept_length(S, layer, site.depth or 1)
+            kvfx, action = (per_slot + heads * STATE_BYTES_PER_SLOT) * slots + SEEN_BYTES, "compressed"
         else:
             kvfx, action = full, (site.reason if site is not None else "no attention site found for this layer")
         measured = sum(t.numel() * t.element_size() for t in (kk, kv))
-        state = getattr(kk, "_kvfx_state", None)
+        state = state_of(kk)
         if state is not None:
-            valid = torch.isfinite(state.slot_bias).sum().item()
-            nominal = valid * (kk.shape[3] * kk.element_size() + kv.shape[3] * kv.element_size())
+            measured += sum(t.numel() * t.element_size() for t in (state.slot_bias, state.slot_score, state.seen))
+            valid = int(torch.isfinite(state.slot_bias).sum())
+            slot_bytes = kk.shape[3] * kk.element_size() + kv.shape[3] * kv.element_size() + STATE_BYTES_PER_SLOT
+            nominal = valid * slot_bytes + SEEN_BYTES
         else:
             nominal = measured
         rows.append(LayerMemory(layer, action, full, kvfx, sum(t.numel() * t.element_size() for t in (fk, fv)),
@@ -216,28 +216,53 @@ def _layer_memory(report: Report, full_cache, kept_cache, policy: Policy) -> lis
     return rows
 
 
-def explain(model: torch.nn.Module, *args, policy: Policy, inner: str = "aot_eager", **kwargs) -> Report:
-    """Run ``model(*args, **kwargs)`` (a prefill) and one decode step through
-    kvfx with ``policy``; report every attention site, the KV bytes per layer
-    (formulas in S and measured), and the graphs. The model is left as it was."""
-    import torch._dynamo
+def _fresh_code(fn):
+    """``fn`` with a copy of its code object. Dynamo caches compiled frames on
+    the code object, so compiling the copy leaves no cache entry, guard or
+    recompile count on the model's own forward."""
+    func, owner = (fn.__func__, fn.__self__) if isinstance(fn, types.MethodType) else (fn, None)
+    if not isinstance(func, types.FunctionType):
+        return fn
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)
+    copy.__kwdefaults__, copy.__dict__ = func.__kwdefaults__, dict(func.__dict__)
+    return types.MethodType(copy, owner) if owner is not None else copy
 
+
+def explain(model: torch.nn.Module, *args, policy: Optional[Policy] = None, inner: str = "aot_eager",
+            **kwargs) -> Report:
+    """Run ``model(*args, **kwargs)`` (a prefill) and one decode step through
+    kvfx; report every attention site, the KV bytes per layer (formulas in S
+    and measured, slot state included), and the graphs.
+
+    On a model ``kvfx.compile`` d with ``policy`` (or with ``policy`` omitted)
+    the report is what that model's backend does: its own compiled forward
+    runs and its records are reported. Otherwise ``policy`` is compiled on the
+    side. Either way nothing is left changed: the model keeps its forward, and
+    no other compiled function is reset or recompiled."""
+    own: Optional[Backend] = getattr(model, "_kvfx_backend", None)
+    if policy is None and own is None:
+        raise TypeError("kvfx.explain: policy is required for a model that is not kvfx.compile'd "
+                        "(e.g. policy=kvfx.SnapKV(budget=0.35))")
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"kvfx.explain: policy must be a kvfx policy (e.g. kvfx.SnapKV(budget=0.5)), got {policy!r}")
     with torch.no_grad():
-        full = model(*args, **kwargs)
-        torch._dynamo.reset()
-        kvfx_compile(model, policy, inner=inner)
-        backend = model._kvfx_backend
-        try:
-            out = model(*args, **kwargs)
-            cache = getattr(out, "past_key_values", None)
-            full_cache = getattr(full, "past_key_values", None)
-            kept = _cache_bytes(cache)
-            report = Report(policy, backend.records, _cache_bytes(full_cache), kept,
-                            prompt_length=_layer_tensors(full_cache)[0][0].shape[-2] if full_cache else 0)
-            report.layers = _layer_memory(report, full_cache, cache, policy)
-            if cache is not None and hasattr(out, "logits"):
-                nxt = out.logits[:, -1:].argmax(-1)
-                model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        finally:
-            restore(model)
+        if own is not None and policy in (None, own.policy):
+            backend, forward = own, model.forward
+            original = model._kvfx_original_forward
+        else:
+            original = getattr(model, "_kvfx_original_forward", None) or model.forward
+            backend = Backend(policy, inner, model)
+            forward = compiled_forward(model, backend, _fresh_code(original))
+        full = original(*args, **kwargs)
+        out = forward(*args, **kwargs)
+        cache = getattr(out, "past_key_values", None)
+        full_cache = getattr(full, "past_key_values", None)
+        pairs = kv_pairs(full_cache)
+        report = Report(backend.policy, backend.records, cache_bytes(full_cache, state=False), cache_bytes(cache),
+                        prompt_length=max((k.shape[-2] for k, _ in pairs), default=0))
+        report.layers = _layer_memory(report, full_cache, cache, backend.policy)
+        if cache is not None and hasattr(out, "logits"):
+            forward(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    report.records = list(backend.records)
     return report

@@ -117,11 +117,12 @@ def _require(module: str, spec_name: str, install: str) -> None:
         )
 
 
-def _load_folder(folder: str | os.PathLike[str], dtype: torch.dtype, gguf_file: str | None = None) -> tuple[Any, Any]:
+def _load_folder(folder: str | os.PathLike[str], dtype: torch.dtype, gguf_file: str | None = None,
+                 with_tokenizer: bool = True) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {} if gguf_file is None else {"gguf_file": gguf_file}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs) if with_tokenizer else None
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs)
     except (ValueError, ImportError):  # an architecture without SDPA support
@@ -164,11 +165,13 @@ def _load_gguf(path: Path, dtype: torch.dtype, *, sha256: str | None, cache: boo
     return model.to(dtype), tokenizer
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, cache: bool = True) -> tuple[Any, Any, str]:
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, cache: bool = True,
+               tokenizer: bool = True) -> tuple[Any, Any, str]:
     """Load ``name_or_path`` for inference: a key of ``MODELS``, a local transformers folder or a local .gguf file.
 
     Returns ``(model.eval(), tokenizer, description)``; the one-line description names the licence.
-    ``cache=False`` skips reading and writing the converted copy under ``cache_dir()``.
+    ``cache=False`` skips reading and writing the converted copy under ``cache_dir()``; ``tokenizer=False``
+    loads a local folder without one (the tokenizer returned is then None).
     """
     spec = MODELS.get(name_or_path)
     if spec is not None:
@@ -182,7 +185,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, cache: 
         if local.is_file() and local.suffix == ".gguf":
             model, tokenizer = _load_gguf(local, dtype, sha256=None, cache=cache)
         elif local.is_dir() and (local / "config.json").is_file():
-            model, tokenizer = _load_folder(local, dtype)
+            model, tokenizer = _load_folder(local, dtype, with_tokenizer=tokenizer)
         else:
             raise ValueError(
                 f"name_or_path={name_or_path!r} is neither a model name ({', '.join(sorted(MODELS))}), "

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from kvfx.kernels import attention as attention_kernels
-from kvfx.policies import bias_of, policy_from_spec
+from kvfx.policies import bias_of, policy_of
 
 
 def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tensor:
@@ -39,14 +39,15 @@ def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tens
 
 @torch.library.custom_op("kvfx::compress", mutates_args=())
 def compress(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
+    q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
     policy: str, layer: int, n_layers: int, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Compress one layer's prompt cache with ``policy``. q: [B, H, Sq, D],
-    k/v: [B, Hkv, S, D]. ``reuse_index`` (ChunkKV) are kept indices computed
-    by an earlier layer. Returns fresh contiguous (k, v, slot_bias, slot_score,
-    index) with n = policy.kept_length(S) slots."""
-    pol = policy_from_spec(policy)
+    """Compress one layer's prompt cache with the policy whose registry key is
+    ``policy`` (``kvfx.policies.key_of``). q: [B, H, Sq, D] (None for a policy
+    that reads no queries), k/v: [B, Hkv, S, D]. ``reuse_index`` (ChunkKV) are
+    kept indices computed by an earlier layer. Returns fresh contiguous (k, v,
+    slot_bias, slot_score, index) with n = policy.kept_length(S) slots."""
+    pol = policy_of(policy)
     valid = valid_slots(mask, k.shape[0], k.shape[2], k.device)
     out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
     # A custom op's outputs may not alias its inputs (the reused index would).
@@ -57,7 +58,7 @@ def compress(
 @compress.register_fake
 def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale):
     batch, kv_heads, length, _ = k.shape
-    n = policy_from_spec(policy).kept_length(length, layer, n_layers)
+    n = policy_of(policy).kept_length(length, layer, n_layers)
     return (
         k.new_empty(batch, kv_heads, n, k.shape[-1]),
         v.new_empty(batch, kv_heads, n, v.shape[-1]),
@@ -74,38 +75,43 @@ def attend(
     v: Tensor,
     slot_bias: Tensor,
     slot_score: Tensor,
-    has_state: Tensor,
+    seen: Tensor,
     mask: Optional[Tensor],
     scale: float,
     softcap: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Attention of new queries over cached slots + the new tokens.
 
     q: [B, H, Sq, D]; k, v: [B, Hkv, S, D] where the last Sq slots are the new
-    tokens; slot_bias, slot_score: [B, Hkv, S - Sq] for the cached slots.
+    tokens; slot_bias, slot_score: [B, Hkv, S - Sq] for the cached slots;
+    seen: 0-d int64, the tokens the cache has absorbed, or -1 for a cache that
+    carries no kvfx state.
 
-    With state (``has_state``), the cached slots get ``slot_bias`` and the new
-    tokens are causal among themselves: the model's own mask is ignored because
-    it was computed for the uncompressed positions. Without state (a cache kvfx
-    never compressed) the model's mask is right and is used as is.
+    With state, the cached slots get ``slot_bias`` and the new tokens are
+    causal among themselves: the model's own mask is ignored because it was
+    computed for the uncompressed positions. Without state (a cache kvfx never
+    compressed) the model's mask is right and is used as is.
 
-    Returns (out [B, H, Sq, Dv], slot_bias and slot_score for all S slots, the new ones 0).
+    Returns (out [B, H, Sq, Dv], slot_bias and slot_score for all S slots, the
+    new ones 0, and the tokens seen after this call).
     """
     batch, kv_heads, length, _ = k.shape
     past = length - q.shape[-2]
-    if not bool(has_state):
+    has_state = bool(seen >= 0)
+    if not has_state:
         slot_bias = _bias_from_mask(mask, batch, kv_heads, past, k.device)
     out = attention_kernels.slot_attention(q, k, v, slot_bias, scale, softcap)
     grow = (0, length - past)
-    return out, torch.nn.functional.pad(slot_bias, grow), torch.nn.functional.pad(slot_score, grow)
+    seen_after = (seen if has_state else torch.full_like(seen, past)) + q.shape[-2]
+    return out, torch.nn.functional.pad(slot_bias, grow), torch.nn.functional.pad(slot_score, grow), seen_after
 
 
 @attend.register_fake
-def _attend_fake(q, k, v, slot_bias, slot_score, has_state, mask, scale, softcap):
+def _attend_fake(q, k, v, slot_bias, slot_score, seen, mask, scale, softcap):
     batch, kv_heads, length, _ = k.shape
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     state = k.new_empty(batch, kv_heads, length, dtype=torch.float32)
-    return out, state, torch.empty_like(state)
+    return out, state, torch.empty_like(state), torch.empty_like(seen)
 
 
 @torch.library.custom_op("kvfx::step", mutates_args=())
@@ -116,7 +122,7 @@ def step(
     """One decode step of a continuous policy (TOVA, ZeroMerge) over the cache
     including the new tokens; returns (k, v, slot_bias, slot_score) with
     policy.decode_length(S, Sq) slots."""
-    out = policy_from_spec(policy).step(q, k, v, slot_bias, slot_score, scale, layer, n_layers)
+    out = policy_of(policy).step(q, k, v, slot_bias, slot_score, scale, layer, n_layers)
     # A step with nothing to evict (a budget not reached yet) may hand back its
     # inputs; a custom op's outputs must not alias them.
     inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, slot_bias, slot_score)}
@@ -127,7 +133,7 @@ def step(
 @step.register_fake
 def _step_fake(q, k, v, slot_bias, slot_score, policy, layer, n_layers, scale):
     batch, kv_heads, length, _ = k.shape
-    n = policy_from_spec(policy).decode_length(length, q.shape[-2])
+    n = policy_of(policy).decode_length(length, q.shape[-2])
     return (k.new_empty(batch, kv_heads, n, k.shape[-1]), v.new_empty(batch, kv_heads, n, v.shape[-1]),
             k.new_empty(batch, kv_heads, n, dtype=torch.float32), k.new_empty(batch, kv_heads, n, dtype=torch.float32))
 

@@ -55,12 +55,6 @@ class StatefulGraph:
     def __init__(self, compiled: Callable, plan: StatePlan) -> None:
         self.compiled = compiled
         self.plan = plan
-        self._flags: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _flag(self, device: torch.device, value: bool) -> torch.Tensor:
-        if device not in self._flags:
-            self._flags[device] = (torch.tensor(False, device=device), torch.tensor(True, device=device))
-        return self._flags[device][value]
 
     def __call__(self, *args):
         plan = self.plan
@@ -68,13 +62,12 @@ class StatefulGraph:
         for arg_index in plan.decode_args:
             keys = args[arg_index]
             state = state_of(keys)
-            if state is None:
+            if state is None:  # neutral state; seen = -1 tells kvfx::attend to use the model's mask
                 batch, kv_heads, length = keys.shape[:3]
                 bias = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=keys.device)
-                seen = torch.tensor(length, dtype=torch.int64, device=keys.device)
-                extra += [bias, self._flag(keys.device, False), seen, torch.zeros_like(bias)]
+                extra += [bias, torch.full((), -1, dtype=torch.int64, device=keys.device), torch.zeros_like(bias)]
             else:
-                extra += [state.slot_bias, self._flag(keys.device, True), state.seen, state.slot_score]
+                extra += [state.slot_bias, state.seen, state.slot_score]
         if plan.positions_from_cache:
             self._check_positions(args)
         # Backends return callables in dynamo's unboxed convention.

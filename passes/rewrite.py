@@ -6,8 +6,8 @@ For each compressible ``Site``:
     write-back outputs become the compressed K and V.
   * decode (the cache comes in as a graph input): attention becomes
     ``kvfx::attend``, which reads the slot state of the incoming cache
-    (four new graph inputs: slot_bias, has_state, seen, slot_score) and returns the state
-    for the cache written back.
+    (three new graph inputs: slot_bias, seen, slot_score; seen = -1 for a
+    cache without kvfx state) and returns the state for the cache written back.
 
 Every compressible site adds three graph outputs after the model's own:
 slot_bias [B, Hkv, S], seen (tokens the cache has absorbed, a 0-d int64) and
@@ -28,6 +28,7 @@ import torch
 from torch import fx
 
 from kvfx.passes.sites import Site
+from kvfx.policies import key_of
 
 import kvfx.ops  # noqa: F401  (registers torch.ops.kvfx)
 
@@ -43,11 +44,12 @@ class StatePlan:
     decode_args: list[int]              # arg index of each decode site's incoming key cache
     state_outputs: list[int]            # output index of each compressible site's key write-back
     positions_from_cache: bool          # the graph has no position input: it derives positions from cache length
-    example_inputs: list = dataclasses.field(default_factory=list)
 
 
-def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site], policy) -> StatePlan:
-    """Rewrite ``gm`` in place for ``policy``; returns the runtime's plan."""
+def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site], policy) -> tuple[StatePlan, list]:
+    """Rewrite ``gm`` in place for ``policy``; returns the runtime's plan and
+    the example inputs of the rewritten graph (the state inputs added). The
+    plan holds no tensor: the first call's inputs must not outlive it."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     out_node = graph.output_node()
@@ -55,8 +57,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
     is_sequence = isinstance(raw_out, (tuple, list))
     outputs = list(raw_out) if is_sequence else [raw_out]
     n_outputs = len(outputs)
-    spec = policy.spec()
-    n_layers = max((s.layer for s in sites if s.layer is not None), default=0) + 1
+    spec = key_of(policy)
     fake_mode = torch._guards.detect_fake_mode(list(example_inputs))
     example_inputs = list(example_inputs)
     extra_outputs: list[fx.Node] = []
@@ -79,6 +80,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         if not site.compressible:
             continue
         layer = site.layer if site.layer is not None else site.index
+        n_layers = site.depth or max((s.layer for s in sites if s.layer is not None), default=0) + 1
         state_outputs.append(site.k_out)
         with graph.inserting_after(site.node):
             new_len = graph.call_method("size", (site.k_new, -2))
@@ -91,7 +93,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 site.note = f"reuses the indices of layer {source}"
             k_c, v_c, bias, score, index = call(
                 torch.ops.kvfx.compress.default,
-                (site.q, site.k, site.v, site.mask, reuse, spec, layer, n_layers, float(site.scale)), new_len)
+                (site.q if policy.needs_queries else None, site.k, site.v, site.mask, reuse, spec, layer, n_layers,
+                 float(site.scale)), new_len)
             kept_index[layer] = index
             with graph.inserting_after(index):
                 seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
@@ -100,14 +103,13 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             past = site.k_past.meta["example_value"]
             batch, kv_heads, past_len = past.shape[0], past.shape[1], past.shape[2]
             new_inputs = []
-            for name in ("slot_bias", "has_state", "seen", "slot_score"):
+            for name in ("slot_bias", "seen", "slot_score"):
                 with graph.inserting_after(last_placeholder):
                     last_placeholder = graph.placeholder(f"kvfx_{name}_{site.index}")
                 new_inputs.append(last_placeholder)
             with fake_mode:
                 fakes = [
                     torch.empty(batch, kv_heads, past_len, dtype=torch.float32, device=past.device),
-                    torch.empty((), dtype=torch.bool, device=past.device),
                     torch.empty((), dtype=torch.int64, device=past.device),
                     torch.empty(batch, kv_heads, past_len, dtype=torch.float32, device=past.device),
                 ]
@@ -115,13 +117,11 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 node.meta["example_value"] = fake
             example_inputs.extend(fakes)
             decode_args.append(placeholders.index(site.k_past))
-            bias_in, flag_in, seen_in, score_in = new_inputs
-            attn_out, bias, score = call(
+            bias_in, seen_in, score_in = new_inputs
+            attn_out, bias, score, seen = call(
                 torch.ops.kvfx.attend.default,
-                (site.q, site.k, site.v, bias_in, score_in, flag_in, site.mask, float(site.scale), float(site.softcap)),
+                (site.q, site.k, site.v, bias_in, score_in, seen_in, site.mask, float(site.scale), float(site.softcap)),
                 new_len)
-            with graph.inserting_after(score):
-                seen = graph.call_function(operator.add, (seen_in, new_len))
             site.node.replace_all_uses_with(attn_out)
             if continuous:
                 k_c, v_c, bias, score = call(
@@ -135,14 +135,14 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
     graph.lint()
     gm.recompile()
     names = [p.name.lower() for p in placeholders]
-    return StatePlan(
+    plan = StatePlan(
         n_outputs=n_outputs,
         output_is_sequence=is_sequence,
         decode_args=decode_args,
         state_outputs=state_outputs,
         positions_from_cache=bool(decode_args) and not any(POSITION_INPUT_HINT in n for n in names),
-        example_inputs=example_inputs,
     )
+    return plan, example_inputs
 
 
 def _is_impure(node: fx.Node) -> bool:

@@ -35,7 +35,7 @@ class Site:
 
     index: int                      # order of the attention call in the graph
     layer: Optional[int]            # from the module path (``...layers.3.self_attn`` -> 3)
-    module: str                     # module path of the attention call
+    module: str                     # module path of the attention call, from the compiled frame's root module
     attention: str                  # "sdpa" | "eager"
     cache: str                      # "dynamic" | "sliding" | "static" | "none" | "unknown"
     phase: str = "-"                # "prefill" (cache starts empty) | "decode" (cache from an input)
@@ -49,6 +49,8 @@ class Site:
     reason: str = ""                # why not compressible; empty when it is
     note: str = ""                  # what the rewrite decided beyond the default (e.g. index reuse)
     bounded: Optional[int] = None   # slots a sliding-window layer keeps at most
+    root: str = ""                  # dynamo's source of the module ``module`` is relative to, e.g. L['self']
+    depth: Optional[int] = None     # layers in this site's stack, from the model (set by the backend)
     # FX nodes (not printed)
     node: Any = dataclasses.field(default=None, repr=False)        # attention output node
     q: Any = dataclasses.field(default=None, repr=False)
@@ -119,12 +121,19 @@ def layer_of(path: str) -> Optional[int]:
     return int(found[-1]) if found else None
 
 
-def _module_path(node: fx.Node) -> str:
+ROOT_SOURCE = re.compile(r"^L\['\w+'\](\[\d+\])*")  # dynamo's L['self'], L['args'][0]
+
+
+def _module_path(node: fx.Node) -> tuple[str, str]:
+    """(root source, module path under it) of the module a node was traced in."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return ""
+        return "", ""
     path = list(stack.values())[-1][0]
-    return re.sub(r"^L\['\w+'\](\[\d+\])?\.?", "", path)  # drop dynamo's L['self'] / L['args'][0]
+    root = ROOT_SOURCE.match(path)
+    if root is None:
+        return "", path
+    return root.group(0), path[root.end():].lstrip(".")
 
 
 # -- attention forms -------------------------------------------------------------
@@ -270,8 +279,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if found is None:
             continue
         k_root, v_root = strip_layout(found["k_attn"]), strip_layout(found["v_attn"])
-        module = _module_path(found["node"])
-        site = Site(index=len(sites), layer=layer_of(module), module=module, attention=found["attention"],
+        root, module = _module_path(found["node"])
+        site = Site(index=len(sites), layer=layer_of(module), module=module, root=root, attention=found["attention"],
                     cache="unknown", node=found["node"], q=found["q"], k=k_root, v=v_root, mask=found["mask"],
                     scale=found["scale"], softcap=found["softcap"], causal=found["causal"])
         qv, kv = _value(site.q), _value(k_root)

@@ -1,5 +1,6 @@
 """The kvfx command line."""
 
+import importlib.util
 import json
 
 import pytest
@@ -36,3 +37,28 @@ def test_bad_arguments_exit_nonzero_with_one_line(argv, message, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_inspect_takes_a_local_transformers_folder(tmp_path, capsys):
+    from kvfx.testing.zoo import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path)                # no tokenizer: inspect needs none
+    assert main(["inspect", "--model", str(tmp_path), "--prompt-len", "24", "--policy",
+                 "SnapKV(budget=0.5, window=4)", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    prefill = [s for s in report["sites"] if s["phase"] == "prefill"]
+    assert len(prefill) == 2 and all(s["action"].startswith("rewritten -> kvfx.compress") for s in prefill)
+    assert 0 < report["cache_bytes_kvfx"] < report["cache_bytes_full"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is not None, reason="with gguf installed it would parse the file")
+def test_inspect_routes_a_gguf_file_to_the_gguf_loader(tmp_path, capsys):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    with pytest.raises(SystemExit, match=r"needs the Python package 'gguf'"):
+        main(["inspect", "--model", str(path)])
+
+
+def test_inspect_names_the_models_it_accepts():
+    with pytest.raises(SystemExit, match=r"--model '/no/such/model' is neither a tiny model.*local .gguf file"):
+        main(["inspect", "--model", "/no/such/model"])

@@ -37,7 +37,8 @@ def test_headwise_budget_reports_bytes_held_next_to_valid_slots():
     policy = kvfx.RazorAttention(budget=0.1, sinks=2, window=4, retrieval_heads=((1, 0),))
     report = kvfx.explain(model, torch.randint(2, 100, (1, 40)), policy=policy, use_cache=True)
     retrieval_layer = report.layers[1]
-    assert retrieval_layer.measured_kvfx == retrieval_layer.measured_full         # the longest head sets S
+    state = 1 * 2 * 40 * (4 + 4) + 8                                              # slot bias + score, tokens seen
+    assert retrieval_layer.measured_kvfx == retrieval_layer.measured_full + state  # the longest head sets S
     assert retrieval_layer.nominal_kvfx < retrieval_layer.measured_kvfx           # only one head needs it
     assert "valid slots" in str(report)
 
@@ -76,3 +77,52 @@ def test_save_writes_graphs_and_pictures(tmp_path):
     dot = (tmp_path / "graph0_layer0_prefill.dot").read_text()
     assert "cluster_before" in dot and "cluster_after" in dot and "kvfx.compress" in dot
     assert "<table>" in report._repr_html_()
+
+
+def test_explain_leaves_the_model_and_other_compiled_code_as_they_were():
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (1, 40))
+    policy = kvfx.SnapKV(budget=0.5, window=4)
+    compiles = []
+    other = torch.compile(lambda x: x.sin() + 1, backend=lambda gm, example: compiles.append(1) or gm.forward)
+    other(torch.randn(4))
+
+    plain = kvfx.explain(model, ids, policy=policy, use_cache=True)
+    forward_code = type(model).forward.__code__
+    assert "forward" not in model.__dict__ and not _debug_get_cache_entry_list(forward_code)
+
+    kvfx.compile(model, policy, inner="aot_eager")
+    installed = model.forward
+    compiled = kvfx.explain(model, ids, use_cache=True)            # the README's order: compile, then explain
+    assert compiled.cache_bytes_full == plain.cache_bytes_full
+    assert compiled.cache_bytes_kept == plain.cache_bytes_kept < plain.cache_bytes_full
+    assert [m.measured_kvfx for m in compiled.layers] == [m.measured_kvfx for m in plain.layers]
+    assert compiled.records is not plain.records and compiled.records[0].rewritten
+
+    other(torch.randn(4))
+    assert len(compiles) == 1, "explain made another compiled function recompile"
+    assert model.forward is installed and model._kvfx_backend.policy == policy
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 43
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [20, 20], "the model no longer compresses"
+    kvfx.restore(model)
+
+
+def test_explain_with_another_policy_on_a_compiled_model_keeps_its_backend():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (1, 40))
+    kvfx.compile(model, kvfx.SnapKV(budget=0.5, window=4), inner="aot_eager")
+    backend = model._kvfx_backend
+    report = kvfx.explain(model, ids, policy=kvfx.KNorm(budget=8), use_cache=True)
+    assert report.policy == kvfx.KNorm(budget=8) and "KNorm" in str(report)
+    assert model._kvfx_backend is backend and backend.policy == kvfx.SnapKV(budget=0.5, window=4)
+    kvfx.restore(model)
+
+
+def test_explain_needs_a_policy_for_a_model_kvfx_did_not_compile():
+    with pytest.raises(TypeError, match="policy is required"):
+        kvfx.explain(tiny_model("llama"), torch.ones(1, 4, dtype=torch.long))

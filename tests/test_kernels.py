@@ -33,7 +33,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from kvfx.kernels import attention, column_sums, cosine, dispatch, gather, scores  # noqa: E402
+from kvfx.kernels import attention, column_sums, cosine, dispatch, gather, window_scores  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -114,16 +114,48 @@ def test_window_attention_matches_reference(device, dtype, dim, groups, length, 
     window, kernel = {64: (8, 5), 80: (32, 1), 128: (3, 7)}[dim]
     q, k = make_qk(dtype, dim, groups, length, batch, min(length, 16), device)
     valid = make_valid(batch, length, device)
-    expected = scores.window_attention_reference(q, k, valid, dim**-0.5, window, kernel)
-    assert_close(scores.window_attention(q, k, valid, dim**-0.5, window, kernel), expected, **SCORE_TOL)
+    expected = window_scores.window_attention_reference(q, k, valid, dim**-0.5, window, kernel)
+    assert_close(window_scores.window_attention(q, k, valid, dim**-0.5, window, kernel), expected, **SCORE_TOL)
 
 
 def test_window_attention_split_keys_match_reference(device):
     q, k = make_qk(F32, 64, 2, 130, 1, 8, device)
     valid = make_valid(1, 130, device)
-    expected = scores.window_attention_reference(q, k, valid, 0.125, 8, 5)
-    actual = dispatch.triton_module("scores").window_attention(q, k, valid, 0.125, 8, 5, splits=3)
+    expected = window_scores.window_attention_reference(q, k, valid, 0.125, 8, 5)
+    actual = dispatch.triton_module("window_scores").window_attention(q, k, valid, 0.125, 8, 5, splits=3)
     assert_close(actual, expected, **SCORE_TOL)
+
+
+def snapkv_by_hand(q, k, window, kernel, scale):
+    """The SnapKV authors' scoring, written out: softmax of the last ``window``
+    queries, summed over them, the prefix pooled with zero padding, GQA mean."""
+    b, h, s, _ = q.shape
+    hkv = k.shape[1]
+    kk = k.repeat_interleave(h // hkv, dim=1)
+    logits = q[:, :, -window:] @ kk.transpose(-1, -2) * scale
+    causal = torch.arange(s)[None, :] <= torch.arange(s - window, s)[:, None]
+    attn = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    prefix = torch.nn.functional.avg_pool1d(attn[..., : s - window].sum(-2), kernel, 1, kernel // 2,
+                                            count_include_pad=True)
+    return prefix.view(b, hkv, h // hkv, s - window).mean(2)
+
+
+@pytest.mark.parametrize("groups,kernel", [(1, 5), (4, 7), (2, 1)])
+def test_window_attention_reference_pools_the_prefix_as_snapkv_does(groups, kernel):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2 * groups, 30, 16), torch.randn(1, 2, 30, 16)
+    got = window_scores.window_attention_reference(q, k, torch.ones(1, 30, dtype=torch.bool), 0.25, 8, kernel)
+    assert_close(got[..., :22], snapkv_by_hand(q, k, 8, kernel, 0.25), **SCORE_TOL)
+
+
+def test_window_attention_of_a_left_padded_row_equals_the_row_alone():
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16)
+    valid = torch.ones(1, 30, dtype=torch.bool)
+    valid[:, :6] = False
+    padded = window_scores.window_attention_reference(q, k, valid, 0.25, 8, 5)
+    alone = window_scores.window_attention_reference(q[:, :, 6:], k[:, :, 6:], valid[:, 6:], 0.25, 8, 5)
+    assert_close(padded[..., 6:], alone, **SCORE_TOL)
 
 
 # -- column_sums (H2O) ---------------------------------------------------------
@@ -264,11 +296,24 @@ def test_forced_reference_never_uses_triton(monkeypatch):
     assert not dispatch.use_triton(torch.zeros(1))
 
 
+def test_the_dispatcher_runs_the_reference_on_cpu_and_triton_when_forced(device, monkeypatch):
+    calls = []
+    kernel = dispatch.triton_module("cosine").adjacent_cosine
+    monkeypatch.setattr(dispatch.triton_module("cosine"), "adjacent_cosine",
+                        lambda k: calls.append(k.device.type) or kernel(k))
+    k = randn(1, 2, 5, 16, device=device)
+    cosine.adjacent_cosine(k)                                   # the device fixture forces Triton
+    assert calls == [device.type]
+    monkeypatch.setenv("KVFX_KERNELS", "reference")
+    assert_close(cosine.adjacent_cosine(k), cosine.adjacent_cosine_reference(k), rtol=0, atol=0)
+    assert calls == [device.type]
+
+
 def test_kernel_module_built_for_the_other_mode_is_rebuilt(device, monkeypatch):
     if device.type != "cpu":
         pytest.skip("the interpreter side of the switch")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    module = importlib.reload(importlib.import_module("kvfx.kernels.cosine_triton"))
+    module = importlib.reload(importlib.import_module("kvfx.kernels.cosine.triton"))
     assert not module.INTERPRETED  # compiled-mode kernels: unusable on CPU tensors
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.triton_module("cosine").INTERPRETED

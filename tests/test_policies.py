@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kvfx
-from kvfx.policies import budget_tokens
+from kvfx.policies import budget_tokens, key_of
 
 
 @pytest.mark.parametrize("cls", [kvfx.StreamingLLM, kvfx.SnapKV, kvfx.KNorm])
@@ -37,7 +37,7 @@ def test_policies_are_frozen():
 @pytest.mark.parametrize("text", ["SnapKV(budget=0.25, window=16)", "StreamingLLM(budget=64, sinks=2)", "KNorm"])
 def test_parse_policy_roundtrips(text):
     policy = kvfx.parse_policy(text)
-    assert kvfx.parse_policy(policy.spec()) == policy
+    assert kvfx.parse_policy(repr(policy)) == policy and key_of(policy) == repr(policy)
 
 
 @pytest.mark.parametrize("text", ["__import__('os').system('true')", "SnapKV(budget=x)", "Nope(budget=1)",

@@ -1,7 +1,6 @@
 """Property tests of kvfx's operators for every preset: random shapes, GQA
 ratios, padding, budgets at the edge of the prompt length, NaN/inf inputs."""
 
-import math
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from hypothesis import strategies as st
 
 import kvfx
 import kvfx.ops  # noqa: F401  (registers torch.ops.kvfx.*)
+from kvfx.policies import key_of
 
 NEG_INF = float("-inf")
 CONSERVES_COUNTS = {"ZeroMerge", "RazorAttention"}  # every real token is counted once: sum(exp(bias)) = real tokens
@@ -63,7 +63,7 @@ def test_compress_keeps_the_promised_slots_and_never_a_pad(case):
     name, budget, batch, kv_heads, groups, length, pad, layer, seed = case
     policy = make_policy(name, budget)
     q, k, v, valid = tensors(batch, kv_heads, groups, length, pad, seed)
-    k_out, v_out, bias, score, index = torch.ops.kvfx.compress(q, k, v, sdpa_mask(valid), None, policy.spec(),
+    k_out, v_out, bias, score, index = torch.ops.kvfx.compress(q, k, v, sdpa_mask(valid), None, key_of(policy),
                                                                layer, 4, 8 ** -0.5)
     n = policy.kept_length(length, layer, 4)
     assert k_out.shape == (batch, kv_heads, n, 8) and v_out.shape == k_out.shape
@@ -81,7 +81,7 @@ def test_compress_keeps_the_promised_slots_and_never_a_pad(case):
                     i = int(index[b, h, slot])
                     assert bool(valid[b, i]), "a pad slot is live"
                     assert torch.equal(k_out[b, h, slot], k[b, h, i]) and torch.equal(v_out[b, h, slot], v[b, h, i])
-    again = torch.ops.kvfx.compress(q, k, v, sdpa_mask(valid), None, policy.spec(), layer, 4, 8 ** -0.5)
+    again = torch.ops.kvfx.compress(q, k, v, sdpa_mask(valid), None, key_of(policy), layer, 4, 8 ** -0.5)
     assert all(torch.equal(a, b) for a, b in zip(again, (k_out, v_out, bias, score, index)))  # deterministic
 
 
@@ -112,16 +112,33 @@ def test_attend_equals_naive_attention_and_ignores_invalid_slots(batch, kv_heads
     dead = torch.rand(batch, kv_heads, past, generator=gen) < data.draw(st.sampled_from([0.0, 0.3, 0.9]))
     bias = bias.masked_fill(dead, NEG_INF)
     score = torch.zeros_like(bias)
-    out, new_bias, new_score = torch.ops.kvfx.attend(q, k, v, bias, score, torch.tensor(True), None, 8 ** -0.5, 0.0)
+    seen = torch.tensor(past + 5)                    # tokens seen: more than the slots held
+    out, new_bias, new_score, seen_after = torch.ops.kvfx.attend(q, k, v, bias, score, seen, None, 8 ** -0.5, 0.0)
     torch.testing.assert_close(out.double(), naive_attention(q, k, v, bias, 8 ** -0.5), rtol=1e-5, atol=1e-5)
     assert new_bias.shape == (batch, kv_heads, past + new) and torch.equal(new_bias[..., :past], bias)
     assert torch.all(new_bias[..., past:] == 0) and torch.all(new_score == 0)
+    assert int(seen_after) == past + 5 + new
     # what an invalid slot holds never matters
     k2, v2 = k.clone(), v.clone()
     k2[..., :past, :] = torch.where(dead[..., None], 1e4, k2[..., :past, :])
     v2[..., :past, :] = torch.where(dead[..., None], -1e4, v2[..., :past, :])
-    out2 = torch.ops.kvfx.attend(q, k2, v2, bias, score, torch.tensor(True), None, 8 ** -0.5, 0.0)[0]
+    out2 = torch.ops.kvfx.attend(q, k2, v2, bias, score, seen, None, 8 ** -0.5, 0.0)[0]
     torch.testing.assert_close(out2, out)
+
+
+def test_attend_on_a_cache_without_state_uses_the_models_mask():
+    gen = torch.Generator().manual_seed(3)
+    past, new = 12, 2
+    q, k, v = (torch.randn(2, 4, new, 8, generator=gen), torch.randn(2, 2, past + new, 8, generator=gen),
+               torch.randn(2, 2, past + new, 8, generator=gen))
+    valid = torch.ones(2, past + new, dtype=torch.bool)
+    valid[1, :5] = False                                          # a left-padded row
+    mask = torch.ones(new, past + new, dtype=torch.bool).tril(past)[None, None] & valid[:, None, None, :]
+    zeros = torch.zeros(2, 2, past)
+    out, bias, _, seen = torch.ops.kvfx.attend(q, k, v, zeros, zeros, torch.tensor(-1), mask, 8 ** -0.5, 0.0)
+    expected_bias = torch.zeros(2, 2, past).masked_fill(~valid[:, None, :past], NEG_INF)
+    torch.testing.assert_close(out.double(), naive_attention(q, k, v, expected_bias, 8 ** -0.5), rtol=1e-5, atol=1e-5)
+    assert torch.equal(bias[..., :past], expected_bias) and int(seen) == past + new
 
 
 @settings(max_examples=40, deadline=None)
@@ -138,7 +155,7 @@ def test_continuous_step_keeps_its_length_and_counts(name, budget, grow, new, kv
     counts[..., -new:] = 1
     bias = counts.log() if name == "ZeroMerge" else torch.zeros_like(counts)
     score = torch.rand(1, kv_heads, total, generator=gen)
-    k_out, v_out, bias_out, score_out = torch.ops.kvfx.step(q, k, v, bias, score, policy.spec(), 0, 1, 8 ** -0.5)
+    k_out, v_out, bias_out, score_out = torch.ops.kvfx.step(q, k, v, bias, score, key_of(policy), 0, 1, 8 ** -0.5)
     n = policy.decode_length(total, new)
     assert k_out.shape == (1, kv_heads, n, 8) and bias_out.shape == score_out.shape == (1, kv_heads, n)
     assert n == min(total, max(total - new, budget))
@@ -156,7 +173,7 @@ def test_nan_or_inf_in_a_key_gives_a_defined_result(name, bad):
     policy = make_policy(name, 8)
     q, k, v, valid = tensors(1, 2, 2, 20, 0, seed=0)
     k[0, 0, 7] = bad
-    k_out, v_out, bias, score, index = torch.ops.kvfx.compress(q, k, v, sdpa_mask(valid), None, policy.spec(), 1, 4,
+    k_out, v_out, bias, score, index = torch.ops.kvfx.compress(q, k, v, sdpa_mask(valid), None, key_of(policy), 1, 4,
                                                                8 ** -0.5)
     assert k_out.shape[2] == policy.kept_length(20, 1, 4)
     assert not bias.isnan().any()

@@ -33,10 +33,12 @@ def by_hand_knorm(keys, attn, n):
 def by_hand_snapkv(keys, attn, n, window, kernel):
     b, hkv, s, _ = keys.shape
     h = attn.shape[1]
-    score = attn[:, :, -window:, :].sum(dim=-2)     # attention the observation window pays each key
-    score = F.avg_pool1d(score, kernel, 1, kernel // 2, count_include_pad=False)
-    score = score.view(b, hkv, h // hkv, s).mean(2)
-    score[..., -window:] = float("inf")             # the window itself is always kept
+    # As the SnapKV authors' code: the window's attention to the prefix, summed,
+    # average-pooled with zero padding, GQA-averaged; the window itself is kept.
+    score = attn[:, :, -window:, :-window].sum(dim=-2)
+    score = F.avg_pool1d(score, kernel, 1, kernel // 2, count_include_pad=True)
+    score = score.view(b, hkv, h // hkv, s - window).mean(2)
+    score = F.pad(score, (0, window), value=float("inf"))
     return score.topk(n, dim=-1).indices.sort(-1).values
 
 

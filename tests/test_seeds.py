@@ -1,7 +1,6 @@
 """The seed methods and baselines: exactness invariants, the compiled
 rewrite against the eager reference, head maps."""
 
-import math
 
 import pytest
 import torch
@@ -150,6 +149,27 @@ def test_pyramidkv_budgets_decrease_with_depth():
     lengths = [policy.kept_length(1000, layer, 8) for layer in range(8)]
     assert lengths == sorted(lengths, reverse=True) and lengths[0] > 300 > lengths[-1]
     assert abs(sum(lengths) / 8 - 300) < 10
+
+
+@pytest.mark.parametrize("budget,window,sinks", [(0.2, 32, 0), (0.1, 32, 0), (0.35, 4, 2), (64, 16, 4)])
+@pytest.mark.parametrize("n_layers", [2, 3, 24])
+def test_pyramidkv_mean_kept_per_layer_never_exceeds_the_budget(budget, window, sinks, n_layers):
+    policy = kvfx.PyramidKV(budget=budget, window=window, sinks=sinks)
+    for length in [*range(1, 400), *range(400, 4097, 37)]:
+        kept = [policy.kept_length(length, layer, n_layers) for layer in range(n_layers)]
+        allowed = budget if isinstance(budget, int) else budget * length
+        # Below the always-kept tokens every layer keeps them, as every preset does.
+        assert sum(kept) / n_layers <= max(allowed, min(length, sinks + window)) + 1, (length, kept)
+        assert all(min(length, sinks + window) <= n <= length for n in kept), (length, kept)
+
+
+def test_pyramidkv_plan_is_the_same_formula_for_symbolic_lengths():
+    from kvfx.explain import S
+
+    policy = kvfx.PyramidKV(budget=0.2, window=32)
+    for layer in range(3):
+        formula = policy.kept_length(S, layer, 3)
+        assert all(int(formula.subs(S, n)) == policy.kept_length(n, layer, 3) for n in (1, 50, 320, 1024, 4096))
 
 
 def test_razor_layers_with_retrieval_heads_hold_every_slot():

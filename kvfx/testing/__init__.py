@@ -14,6 +14,7 @@ import torch
 
 import kvfx
 from kvfx.api import GraphRecord, restore
+from kvfx.integrations.transformers import kv_pairs
 from kvfx.policies import Policy, StreamingLLM
 
 
@@ -30,9 +31,7 @@ class Run:
 
 def cache_lengths(cache) -> list[int]:
     """Slots per layer of a transformers cache (or a tuple of (k, v) pairs)."""
-    if hasattr(cache, "layers"):
-        return [layer.keys.shape[-2] for layer in cache.layers]
-    return [k.shape[-2] for k, _ in cache]
+    return [k.shape[-2] for k, _ in kv_pairs(cache)]
 
 
 def generate(model, input_ids, *, policy: Optional[Policy] = None, inner: str = "aot_eager", steps: int = 16,

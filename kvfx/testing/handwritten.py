@@ -54,21 +54,26 @@ class Block(nn.Module):
         # GQA: each KV head serves n_heads // n_kv_heads query heads.
         rep = self.h // self.hkv
         kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # Causal only matters in prefill; a single decode query sees everything.
+        # Causal only matters in prefill (where one query sees its one key either
+        # way); a single decode query sees everything. `S > 1` here would be a
+        # SymBool under dynamic shapes, which SDPA refuses (a graph break).
         # (Chunked prefill onto a non-empty past is not supported.)
-        a = F.scaled_dot_product_attention(q, kk, vv, is_causal=prefill and S > 1)
+        a = F.scaled_dot_product_attention(q, kk, vv, is_causal=prefill)
         x = x + self.o(a.transpose(1, 2).reshape(B, S, self.h * self.d))
         return x + self.mlp(self.ln2(x)), (k, v)
 
 
 class TinyGPT(nn.Module):
-    """Decoder-only LM; ``forward`` returns ``(logits, new_past)``."""
+    """Decoder-only LM; ``forward`` returns ``(logits, new_past)``.
+    ``break_after``: a graph break after that block, so dynamo splits the
+    layers over two graphs (as Python control flow in a model does)."""
 
     def __init__(self, vocab: int = 128, dim: int = 64, n_layers: int = 2, n_heads: int = 4,
-                 n_kv_heads: int = 2, max_len: int = 512) -> None:
+                 n_kv_heads: int = 2, max_len: int = 512, break_after: int | None = None) -> None:
         super().__init__()
         assert dim % n_heads == 0 and n_heads % n_kv_heads == 0
         self.max_len = max_len
+        self.break_after = break_after
         self.emb = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(Block(dim, n_heads, n_kv_heads) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(dim)
@@ -81,11 +86,21 @@ class TinyGPT(nn.Module):
             start = 0 if past is None else past[0][0].shape[-2]
             position_ids = torch.arange(start, start + S, device=ids.device).expand(B, S)
         x = self.emb(ids)
-        new_past = []
-        for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, position_ids, None if past is None else past[i])
-            new_past.append(kv)
+        new_past: list = []
+        # A graph break inside the loop would make dynamo compile each block on its
+        # own; between two loops it splits the layers over two graphs.
+        split = len(self.blocks) if self.break_after is None else self.break_after + 1
+        x = self._blocks(x, position_ids, past, new_past, 0, split)
+        if split < len(self.blocks):
+            torch._dynamo.graph_break()
+            x = self._blocks(x, position_ids, past, new_past, split, len(self.blocks))
         return self.head(self.ln_f(x)), tuple(new_past)
+
+    def _blocks(self, x: Tensor, pos: Tensor, past: Past | None, new_past: list, lo: int, hi: int) -> Tensor:
+        for i in range(lo, hi):
+            x, kv = self.blocks[i](x, pos, None if past is None else past[i])
+            new_past.append(kv)
+        return x
 
 
 @torch.no_grad()

@@ -11,11 +11,3 @@ def adjacent_cosine_reference(k: torch.Tensor) -> torch.Tensor:
     kf = k.float()
     cos = torch.nn.functional.cosine_similarity(kf[:, :, 1:], kf[:, :, :-1], dim=-1, eps=1e-8)
     return torch.nn.functional.pad(cos, (1, 0), value=-1.0)
-
-
-def adjacent_cosine(k: torch.Tensor) -> torch.Tensor:
-    from kvfx.kernels.dispatch import triton_module, use_triton  # lazy: kvfx imports without triton
-
-    if use_triton(k):
-        return triton_module("cosine").adjacent_cosine(k)
-    return adjacent_cosine_reference(k)

@@ -1,5 +1,5 @@
 """Triton kernels for ``gaussian_merge`` and ``segment_mean`` (reference:
-``kernels/merge.py``).
+``kernels/merge/reference.py``).
 
 Segment ids need not be contiguous (RazorAttention's dropped tokens are
 scattered), so the host groups each (batch, KV head)'s slots by segment with a

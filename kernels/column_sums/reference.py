@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvfx.kernels.scores import repeat_kv
+from kvfx.kernels.common import repeat_kv
 
 
 def column_sums_reference(
@@ -41,11 +41,3 @@ def column_sums_reference(
         probs = logits.softmax(-1)
         score += torch.matmul(weights[:, None, None, lo:hi], probs)
     return score.view(b, hkv, h // hkv, s).sum(dim=2)
-
-
-def column_sums(q, k, valid, scale, decay: float = 1.0):
-    from kvfx.kernels.dispatch import triton_module, use_triton  # lazy: kvfx imports without triton
-
-    if use_triton(q, k):
-        return triton_module("column_sums").column_sums(q, k, valid, scale, decay)
-    return column_sums_reference(q, k, valid, scale, decay)

@@ -1,4 +1,4 @@
-"""Triton kernel for ``gather_slots`` (reference: ``kernels/gather.py``)."""
+"""Triton kernel for ``gather_slots`` (reference: ``kernels/gather/reference.py``)."""
 
 from __future__ import annotations
 

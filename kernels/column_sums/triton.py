@@ -1,4 +1,4 @@
-"""Triton kernels for ``column_sums`` (reference: ``kernels/column_sums.py``).
+"""Triton kernels for ``column_sums`` (reference: ``kernels/column_sums/reference.py``).
 
 Column sums of a causal softmax without the [Sq, S] matrix, flash-style in two
 passes:
@@ -11,7 +11,7 @@ passes:
    query heads of its KV head.
 
 The logits are recomputed in pass 2 instead of stored, which is what keeps the
-memory linear in S. SnapKV's window score (``scores_triton``) is the same
+memory linear in S. SnapKV's window score (``window_scores``) is the same
 computation restricted to the last ``window`` queries, so it reuses these.
 """
 

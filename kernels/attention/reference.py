@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvfx.kernels.scores import repeat_kv
+from kvfx.kernels.common import repeat_kv
 
 
 def slot_attention_reference(
@@ -29,11 +29,3 @@ def slot_attention_reference(
     )
     probs = (logits + bias).softmax(dim=-1)
     return (probs @ repeat_kv(v.float(), groups)).to(q.dtype)
-
-
-def slot_attention(q, k, v, slot_bias, scale, softcap=0.0):
-    from kvfx.kernels.dispatch import triton_module, use_triton  # lazy: kvfx imports without triton
-
-    if use_triton(q, k, v):
-        return triton_module("attention").slot_attention(q, k, v, slot_bias, scale, softcap)
-    return slot_attention_reference(q, k, v, slot_bias, scale, softcap)

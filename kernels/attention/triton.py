@@ -1,4 +1,4 @@
-"""Triton kernels for ``slot_attention`` (reference: ``kernels/attention.py``).
+"""Triton kernels for ``slot_attention`` (reference: ``kernels/attention/reference.py``).
 
 Split-K (flash-decoding) attention: at decode there are few queries per KV
 head, so besides (batch, KV head, query rows) the grid also splits the slots;
@@ -11,7 +11,6 @@ fewer splits.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -1,9 +1,10 @@
-"""Triton kernels for ``window_attention`` (reference: ``kernels/scores.py``).
+"""Triton kernels for ``window_attention`` (reference: ``kernels/window_scores/reference.py``).
 
 SnapKV's score is the column sum of the causal softmax of the last ``window``
-queries (``column_sums_triton`` computes it without the [window, S] matrix),
-averaged over a GQA group, then average-pooled along the keys. Pooling is
-linear, so pooling the group mean equals the reference's mean of pooled heads.
+queries (``column_sums``' Triton kernels compute it without the [window, S]
+matrix), averaged over a GQA group, then the prefix is average-pooled along
+the keys. Pooling is linear, so pooling the group mean equals the
+reference's mean of pooled heads.
 """
 
 from __future__ import annotations
@@ -24,23 +25,19 @@ INTERPRETED = interpreting()
     interpreter={"BLOCK_S": 32},
 )
 @triton.jit
-def _avg_pool_kernel(x_ptr, valid_ptr, out_ptr, length, rows_per_batch, KERNEL: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Mean of the real-token neighbours (``valid``) within KERNEL // 2 of each
-    slot, for contiguous rows of ``length`` float32 (see ``pool_valid``)."""
+def _avg_pool_kernel(x_ptr, out_ptr, length, prefix, KERNEL: tl.constexpr, BLOCK_S: tl.constexpr):
+    """For contiguous rows of ``length`` float32: slots before ``prefix`` get the
+    zero-padded mean of their KERNEL neighbours within the prefix (divided by
+    KERNEL, as F.avg_pool1d with count_include_pad); the rest are copied."""
     row = tl.program_id(0).to(tl.int64)
-    batch = row // rows_per_batch
     offs = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     radius: tl.constexpr = KERNEL // 2
     acc = tl.zeros([BLOCK_S], tl.float32)
-    count = tl.zeros([BLOCK_S], tl.float32)
     for t in tl.static_range(KERNEL):
         src = offs + (t - radius)
-        inside = (src >= 0) & (src < length)
-        real = tl.load(valid_ptr + batch * length + src, mask=inside, other=0).to(tl.float32)
-        acc += tl.load(x_ptr + row * length + src, mask=inside, other=0.0) * real
-        count += real
-    # At least 1: a slot with no real neighbour (a pad) scores 0, and lanes past the end do not divide by zero.
-    tl.store(out_ptr + row * length + offs, acc / tl.maximum(count, 1.0), mask=offs < length)
+        acc += tl.load(x_ptr + row * length + src, mask=(src >= 0) & (src < prefix), other=0.0)
+    own = tl.load(x_ptr + row * length + offs, mask=offs < length, other=0.0)
+    tl.store(out_ptr + row * length + offs, tl.where(offs < prefix, acc / KERNEL, own), mask=offs < length)
 
 
 def window_attention(q, k, valid, scale, window: int, kernel: int, splits: int | None = None) -> torch.Tensor:
@@ -55,10 +52,10 @@ def window_attention(q, k, valid, scale, window: int, kernel: int, splits: int |
     score = column_sums_triton.attention_column_sums(
         q[:, :, sq - w :], k, valid, scale, out_scale=1.0 / groups, splits=splits
     )
-    if kernel <= 1 or score.numel() == 0:
-        return score
     s = score.shape[-1]
+    if kernel <= 1 or score.numel() == 0 or s <= w:
+        return score
     pooled = torch.empty_like(score)
     grid = lambda meta: (score.shape[0] * score.shape[1], triton.cdiv(s, meta["BLOCK_S"]))  # noqa: E731
-    _avg_pool_kernel[grid](score, valid.to(torch.int8).contiguous(), pooled, s, score.shape[1], KERNEL=kernel)
+    _avg_pool_kernel[grid](score, pooled, s, s - w, KERNEL=kernel)
     return pooled

@@ -60,19 +60,3 @@ def segment_mean_reference(k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor, 
     mean_k = _scatter(k.float(), seg, n_seg, "sum") / denom
     mean_v = _scatter(v.float(), seg, n_seg, "sum") / denom
     return mean_k.to(k.dtype), mean_v.to(v.dtype), count
-
-
-def gaussian_merge(k, v, score, seg, n_seg, sigma):
-    from kvfx.kernels.dispatch import triton_module, use_triton  # lazy: kvfx imports without triton
-
-    if use_triton(k, v, score, seg):
-        return triton_module("merge").gaussian_merge(k, v, score, seg, n_seg, sigma)
-    return gaussian_merge_reference(k, v, score, seg, n_seg, sigma)
-
-
-def segment_mean(k, v, seg, n_seg):
-    from kvfx.kernels.dispatch import triton_module, use_triton  # lazy: kvfx imports without triton
-
-    if use_triton(k, v, seg):
-        return triton_module("merge").segment_mean(k, v, seg, n_seg)
-    return segment_mean_reference(k, v, seg, n_seg)

@@ -1,4 +1,4 @@
-"""Triton kernel for ``adjacent_cosine`` (reference: ``kernels/cosine.py``)."""
+"""Triton kernel for ``adjacent_cosine`` (reference: ``kernels/cosine/reference.py``)."""
 
 from __future__ import annotations
 

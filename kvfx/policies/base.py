@@ -1,0 +1,171 @@
+"""The base of every policy, and the one driver that applies its primitives.
+
+A policy composes the primitives of DESIGN.md §3:
+  * score    -- ``score``: how much each prompt slot is worth keeping;
+  * keep     -- ``keep()``: a rule of ``kvfx.policies.keep`` (top tokens, top chunks);
+  * fold     -- ``fold()``: a rule of ``kvfx.policies.fold`` (evict, compensate, merge);
+  * schedule -- ``schedule``: once after prefill, or also at every decode step
+                (``step_score`` + the fold's ``step``);
+  * plan     -- ``layer_budget`` / ``layer_tokens``: each layer's budget;
+                ``full_heads``: heads that keep everything; ``reuse_source``:
+                a layer that reuses another's kept indices.
+
+``compress`` and ``step`` apply them; a preset only says which primitives it
+uses. The per-row budget of a padded batch (a row keeps what it would keep
+alone) is computed in one place, ``row_keep``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Optional
+
+import torch
+
+from kvfx.policies.budgets import Budget, budget_tokens, check_budget, check_int, smax, smin
+from kvfx.policies.fold import Compressed, Evict, Fold, evict_to, whole_heads
+from kvfx.policies.keep import Keep, TopTokens
+from kvfx.policies.registry import register_class
+from kvfx.policies.scores import query_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Base of every preset. A subclass is a frozen dataclass of its paper's
+    hyperparameters that overrides ``score`` (and, where its paper says so,
+    ``keep``, ``fold``, ``layer_budget``, ``full_heads`` or ``step_score``)."""
+
+    budget: Budget = 0.5
+    sinks: int = 0
+    window: int = 0
+
+    #: when compression runs: "prefill" = once, right after the prompt is
+    #: cached; "continuous" = also at every decode step.
+    schedule: ClassVar[str] = "prefill"
+    #: whether ``score`` reads the queries; when False the graph does not pass
+    #: them (``q`` is None), so a subclass whose score reads q must say True.
+    needs_queries: ClassVar[bool] = True
+    #: whether sinks + window must fit in a token budget (not for a policy
+    #: whose budget sizes only part of what it keeps, like RazorAttention).
+    window_within_budget: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        register_class(cls)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_budget(name, self.budget)
+        check_int(name, "sinks", self.sinks, 0)
+        check_int(name, "window", self.window, 0)
+        if self.window_within_budget and isinstance(self.budget, int) and self.sinks + self.window > self.budget:
+            raise ValueError(
+                f"{name}: sinks + window = {self.sinks + self.window} exceeds budget={self.budget}; "
+                f"the always-kept tokens must fit in the budget (make budget >= {self.sinks + self.window} "
+                "or shrink sinks/window)"
+            )
+
+    # -- primitives ---------------------------------------------------------
+    def score(self, q: Optional[torch.Tensor], k: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+        """Worth of each slot, higher = keep. q: [B, H, Sq, D] (None unless
+        ``needs_queries``), k: [B, Hkv, S, D], valid: [B, S] bool.
+        Returns [B, Hkv, S]."""
+        raise NotImplementedError(f"{type(self).__name__} must define score(q, k, valid, scale)")
+
+    def keep(self) -> Keep:
+        return TopTokens()
+
+    def fold(self) -> Fold:
+        return Evict()
+
+    def step_score(self, q, k, slot_bias, slot_score, scale) -> torch.Tensor:
+        """Score a continuous policy ranks slots by at a decode step (and stores
+        as their running score): the attention of the newest query."""
+        return query_attention(q, k, slot_bias, scale)
+
+    # -- plan ---------------------------------------------------------------
+    def layer_budget(self, layer: int, n_layers: int) -> Budget:
+        """Budget of one layer; uniform unless a preset plans otherwise."""
+        return self.budget
+
+    def layer_tokens(self, length, layer: int, n_layers: int):
+        """Tokens the plan gives a layer of ``length`` slots (before the always-kept floor)."""
+        return budget_tokens(self.layer_budget(layer, n_layers), length)
+
+    def full_heads(self, layer: int) -> tuple[int, ...]:
+        """KV heads of ``layer`` that keep every slot."""
+        return ()
+
+    def reuse_source(self, layer: int) -> Optional[int]:
+        """Layer whose kept indices this layer reuses (ChunkKV); None = its own."""
+        return None
+
+    @property
+    def supports_padding(self) -> bool:
+        """Whether a left-padded row compresses as it would alone (else kvfx.compile refuses padded batches)."""
+        return self.keep().supports_padding
+
+    # -- lengths ------------------------------------------------------------
+    def keep_count(self, length, layer: int = 0, n_layers: int = 1, cap=None):
+        """Slots the keep rule keeps of ``length`` (the fold's own slots apart):
+        the plan's tokens, never fewer than the always-kept ones, at most
+        ``cap`` (default: what the fold leaves of ``length``)."""
+        fold = self.fold()
+        n = smax(self.layer_tokens(length, layer, n_layers) - fold.reserve,
+                 self.sinks + self.window + fold.min_keep)
+        return self.keep().fit(self, smin(n, length - fold.reserve if cap is None else cap), length)
+
+    def budget_length(self, length, layer: int = 0, n_layers: int = 1):
+        """Slots a compressed head keeps out of ``length`` (guard-free)."""
+        return self.keep_count(length, layer, n_layers) + self.fold().reserve
+
+    def kept_length(self, length, layer: int = 0, n_layers: int = 1):
+        """Slots the layer's cache keeps out of ``length``: the longest head's."""
+        return length if self.full_heads(layer) else self.budget_length(length, layer, n_layers)
+
+    def row_keep(self, valid: torch.Tensor, layer: int = 0, n_layers: int = 1) -> torch.Tensor:
+        """[B, 1, 1]: slots each row keeps of its own real tokens, so a padded
+        row keeps what it would keep alone (the cache is rectangular: a shorter
+        row fills the rest with invalid slots)."""
+        real = valid.sum(-1)
+        return torch.as_tensor(self.keep_count(real, layer, n_layers, cap=real), device=valid.device)[:, None, None]
+
+    def decode_length(self, total, new):
+        """Slots kept after a decode step that brought ``total`` slots (``new``
+        of them new): grow until a token budget, then stay; a fraction budget
+        keeps the size the prompt was compressed to."""
+        cap = self.budget if isinstance(self.budget, int) else 0
+        return smin(total, smax(total - new, cap))
+
+    # -- the driver ---------------------------------------------------------
+    def select(self, q, k, valid, scale, layer: int = 0, n_layers: int = 1) -> torch.Tensor:
+        """The slots the keep rule keeps, [B, Hkv, n] ascending (before the fold)."""
+        n = self.keep_count(k.shape[-2], layer, n_layers)
+        return self.keep().select(self, self._score(q, k, valid, scale), valid, n).index
+
+    def compress(self, q, k, v, valid, scale, layer: int = 0, n_layers: int = 1, reuse_index=None) -> Compressed:
+        """Compress one layer's prompt cache: score, keep, fold, then the
+        layer's whole heads. k, v: [B, Hkv, S, D]; valid: [B, S]."""
+        if reuse_index is not None:
+            return evict_to(reuse_index, k, v, valid)
+        s = k.shape[2]
+        n = self.budget_length(s, layer, n_layers)
+        score = self._score(q, k, valid, scale)
+        fold = self.fold()
+        kept = self.keep().select(self, score, valid, n - fold.reserve)
+        out = fold.apply(self, k, v, valid, score, kept, n, self.row_keep(valid, layer, n_layers))
+        heads = self.full_heads(layer)
+        return whole_heads(out, k, v, valid, heads) if heads and out.k.shape[2] < s else out
+
+    def step(self, q, k, v, slot_bias, slot_score, scale, layer: int = 0, n_layers: int = 1):
+        """One decode step of a continuous policy: returns (k, v, slot_bias, slot_score)."""
+        return self.fold().step(self, q, k, v, slot_bias, slot_score, scale)
+
+    def _score(self, q, k, valid, scale) -> torch.Tensor:
+        try:
+            return self.score(q, k, valid, scale)
+        except (AttributeError, TypeError) as err:
+            if q is None:
+                raise TypeError(f"{type(self).__name__}.score failed with q=None ({err}): a score that reads the "
+                                f"queries needs `needs_queries = True` on {type(self).__name__}") from err
+            raise

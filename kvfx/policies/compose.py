@@ -1,0 +1,77 @@
+"""A policy built from another one's score and plan with other keep or fold
+rules, e.g. SnapKV's keep followed by KVMerger's merge instead of eviction:
+
+    kvfx.Compose(kvfx.SnapKV(budget=0.3), fold_rule=kvfx.GaussianMerge(epsilon=0.6))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from kvfx.policies.base import Policy
+from kvfx.policies.budgets import Budget, fail
+from kvfx.policies.fold import Fold
+from kvfx.policies.keep import Keep
+from kvfx.policies.registry import shipped
+
+
+def _inherited():
+    return dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+
+@shipped
+@dataclasses.dataclass(frozen=True)
+class Compose(Policy):
+    """``policy``'s score, budget, plan and schedule, with ``keep`` and/or
+    ``fold`` replaced (None: the policy's own rule)."""
+
+    policy: Optional[Policy] = None
+    keep_rule: Optional[Keep] = None
+    fold_rule: Optional[Fold] = None
+    budget: Budget = _inherited()
+    sinks: int = _inherited()
+    window: int = _inherited()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, Policy):
+            fail("Compose", "policy", self.policy, "a kvfx policy (e.g. kvfx.SnapKV(budget=0.3))")
+        if self.keep_rule is not None and not isinstance(self.keep_rule, Keep):
+            fail("Compose", "keep_rule", self.keep_rule, "a keep rule (kvfx.TopTokens(), kvfx.TopChunks(...))")
+        if self.fold_rule is not None and not isinstance(self.fold_rule, Fold):
+            fail("Compose", "fold_rule", self.fold_rule,
+                 "a fold rule (kvfx.Evict(), kvfx.Compensate(), kvfx.ResidualMerge(), kvfx.GaussianMerge())")
+        for name in ("budget", "sinks", "window"):
+            object.__setattr__(self, name, getattr(self.policy, name))
+
+    @property
+    def schedule(self) -> str:  # type: ignore[override]
+        return self.policy.schedule
+
+    @property
+    def needs_queries(self) -> bool:  # type: ignore[override]
+        return self.policy.needs_queries
+
+    def score(self, q, k, valid, scale):
+        return self.policy._score(q, k, valid, scale)
+
+    def keep(self) -> Keep:
+        return self.keep_rule or self.policy.keep()
+
+    def fold(self) -> Fold:
+        return self.fold_rule or self.policy.fold()
+
+    def step_score(self, q, k, slot_bias, slot_score, scale):
+        return self.policy.step_score(q, k, slot_bias, slot_score, scale)
+
+    def layer_budget(self, layer, n_layers):
+        return self.policy.layer_budget(layer, n_layers)
+
+    def layer_tokens(self, length, layer, n_layers):
+        return self.policy.layer_tokens(length, layer, n_layers)
+
+    def full_heads(self, layer):
+        return self.policy.full_heads(layer)
+
+    def reuse_source(self, layer):
+        return self.policy.reuse_source(layer)

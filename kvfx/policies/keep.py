@@ -1,0 +1,111 @@
+"""Keep rules: which slots of a layer's prompt cache survive (DESIGN.md §3).
+
+A keep rule turns a policy's per-slot score into the slots kept. Every rule
+keeps the policy's ``sinks`` (first real tokens) and ``window`` (last tokens),
+ranks padding last, and returns the kept slots in original order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from kvfx.policies.budgets import check_int, smax, smin
+
+
+@dataclasses.dataclass
+class Kept:
+    """What a keep rule chose for one layer. ``key`` [B, Hkv, S] is the ranking
+    it used (+inf: always kept, -inf: padding); ``index`` [B, Hkv, n] the kept
+    slots, ascending; ``rank`` [B, Hkv, n] each kept slot's rank (0 = best)."""
+
+    key: torch.Tensor
+    index: torch.Tensor
+    rank: torch.Tensor
+
+
+def top_sorted(key: torch.Tensor, n, ranked: bool = False):
+    """The ``n`` best slots per row of key [..., S], in original order.
+    A stable descending sort breaks ties by position, so the reference, the
+    compiled graph and any kernel agree on which slots survive.
+    ``ranked``: also return each kept slot's rank (0 = best)."""
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :n]
+    index, rank = order.sort(dim=-1)
+    return (index, rank) if ranked else index
+
+
+def protect(key: torch.Tensor, valid: torch.Tensor, sinks, window) -> torch.Tensor:
+    """Rank key so the first ``sinks`` and last ``window`` real tokens always
+    win and padding always loses. key: [B, Hkv, S], valid: [B, S]; ``window``
+    may be a [B, 1] tensor (one window per row)."""
+    rank = valid.long().cumsum(-1)  # 1-based position among real tokens
+    n_real = rank[:, -1:]
+    kept = valid & ((rank <= sinks) | (rank > n_real - window))
+    key = key.masked_fill(kept[:, None, :], float("inf"))
+    return key.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+class Keep:
+    """Base of the keep rules."""
+
+    #: whether a left-padded row can keep slots as it would alone
+    supports_padding: ClassVar[bool] = True
+
+    def fit(self, policy, n, length):
+        """Slots kept when the budget allows ``n`` of ``length`` (a rule that keeps
+        whole units rounds here)."""
+        return n
+
+    def select(self, policy, score: torch.Tensor, valid: torch.Tensor, n) -> Kept:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class TopTokens(Keep):
+    """Per KV head: sinks and window, then the best-scored tokens."""
+
+    def select(self, policy, score, valid, n) -> Kept:
+        key = protect(score.float(), valid, policy.sinks, policy.window)
+        index, rank = top_sorted(key, n, ranked=True)
+        return Kept(key, index, rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopChunks(Keep):
+    """ChunkKV's keep (Liu et al., 2025): token scores summed over all heads,
+    chunk score = mean over its ``chunk`` tokens; the top whole chunks fill the
+    budget, the same indices for every head, in original order; the window
+    (and the partial chunk before it) is always kept."""
+
+    chunk: int = 10
+
+    # Chunks start at a row's first token, so rows of different real lengths
+    # need different kept counts than one rectangular cache can hold.
+    supports_padding: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_int("TopChunks", "chunk", self.chunk, 1)
+
+    def fit(self, policy, n, length):
+        window = smin(policy.window, length)
+        prefix = length - window
+        always = window + prefix % self.chunk                        # window + the partial chunk before it
+        chunks = smin(prefix // self.chunk, smax(0, (n - always) // self.chunk))
+        return always + chunks * self.chunk
+
+    def select(self, policy, score, valid, n) -> Kept:
+        b, hkv, s = score.shape
+        window = min(policy.window, s)
+        full_chunks = (s - window) // self.chunk
+        picked = (n - window - (s - window) % self.chunk) // self.chunk
+        token = score.float().sum(dim=1)                                          # [B, S]
+        chunk_score = token[:, : full_chunks * self.chunk].reshape(b, full_chunks, self.chunk).mean(-1)
+        chunks = top_sorted(chunk_score, picked)                                  # [B, picked]
+        tokens = (chunks[..., None] * self.chunk + torch.arange(self.chunk, device=score.device)).flatten(1)
+        tail = torch.arange(full_chunks * self.chunk, s, device=score.device).expand(b, -1)
+        index = torch.cat([tokens, tail], dim=1)[:, None].expand(b, hkv, -1)
+        kept = torch.zeros_like(score, dtype=torch.bool).scatter(2, index, True)
+        key = score.float().masked_fill(kept, float("inf"))
+        return Kept(key, index, torch.arange(index.shape[-1], device=score.device).expand_as(index))

@@ -1,0 +1,135 @@
+"""Eviction presets: one score each, the default keep (top tokens) and fold (evict)."""
+
+from __future__ import annotations
+
+import dataclasses
+from fractions import Fraction
+from typing import ClassVar
+
+from kvfx.kernels.column_sums import column_sums
+from kvfx.kernels.window_scores import window_attention
+from kvfx.policies.base import Policy
+from kvfx.policies.budgets import Budget, as_fraction, budget_tokens, ceil_linear, fail, smax
+from kvfx.policies.registry import preset
+from kvfx.policies.scores import recency
+
+
+@preset
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(Policy):
+    """StreamingLLM (Xiao et al., 2023, "Efficient Streaming Language Models
+    with Attention Sinks"): keep the first ``sinks`` tokens and the most recent
+    ones up to the budget."""
+
+    budget: Budget = 0.5
+    sinks: int = 4
+
+    needs_queries: ClassVar[bool] = False
+
+    def score(self, q, k, valid, scale):
+        return recency(k)
+
+
+@preset
+@dataclasses.dataclass(frozen=True)
+class SnapKV(Policy):
+    """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for
+    Before Generation"): score each slot by the attention the last ``window``
+    queries pay it, average-pooled over ``kernel`` neighbours as the authors'
+    code pools (the prefix only, zero-padded), averaged over a GQA group; keep
+    the observation window and the top slots per KV head."""
+
+    budget: Budget = 0.5
+    window: int = 32
+    kernel: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            fail(type(self).__name__, "kernel", self.kernel, "an odd int >= 1")
+        if self.window < 1:
+            fail(type(self).__name__, "window", self.window, "an int >= 1 (the observation window)")
+
+    def score(self, q, k, valid, scale):
+        return window_attention(q, k, valid, scale, self.window, self.kernel)
+
+
+@preset
+@dataclasses.dataclass(frozen=True)
+class KNorm(Policy):
+    """Key-norm eviction (Devoto et al., 2024, "A Simple and Effective L2
+    Norm-Based Strategy for KV Cache Compression"): keys with a low L2 norm
+    draw the most attention, so keep the lowest-norm keys."""
+
+    budget: Budget = 0.5
+
+    needs_queries: ClassVar[bool] = False
+
+    def score(self, q, k, valid, scale):
+        return -k.float().norm(dim=-1)
+
+
+@preset
+@dataclasses.dataclass(frozen=True)
+class H2O(Policy):
+    """H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient
+    Generative Inference of Large Language Models"): keep the tokens that
+    received the most attention over the whole prompt (column sums of the
+    causal attention) plus the ``window`` most recent ones."""
+
+    budget: Budget = 0.5
+    window: int = 32
+
+    def score(self, q, k, valid, scale):
+        return column_sums(q, k, valid, scale)
+
+
+@preset
+@dataclasses.dataclass(frozen=True)
+class TOVA(Policy):
+    """TOVA (Oren et al., 2024, "Transformers are Multi-State RNNs"): keep the
+    slots the current query attends to most; at every decode step over budget,
+    evict the slot with the lowest attention (averaged over a GQA group)."""
+
+    budget: Budget = 0.5
+
+    schedule: ClassVar[str] = "continuous"
+
+    def score(self, q, k, valid, scale):
+        return window_attention(q, k, valid, scale, 1, 1)
+
+
+@preset
+@dataclasses.dataclass(frozen=True)
+class PyramidKV(SnapKV):
+    """PyramidKV (Cai et al., 2024, "PyramidKV: Dynamic KV Cache Compression
+    based on Pyramidal Information Funneling"): SnapKV with budgets that fall
+    linearly over the layers. Every layer keeps its sinks + window; the rest
+    of the mean budget is spread from ``2 - 1/beta`` times its share at the
+    first layer to ``1/beta`` at the last, so the mean kept per layer is
+    ``budget`` (+ less than one token of rounding) whenever the budget holds
+    the always-kept tokens."""
+
+    beta: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1:
+            fail(type(self).__name__, "beta", self.beta, "a number >= 1")
+
+    def share(self, layer: int, n_layers: int) -> Fraction:
+        """This layer's part of the budget above the always-kept tokens, as a
+        multiple of the mean part (mean over the layers = 1)."""
+        if n_layers <= 1:
+            return Fraction(1)
+        low = 1 / as_fraction(self.beta)
+        return (2 - low) - (2 - 2 * low) * Fraction(layer, n_layers - 1)
+
+    def layer_tokens(self, length, layer: int, n_layers: int):
+        always = self.sinks + self.window
+        share = self.share(layer, n_layers)
+        if isinstance(self.budget, int):
+            extra = budget_tokens(share * (self.budget - always), 1) if self.budget > always else 0
+        else:  # ceil(share * (budget * length - always)), guard-free
+            extra = ceil_linear(share * as_fraction(self.budget), length, share * always)
+        return always + smax(extra, 0)
