@@ -202,17 +202,15 @@ def _layer_memory(report: Report, full_cache, kept_cache, policy: Policy) -> lis
             kvfx, action = (per_slot + heads * STATE_BYTES_PER_SLOT) * slots + SEEN_BYTES, "compressed"
         else:
             kvfx, action = full, (site.reason if site is not None else "no attention site found for this layer")
-        measured = sum(t.numel() * t.element_size() for t in (kk, kv))
+        measured = cache_bytes([(kk, kv)])                     # keys, values and their slot state
         state = state_of(kk)
         if state is not None:
-            measured += sum(t.numel() * t.element_size() for t in (state.slot_bias, state.slot_score, state.seen))
             valid = int(torch.isfinite(state.slot_bias).sum())
             slot_bytes = kk.shape[3] * kk.element_size() + kv.shape[3] * kv.element_size() + STATE_BYTES_PER_SLOT
             nominal = valid * slot_bytes + SEEN_BYTES
         else:
             nominal = measured
-        rows.append(LayerMemory(layer, action, full, kvfx, sum(t.numel() * t.element_size() for t in (fk, fv)),
-                                measured, nominal))
+        rows.append(LayerMemory(layer, action, full, kvfx, cache_bytes([(fk, fv)], state=False), measured, nominal))
     return rows
 
 
