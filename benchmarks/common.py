@@ -156,8 +156,8 @@ def list_of(kind):
     return parse
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inner: str) -> None:
-    """The options quality.py and speed.py share."""
+def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inner: Optional[str]) -> None:
+    """The options quality.py and speed.py share (``inner``: its default; None: the script decides)."""
     parser.add_argument("--models", type=list_of(str), help=f"comma-separated; default {','.join(REAL_MODELS)}")
     parser.add_argument("--policies", type=list_of(str), default=list(kvfx.PRESETS), help="comma-separated presets")
     parser.add_argument("--budgets", type=list_of(float), help=budgets_help)

@@ -9,10 +9,15 @@ Per model, policy and context length: prefill time, decode time per token, KV by
 prompt and after decoding, peak memory (CPU: the process's peak resident set, reset before each
 measurement; CUDA: torch.cuda.max_memory_allocated), compile time and the number of graphs. The
 full cache is the same model compiled with the same inner compiler but without kvfx, so each ratio
-isolates what kvfx adds. Compile time = the first pass over every shape (tracing and compiling)
-minus the same pass once warm. ``--llama7b`` traces once and switches each policy in with
-``kvfx.set_policy`` (its compile column is the switch), predicts the largest batch at the longest
-context from the batch-1 peak, and stops starting rows after ``--time-limit`` seconds.
+isolates what kvfx adds; the row "kvfx, budget >= prompt" is kvfx's slot store at the full cache's
+length (no compression): its decode ratio is what the store itself costs. Compile time = the first
+pass over every shape (tracing and compiling) minus the same pass once warm. ``--llama7b`` follows
+HF's compiled-generation recipe (``generate(cache_implementation="static")``, Inductor with
+``mode="reduce-overhead"``: CUDA graphs), traces once and switches each policy in with
+``kvfx.set_policy`` (its compile column is the switch), sets the full cache's time per token against
+reading its weights and cache once at the measured copy bandwidth, runs the largest batch that fits
+at the longest context for every row (no prediction), and stops starting rows after
+``--time-limit`` seconds.
 Writes ``speed.json``, ``speed.md`` and ``speed.png`` (``speed_llama7b.*``) to ``--out`` (default
 docs/results/) and refreshes the tables in docs/results.md.
 """
@@ -40,6 +45,8 @@ import kvfx  # noqa: E402
 from kvfx.api import compile_inner  # noqa: E402
 
 FULL = "full cache"
+#: kvfx with a budget above every prompt: the slot store's own cost at equal cache length
+SAME = "kvfx, budget >= prompt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,8 @@ class Settings:
     inner: str
     batch: int = 1
     dtype: str = "float32"
+    static: bool = False          # generate(cache_implementation="static"), timed token by token
+    mode: Optional[str] = None    # torch.compile's mode (Inductor), e.g. "reduce-overhead": CUDA graphs
 
 
 # -- memory -------------------------------------------------------------------
@@ -113,9 +122,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class TokenClock:
+    """A ``generate`` streamer that notes the time of every token it is handed
+    (the device synchronised first): the prompt, then each new token."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def put(self, value) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
-def generate_once(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, float]:
-    """Prefill ``ids`` then decode greedily; times, cache bytes and peak memory."""
+def generate_static(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, float]:
+    """HF's compiled-generation recipe: ``generate(cache_implementation="static")``;
+    prefill = prompt to first token, decode = the median time between tokens."""
+    device = ids.device
+    clock = TokenClock(device)
+    with PeakMemory(device) as memory:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_tokens + 1,
+                             min_new_tokens=decode_tokens + 1, do_sample=False, cache_implementation="static",
+                             return_dict_in_generate=True, streamer=clock, pad_token_id=0)
+        held = common.cache_bytes(out.past_key_values)
+    steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
+    del out
+    return {"prefill_s": clock.times[1] - clock.times[0], "decode_s_per_token": statistics.median(steps),
+            "kv_bytes_prompt": held, "kv_bytes_end": held, "peak_bytes": memory.peak}
+
+
+@torch.no_grad()
+def generate_once(model, ids: torch.Tensor, decode_tokens: int, static: bool = False) -> dict[str, float]:
+    """Prefill ``ids`` then decode greedily; times, cache bytes and peak memory.
+    ``static``: through ``generate`` with a static cache (``generate_static``)."""
+    if static:
+        return generate_static(model, ids, decode_tokens)
     device = ids.device
     with PeakMemory(device) as memory:
         _sync(device)
@@ -143,21 +187,22 @@ class GraphCounter:
     def __init__(self, inner: str) -> None:
         self.inner, self.graphs = inner, 0
 
-    def __call__(self, gm, example_inputs):
+    def __call__(self, gm, example_inputs, **compile_options):
         self.graphs += 1
-        return compile_inner(self.inner, gm, example_inputs)
+        return compile_inner(self.inner, gm, example_inputs, **compile_options)
 
 
-def install(model, policy: Optional[kvfx.Policy], inner: str) -> Any:
+def install(model, policy: Optional[kvfx.Policy], inner: str, mode: Optional[str] = None) -> Any:
     """Compile ``model`` afresh: kvfx with ``policy``, or plain torch.compile for the full cache."""
     torch._dynamo.reset()
     kvfx.restore(model)
+    options = dict(common.COMPILE_OPTIONS, **({"mode": mode} if mode else {}))
     if policy is None:
         counter = GraphCounter(inner)
         model._kvfx_original_forward = model.forward
-        model.forward = torch.compile(model.forward, backend=counter, **common.COMPILE_OPTIONS)
+        model.forward = torch.compile(model.forward, backend=counter, **options)
         return counter
-    kvfx.compile(model, policy, inner=inner, **common.COMPILE_OPTIONS)
+    kvfx.compile(model, policy, inner=inner, **options)
     return model._kvfx_backend
 
 
@@ -170,10 +215,10 @@ def measure(model, policy: Optional[kvfx.Policy], prompts: dict[int, torch.Tenso
     """Compile afresh, then time: compile time = the first pass over every context
     (which traces and compiles each shape) minus a warm pass. ``keep`` leaves
     the compiled model installed (for ``kvfx.set_policy``)."""
-    handle = install(model, policy, settings.inner)
+    handle = install(model, policy, settings.inner, settings.mode)
     first = time.perf_counter()
     for ids in prompts.values():
-        generate_once(model, ids, 2)
+        generate_once(model, ids, 2, settings.static)
     first = time.perf_counter() - first
     result = timed(model, prompts, settings)
     result.update(compile_s=max(first - result.pop("timed_s"), 0.0), graphs=graphs_of(handle))
@@ -188,11 +233,11 @@ def timed(model, prompts: dict[int, torch.Tensor], settings: Settings) -> dict[s
     ``timed_s``), then ``settings.repeats`` timed runs of each, medians kept."""
     warm = time.perf_counter()
     for ids in prompts.values():
-        generate_once(model, ids, 2)
+        generate_once(model, ids, 2, settings.static)
     warm = time.perf_counter() - warm
     by_context = {}
     for length, ids in prompts.items():
-        runs = [generate_once(model, ids, settings.decode_tokens) for _ in range(settings.repeats)]
+        runs = [generate_once(model, ids, settings.decode_tokens, settings.static) for _ in range(settings.repeats)]
         by_context[str(length)] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     return {"timed_s": warm, "contexts": by_context}
 
@@ -213,6 +258,8 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
     prompts = make_prompts(model, settings.contexts, settings.batch, device)
     rows = {FULL: measure(model, None, prompts, settings)}
     common.progress(f"[speed] {name} {FULL}: {_summary(rows[FULL])}")
+    rows[SAME] = dict(measure(model, kvfx.StreamingLLM(budget=1 << 30), prompts, settings), spec="no compression")
+    common.progress(f"[speed] {name} {SAME}: {_summary(rows[SAME])}")
     for budget in settings.budgets:
         for pname, policy in common.policy_grid(list(settings.policies), budget, min(settings.contexts)).items():
             row = measure(model, policy, prompts, settings)
@@ -264,34 +311,74 @@ def llama7b(device: torch.device, small: bool = False):
     return model.eval()
 
 
-def predicted_batch(base_bytes: int, peak_bytes: float, reserve: int = 2 << 30) -> int:
-    """Rows that fit if everything above the weights (KV, activations, workspace)
-    grows with the batch: (GPU memory - weights - reserve) / (peak at batch 1).
-    Conservative: fixed workspace is counted once per row."""
-    total = torch.cuda.get_device_properties(0).total_memory
-    return max(int((total - base_bytes - reserve) // max(peak_bytes, 1)), 0)
+def copy_bandwidth(device: torch.device, gib: float = 4.0) -> float:
+    """Bytes per second a device copy moves (read + written), the best of 5:
+    decode at its limit reads the weights and the cache once per token."""
+    n = int(gib * 2**30) // 2 if device.type == "cuda" else 2**26
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    moved = 2 * src.numel() * src.element_size()
+    del src, dst
+    return moved / best
 
 
-def batch_fits(model, length: int, batch: int) -> bool:
-    """One prefill plus 8 decode steps at ``batch`` rows, on the GPU."""
+def _fits(model, length: int, batch: int, tokens: int, static: bool) -> Optional[dict]:
+    """One generation at ``batch`` rows, or None when it runs out of GPU memory."""
     device = next(model.parameters()).device
     try:
-        generate_once(model, make_prompts(model, (length,), batch, device)[length], 8)
-        return True
+        return generate_once(model, make_prompts(model, (length,), batch, device)[length], tokens, static)
     except torch.cuda.OutOfMemoryError:
-        return False
+        return None
+    except RuntimeError as err:  # an allocation that fails inside a custom op or a CUDA graph
+        if "out of memory" not in str(err).lower():
+            raise
+        return None
     finally:
         gc.collect()
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def largest_batch(model, length: int, settings: Settings, cap: int, deadline: Optional[float]) -> dict[str, Any]:
+    """The largest batch that runs at ``length`` tokens, found by running it
+    (doubling, then bisecting; no prediction), and its decode tokens/s."""
+    good, bad, runs = 0, cap + 1, {}
+    batch = 1
+    while good + 1 < bad and (deadline is None or time.perf_counter() < deadline):
+        result = _fits(model, length, batch, 8, settings.static)
+        runs[batch] = result is not None
+        if result is not None:
+            good, best = batch, result
+        else:
+            bad = batch
+        batch = min(batch * 2, cap) if bad > cap else (good + bad) // 2
+        if batch in runs:
+            break
+    if not good:
+        return {"batch": 0, "tried": runs}
+    return {"batch": good, "tried": runs, "tokens_per_s": good / best["decode_s_per_token"],
+            "decode_s_per_token": best["decode_s_per_token"], "complete": good + 1 == bad}
 
 
 def run_llama7b(settings: Settings, small: bool = False, time_limit: Optional[float] = None,
-                partial: Optional[Path] = None) -> dict[str, Any]:
-    """The full cache (plain torch.compile), then every policy × budget switched in with
-    ``kvfx.set_policy`` on one trace: tracing a 32-layer model per policy would
-    take most of a GPU session. Stops starting new rows after ``time_limit``
-    seconds (the full cache always runs: every ratio needs it); ``partial`` gets
-    the JSON after every row."""
+                partial: Optional[Path] = None, max_batch: int = 64) -> dict[str, Any]:
+    """HF's compiled-generation recipe (a static cache; Inductor, CUDA graphs
+    with mode="reduce-overhead"): the full cache (plain torch.compile), then
+    every policy × budget switched in with ``kvfx.set_policy`` on one trace
+    (tracing a 32-layer model per policy would take most of a GPU session).
+    The full cache's time per token is set against reading its weights and
+    cache once at the measured copy bandwidth. Then, per row, the largest
+    batch that runs at the longest context (run, up to ``max_batch``) and its
+    tokens/s. Stops starting new rows after ``time_limit`` seconds (the full
+    cache always runs: every ratio needs it); ``partial`` gets the JSON after
+    every row."""
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = llama7b(device, small=small)
@@ -303,8 +390,10 @@ def run_llama7b(settings: Settings, small: bool = False, time_limit: Optional[fl
     data: dict[str, Any] = {"description": description + "; policies switched with kvfx.set_policy on one trace",
                             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else str(device),
                             "rows": {}, "skipped": []}
-    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-    data["weights_bytes"] = base
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    data["weights_bytes"] = weights
+    data["copy_bytes_per_s"] = copy_bandwidth(device)
+    data["mode"], data["static_cache"] = settings.mode, settings.static
     grid = [(budget, pname, policy) for budget in settings.budgets
             for pname, policy in common.policy_grid(list(settings.policies), budget, min(settings.contexts)).items()]
     todo = [(None, FULL, None)] + grid
@@ -339,8 +428,9 @@ def run_llama7b(settings: Settings, small: bool = False, time_limit: Optional[fl
             continue
         if policy is not None:
             row.update(policy=pname, budget=budget, spec=repr(policy))
-        if device.type == "cuda":
-            row["predicted_batch"] = predicted_batch(base, row["contexts"][str(longest)]["peak_bytes"])
+        for n, c in row["contexts"].items():
+            # What one token costs at the memory's limit: the weights and the cache read once.
+            c["ideal_s_per_token"] = (weights + c["kv_bytes_prompt"]) / data["copy_bytes_per_s"]
         data["rows"][key] = row
         common.progress(f"[speed] llama-7b-shaped {key}: {_summary(row)}")
         if partial is not None:
@@ -349,14 +439,18 @@ def run_llama7b(settings: Settings, small: bool = False, time_limit: Optional[fl
     torch._dynamo.reset()
     if FULL in data["rows"]:
         _add_ratios(data["rows"])
-    if device.type == "cuda" and FULL in data["rows"] and (time_limit is None or time.perf_counter() - started < time_limit):
-        # Check the prediction once, on the full cache: it fits, one row more does not.
-        install(model, None, settings.inner)
-        guess = data["rows"][FULL]["predicted_batch"]
-        data["full_cache_batch_check"] = {"batch": guess, "fits": batch_fits(model, longest, guess),
-                                          "one_more_fits": batch_fits(model, longest, guess + 1)}
+    deadline = None if time_limit is None else started + time_limit
+    for key, row in data["rows"].items():
+        if deadline is not None and time.perf_counter() > deadline:
+            data["skipped"].append(f"largest batch of {key}")
+            continue
+        install(model, None if key == FULL else kvfx.parse_policy(row["spec"]), settings.inner, settings.mode)
+        row["largest_batch"] = largest_batch(model, longest, settings, max_batch, deadline)
+        common.progress(f"[speed] llama-7b-shaped {key}: largest batch at {longest} tokens {row['largest_batch']}")
         kvfx.restore(model)
         torch._dynamo.reset()
+        if partial is not None:
+            common.write_json(partial, data)
     data["largest_batch_context"] = longest
     return data
 
@@ -386,19 +480,27 @@ def tables(data: dict[str, Any]) -> str:
                               _ratio(c["kv_bytes_prompt"]), _ratio(c["kv_bytes_end"]), _ratio(c["peak_bytes"]),
                               f"{row['switch_s']:.2f} s switch" if "switch_s" in row else _ratio(row["compile_ratio"]),
                               row["graphs"]])
-            parts.append(f"### {name}, {n} tokens\n\n{m['description']} on {m['device']}. First row: the full "
+            how = ""
+            if m.get("static_cache"):
+                how = (f" Generation with a static cache (`cache_implementation=\"static\"`), Inductor mode "
+                       f"{m.get('mode')!r}; decode = the median time between tokens.")
+            parts.append(f"### {name}, {n} tokens\n\n{m['description']} on {m['device']}.{how} First row: the full "
                          "cache's absolute numbers; other rows: ratios to it (below 1× = less time or memory).\n\n"
                          + common.markdown_table(header, table) + "\n")
-        if any("predicted_batch" in row for row in rows.values()):
+            if "ideal_s_per_token" in full:
+                parts.append(f"The full cache's decode at {n} tokens: {1000 * full['decode_s_per_token']:.2f} ms/token "
+                             f"= {full['decode_s_per_token'] / full['ideal_s_per_token']:.2f}× the time to read its "
+                             f"weights and cache once ({1000 * full['ideal_s_per_token']:.2f} ms at the measured copy "
+                             f"bandwidth, {m['copy_bytes_per_s'] / 1e12:.2f} TB/s).\n")
+        if any("largest_batch" in row for row in rows.values()):
             n = m["largest_batch_context"]
-            table = [[key.replace("@", " @ "), row["predicted_batch"]] for key, row in rows.items()]
-            text = (f"Largest batch at {n} tokens, predicted from the batch-1 peak: (GPU memory − weights − 2 GiB) ÷ "
-                    "(peak memory above the weights). Conservative: fixed workspace is counted once per row.")
-            check = m.get("full_cache_batch_check")
-            if check:
-                text += (f" Checked on the full cache: batch {check['batch']} {'fits' if check['fits'] else 'does NOT fit'}"
-                         f", batch {check['batch'] + 1} {'fits too' if check['one_more_fits'] else 'does not'}.")
-            parts.append(text + "\n\n" + common.markdown_table(["policy", "predicted batch"], table) + "\n")
+            table = [[key.replace("@", " @ "), row["largest_batch"]["batch"],
+                      f"{row['largest_batch'].get('tokens_per_s', 0):.1f}",
+                      "" if row["largest_batch"].get("complete", True) else "search cut by the time limit"]
+                     for key, row in rows.items() if "largest_batch" in row]
+            parts.append(f"Largest batch that runs at {n} tokens (each size run: doubled until one fails, then "
+                         "bisected), and its decode tokens/s.\n\n"
+                         + common.markdown_table(["policy", "largest batch", "tokens/s", ""], table) + "\n")
         for key, error in m.get("failed", {}).items():
             parts.append(f"{key} failed: {error}\n")
         if m.get("skipped"):
@@ -467,10 +569,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model, short contexts (a smoke run)")
     parser.add_argument("--llama7b", action="store_true", help="the Llama-7B-shaped bf16 model on CUDA at 8k and 32k")
-    common.add_common_arguments(parser, "comma-separated fractions in (0, 1); default 0.35", "aot_eager")
+    common.add_common_arguments(parser, "comma-separated fractions in (0, 1); default 0.35 (--llama7b: 0.35,0.05)",
+                                None)
     parser.add_argument("--contexts", type=common.list_of(int), help="prompt lengths in tokens; default 1024,2048")
     parser.add_argument("--decode-tokens", type=int, help="greedy tokens timed after each prompt; default 16 (--llama7b: 32)")
     parser.add_argument("--repeats", type=int, help="timed runs per context, median kept; default 2 (--llama7b: 1)")
+    parser.add_argument("--mode", help="torch.compile mode for Inductor; --llama7b default: reduce-overhead "
+                        "(CUDA graphs) when --inner is inductor (its default there)")
+    parser.add_argument("--max-batch", type=int, help="--llama7b: the largest batch tried at the longest context; "
+                        "default 64 (--quick: 4)")
     parser.add_argument("--time-limit", type=float,
                         help="--llama7b: seconds after which no new row starts (the rest are listed as skipped)")
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
@@ -480,33 +587,38 @@ def main(argv=None) -> int:
     common.check_arguments(parser, args)
     if args.render:
         return render(args.render, args.out)
-    for name in ("decode_tokens", "repeats", "time_limit"):
+    for name in ("decode_tokens", "repeats", "time_limit", "max_batch"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')}: {value} must be positive")
     if args.llama7b and not torch.cuda.is_available() and not args.quick:
         parser.error("--llama7b needs a CUDA GPU (add --quick to run its code path on a toy shape on CPU)")
     if args.llama7b:
-        settings = Settings(models=("llama-7b-shaped",), policies=tuple(args.policies),
+        inner = args.inner or "inductor"
+        policies = ("SnapKV",) if args.policies == list(kvfx.PRESETS) else tuple(args.policies)
+        settings = Settings(models=("llama-7b-shaped",), policies=policies,
                             budgets=tuple(args.budgets or (0.35, 0.05)), contexts=tuple(args.contexts or (8192, 32768)),
-                            decode_tokens=args.decode_tokens or 32, repeats=args.repeats or 1, inner=args.inner,
-                            dtype="bfloat16")
+                            decode_tokens=args.decode_tokens or 32, repeats=args.repeats or 1, inner=inner,
+                            dtype="bfloat16", static=True,
+                            mode=args.mode or ("reduce-overhead" if inner == "inductor" else None))
         if args.quick:
             settings = dataclasses.replace(settings, contexts=(64, 128), decode_tokens=4, repeats=1, dtype="float32")
     elif args.quick:
         settings = Settings(models=tuple(args.models or [common.QUICK_MODEL]), policies=tuple(args.policies),
                             budgets=tuple(args.budgets or (0.35,)), contexts=tuple(args.contexts or (64, 128)),
-                            decode_tokens=4, repeats=1, inner=args.inner)
+                            decode_tokens=4, repeats=1, inner=args.inner or "aot_eager", mode=args.mode)
     else:
         settings = Settings(models=tuple(args.models or common.REAL_MODELS), policies=tuple(args.policies),
                             budgets=tuple(args.budgets or (0.35,)), contexts=tuple(args.contexts or (1024, 2048)),
-                            decode_tokens=args.decode_tokens or 16, repeats=args.repeats or 2, inner=args.inner)
+                            decode_tokens=args.decode_tokens or 16, repeats=args.repeats or 2,
+                            inner=args.inner or "aot_eager", mode=args.mode)
     started = time.perf_counter()
     data: dict[str, Any] = {"settings": dataclasses.asdict(settings), "machine": common.machine(), "models": {}}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.llama7b:
         data["models"]["llama-7b-shaped"] = run_llama7b(settings, small=args.quick, time_limit=args.time_limit,
-                                                        partial=args.out / "speed_llama7b.partial.json")
+                                                        partial=args.out / "speed_llama7b.partial.json",
+                                                        max_batch=args.max_batch or (4 if args.quick else 64))
     else:
         for name in settings.models:
             data["models"][name] = run_model(name, settings)

@@ -15,8 +15,9 @@ import torch
 from torch import fx
 
 from kvfx import integrations
-from kvfx.integrations.transformers import TransformersForward, is_transformers_model, state_keys
-from kvfx.passes import Site, assign_depths, find_sites, rewrite
+from kvfx.integrations.transformers import TransformersForward, is_transformers_model, state_keys, store_seen
+from kvfx.store import PAGE
+from kvfx.passes import Site, assign_depths, find_sites, rewrite, stray_stores
 from kvfx.policies import Policy
 from kvfx.runtime import StatefulGraph, state_of
 
@@ -87,16 +88,24 @@ class _Rewritable:
     depths: list        # each site's stack depth, read from the model when it was traced
 
 
-def compile_inner(inner: Union[str, Callable], gm: fx.GraphModule, example_inputs):
-    """Compile ``gm`` with ``inner``: one of INNER_BACKENDS or a callable backend."""
+def compile_inner(inner: Union[str, Callable], gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
+                  options: Optional[dict] = None):
+    """Compile ``gm`` with ``inner``: one of INNER_BACKENDS or a callable
+    backend. ``mode`` / ``options`` are torch.compile's, for Inductor (e.g.
+    mode="reduce-overhead": CUDA graphs)."""
+    if (mode or options) and inner != "inductor":
+        raise ValueError(f"kvfx: torch.compile(mode={mode!r}, options={options!r}) applies to Inductor, but kvfx's "
+                         f"inner compiler is {inner!r}: use kvfx.backend(policy, inner='inductor') (the default)")
     if callable(inner):
         return inner(gm, example_inputs)
     if inner == "eager":
         return gm.forward
     if inner == "inductor":
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        patches = {**(list_mode_options(mode) if mode else {}), **(options or {})}
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
     return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
 
 
@@ -121,20 +130,30 @@ class Backend:
         self.records: list[GraphRecord] = []
         self._rewritable: list[_Rewritable] = []
         self._warned: set[str] = set()
+        self._compile_options: dict = {}
 
     def __repr__(self) -> str:
         return f"kvfx.backend(policy={self.policy!r}, inner={self.inner!r})"
 
     def _inner(self, gm: fx.GraphModule, example_inputs):
-        return compile_inner(self.inner, gm, example_inputs)
+        return compile_inner(self.inner, gm, example_inputs, **self._compile_options)
 
-    def __call__(self, gm: fx.GraphModule, example_inputs):
+    def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
+        # torch.compile(..., mode=, options=) hands these to a custom backend
+        self._compile_options = {k: v for k, v in (("mode", mode), ("options", options)) if v}
         before = _private_copy(gm)
         gm = _private_copy(gm)
         sites = find_sites(gm)
         record = GraphRecord(index=len(self.records), sites=sites, code_before=gm.code, graph_before=before.graph,
                              graph_after=gm.graph)
         self.records.append(record)
+        stray = stray_stores(gm, sites)
+        if stray:
+            self._log(record)
+            raise RuntimeError(
+                "kvfx: this graph writes kvfx slot stores that only kvfx's attention can read, and kvfx cannot "
+                "rewrite the attention reading them: " + "; ".join(stray) + ". Use attn_implementation='sdpa' or "
+                "'eager' (what kvfx recognises), or call the model without kvfx.")
         if not any(s.compressible for s in sites):
             self._log(record)
             self._warn_untouched(sites)
@@ -193,8 +212,7 @@ class Backend:
         _one_handler_each()
         for site in record.sites:
             if site.compressible:
-                op = "kvfx.compress" if site.phase == "prefill" else "kvfx.attend"
-                action = f"rewritten to {op}" + (f" ({site.note})" if site.note else "")
+                action = f"rewritten to {site.op}" + (f" ({site.note})" if site.note else "")
             else:
                 action = f"left alone: {site.reason}"
             log.info("kvfx graph %d layer %s %s [%s attention, %s cache, %s]: %s", record.index, site.layer,
@@ -283,32 +301,56 @@ def backend(policy: Policy, *, inner: Union[str, Callable] = "inductor",
     return Backend(policy, inner, model)
 
 
-def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callable] = "inductor", **compile_kwargs):
+def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callable] = "inductor", page_size: int = PAGE,
+            max_cache_bytes: Optional[int] = None, **compile_kwargs):
     """Install a kvfx-compiled forward on ``model`` (so ``model.generate`` uses
-    it) and return the model. Positions follow tokens seen: when a caller
-    passes a compressed cache but no ``position_ids``, they are filled in from
-    the tokens the cache has absorbed, never from its (shorter) length."""
+    it) and return the model. A transformers model's cache holds kvfx's slot
+    store (pages of ``page_size`` slots); ``max_cache_bytes`` caps it: a call
+    that would make the cache hold more raises before allocating. Positions
+    follow tokens seen: when a caller passes a compressed cache but no
+    ``position_ids``, they are filled in from the tokens the cache has
+    absorbed, never from its (shorter) length."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"kvfx.compile: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"kvfx.compile: page_size={page_size!r} is invalid: page_size must be an int >= 1 (slots per page)")
+    if max_cache_bytes is not None and (isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, int)
+                                        or max_cache_bytes < 1):
+        raise ValueError(f"kvfx.compile: max_cache_bytes={max_cache_bytes!r} is invalid: max_cache_bytes must be an "
+                         "int >= 1 (bytes), or None for no cap")
     be = backend(policy, inner=inner, model=model)
     original = getattr(model, "_kvfx_original_forward", None) or model.forward
-    model.forward = compiled_forward(model, be, original, **compile_kwargs)
+    model.forward = compiled_forward(model, be, original, page_size=page_size, max_cache_bytes=max_cache_bytes,
+                                     **compile_kwargs)
     model._kvfx_original_forward = original
     model._kvfx_backend = be
+    config = getattr(model, "generation_config", None)
+    if config is not None and hasattr(config, "disable_compile") and not hasattr(model, "_kvfx_disable_compile"):
+        # generate() would compile the forward itself for a static cache, bypassing kvfx's backend.
+        model._kvfx_disable_compile = config.disable_compile
+        config.disable_compile = True
     return model
 
 
-def compiled_forward(model: torch.nn.Module, be: Backend, original: Callable, **compile_kwargs) -> Callable:
+def compiled_forward(model: torch.nn.Module, be: Backend, original: Callable, page_size: int = PAGE,
+                     max_cache_bytes: Optional[int] = None, **compile_kwargs) -> Callable:
     """``original`` compiled with ``be``, wrapped as ``kvfx.compile`` installs it."""
     compiled = torch.compile(original, backend=be, **compile_kwargs)
-    accepts_positions = "position_ids" in inspect.signature(original).parameters
-    around = TransformersForward(model, be) if is_transformers_model(model) else _plain_call
+    parameters = inspect.signature(original).parameters
+    accepts_positions = "position_ids" in parameters
+    accepts_cache_position = "cache_position" in parameters
+    if is_transformers_model(model):
+        around = TransformersForward(model, be, page_size, max_cache_bytes)
+    else:
+        around = _plain_call
 
     def run(*args, **kwargs):
         if accepts_positions and kwargs.get("position_ids") is None:
             positions = _positions_from_state(args, kwargs)
             if positions is not None:
                 kwargs["position_ids"] = positions
+                if accepts_cache_position and kwargs.get("cache_position") is None:
+                    kwargs["cache_position"] = positions[0]
         return compiled(*args, **kwargs)
 
     @functools.wraps(original)
@@ -323,17 +365,19 @@ def _plain_call(run: Callable, args: tuple, kwargs: dict):
 
 
 def _positions_from_state(args, kwargs):
-    """position_ids = tokens seen + arange(new tokens), from the first cache
-    tensor that carries kvfx state; None when there is none."""
-    keys = state_keys(args, kwargs)
-    if keys is None:
-        return None
+    """position_ids = tokens seen + arange(new tokens), from the first kvfx store
+    layer or cache tensor that carries kvfx state; None when there is none."""
+    seen = store_seen(args, kwargs)
+    if seen is None:
+        keys = state_keys(args, kwargs)
+        if keys is None:
+            return None
+        seen = state_of(keys).seen
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     if ids is None:
         ids = kwargs.get("inputs_embeds")
     if ids is None:
         return None
-    seen = state_of(keys).seen
     return (seen + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0).expand(ids.shape[0], -1)
 
 
@@ -356,4 +400,6 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         else:
             model.forward = original
     model.__dict__.pop("_kvfx_backend", None)
+    if "_kvfx_disable_compile" in model.__dict__:
+        model.generation_config.disable_compile = model.__dict__.pop("_kvfx_disable_compile")
     return model

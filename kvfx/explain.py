@@ -16,7 +16,8 @@ import sympy
 import torch
 
 from kvfx.api import Backend, GraphRecord, compiled_forward
-from kvfx.integrations.transformers import cache_bytes, kv_pairs
+from kvfx.integrations.transformers import (cache_argument, cache_bytes, cache_entries, entry_bytes, is_store,
+                                            is_transformers_model, kv_pairs)
 from kvfx.policies import Policy
 from kvfx.runtime import state_of
 
@@ -26,9 +27,11 @@ S = sympy.Symbol("S", integer=True, positive=True)
 
 
 # Per-slot state kvfx keeps beside a compressed layer's K/V: slot_bias and
-# slot_score (float32 each) per (batch, KV head, slot), and one int64 count of
-# tokens seen per layer.
+# slot_score (float32 each) per (batch, KV head, slot) -- a slot store keeps
+# the score for continuous policies only -- and one int64 count of tokens seen
+# per layer.
 STATE_BYTES_PER_SLOT = 4 + 4
+BIAS_BYTES_PER_SLOT = 4
 SEEN_BYTES = 8
 
 
@@ -41,8 +44,8 @@ class LayerMemory:
     full: sympy.Expr             # bytes with the full cache
     kvfx: sympy.Expr             # bytes held with kvfx, slot state included (a rectangular cache: the longest head)
     measured_full: int
-    measured_kvfx: int           # K, V and slot state, as measured
-    nominal_kvfx: int            # the same for the valid slots only: what a ragged layout would hold
+    measured_kvfx: int           # everything the layer holds, as measured: K, V, slot state (a store: all its pages, tables)
+    nominal_kvfx: int            # K, V and slot state of the valid slots only
 
 
 @dataclasses.dataclass
@@ -61,9 +64,9 @@ class Report:
             for s in r.sites:
                 heads = f"{s.heads}/{s.kv_heads}x{s.head_dim}" if s.heads else "?"
                 if s.compressible:
-                    action = f"rewritten -> {'kvfx.compress' if s.phase == 'prefill' else 'kvfx.attend'}"
+                    action = f"rewritten -> {s.op}"
                     if s.phase == "decode" and self.policy.schedule == "continuous":
-                        action += " + kvfx.step"
+                        action += " + " + s.op.replace("attend", "step")
                     action += f" ({s.note})" if s.note else ""
                 else:
                     action = f"left alone: {s.reason}"
@@ -98,8 +101,8 @@ class Report:
         text = [f"kvfx report for {self.policy!r}", self.table(), ""]
         if self.layers:
             text += [f"KV cache per layer after a {self.prompt_length}-token prefill "
-                     "('held now' = bytes of the cache tensors and kvfx's slot state; 'valid slots' = the same for "
-                     "real slots, less where head-wise budgets pad a rectangular cache):", self.memory_table(), "",
+                     "('held now' = every byte the layer holds: a slot store's pages (used or not), slot state and "
+                     "tables; 'valid slots' = K, V and slot state of the real slots only):", self.memory_table(), "",
                      f"total: full {self.memory('full')}  ->  kvfx {sympy.simplify(self.memory('kvfx'))}"]
         text.append(f"KV cache after prefill: {self.cache_bytes_kept:,} bytes held vs {self.cache_bytes_full:,} "
                     f"for the full cache ({saved:.0%} saved)")
@@ -186,32 +189,50 @@ def site_picture(record: GraphRecord, site) -> str:
                       *before, *after, "}"])
 
 
+def store_formula(policy: Policy, layer: int, n_layers: int, batch: int, kv_heads: int, slot_bytes: int,
+                  page: int) -> sympy.Expr:
+    """Bytes a layer's slot store holds right after compressing S slots: its
+    pages (K, V and the per-slot state) and its tables (page table, lengths,
+    pages: int64 per (batch, KV head) row; seen)."""
+    pages, width = policy.store_pages(S, layer, n_layers, kv_heads, page)
+    rows = batch * kv_heads
+    state = STATE_BYTES_PER_SLOT if policy.schedule == "continuous" else BIAS_BYTES_PER_SLOT
+    return batch * pages * page * (slot_bytes + state) + rows * (width + 2) * 8 + SEEN_BYTES
+
+
 def _layer_memory(report: Report, full_cache, kept_cache, policy: Policy) -> list[LayerMemory]:
     prefill = next((r for r in report.records if any(s.phase == "prefill" for s in r.sites)), None)
     if prefill is None:
         return []
     by_layer = {s.layer: s for s in prefill.sites}
     rows = []
-    for layer, ((fk, fv), (kk, kv)) in enumerate(zip(kv_pairs(full_cache), kv_pairs(kept_cache))):
+    for layer, ((fk, fv), kept) in enumerate(zip(kv_pairs(full_cache), cache_entries(kept_cache))):
         site = by_layer.get(layer)
-        heads = fk.shape[0] * fk.shape[1]
-        per_slot = heads * (fk.shape[3] * fk.element_size() + fv.shape[3] * fv.element_size())
-        full = per_slot * (sympy.Min(S, site.bounded) if site is not None and site.bounded else S)
-        if site is not None and site.compressible:
+        batch, kv_heads = fk.shape[:2]
+        slot_bytes = fk.shape[3] * fk.element_size() + fv.shape[3] * fv.element_size()
+        full = batch * kv_heads * slot_bytes * (sympy.Min(S, site.bounded) if site is not None and site.bounded else S)
+        measured = entry_bytes(kept)                           # everything the layer holds, slot state included
+        if site is not None and site.compressible and is_store(kept):
+            kvfx, action = store_formula(policy, layer, site.depth or 1, batch, kv_heads, slot_bytes, kept.page), \
+                "compressed (slot store)"
+            state = STATE_BYTES_PER_SLOT if kept.slot_score.numel() else BIAS_BYTES_PER_SLOT
+            nominal = int(kept.lengths.sum()) * (slot_bytes + state)
+        elif site is not None and site.compressible:
             slots = policy.kept_length(S, layer, site.depth or 1)
-            kvfx, action = (per_slot + heads * STATE_BYTES_PER_SLOT) * slots + SEEN_BYTES, "compressed"
+            per_slot = batch * kv_heads * (slot_bytes + STATE_BYTES_PER_SLOT)
+            kvfx, action = per_slot * slots + SEEN_BYTES, "compressed"
+            state = state_of(kept[0])
+            valid = int(torch.isfinite(state.slot_bias).sum()) if state is not None else batch * kv_heads * kept[0].shape[2]
+            nominal = valid * (slot_bytes + STATE_BYTES_PER_SLOT) + SEEN_BYTES
         else:
             kvfx, action = full, (site.reason if site is not None else "no attention site found for this layer")
-        measured = cache_bytes([(kk, kv)])                     # keys, values and their slot state
-        state = state_of(kk)
-        if state is not None:
-            valid = int(torch.isfinite(state.slot_bias).sum())
-            slot_bytes = kk.shape[3] * kk.element_size() + kv.shape[3] * kv.element_size() + STATE_BYTES_PER_SLOT
-            nominal = valid * slot_bytes + SEEN_BYTES
-        else:
             nominal = measured
         rows.append(LayerMemory(layer, action, full, kvfx, cache_bytes([(fk, fv)], state=False), measured, nominal))
     return rows
+
+
+def _cache_argument(model) -> str:
+    return cache_argument(model) if is_transformers_model(model) else "past_key_values"
 
 
 def _fresh_code(fn):
@@ -261,6 +282,6 @@ def explain(model: torch.nn.Module, *args, policy: Optional[Policy] = None, inne
                         prompt_length=max((k.shape[-2] for k, _ in pairs), default=0))
         report.layers = _layer_memory(report, full_cache, cache, backend.policy)
         if cache is not None and hasattr(out, "logits"):
-            forward(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            forward(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{_cache_argument(model): cache})
     report.records = list(backend.records)
     return report

@@ -18,8 +18,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kvfx import store as slot_store
 from kvfx.kernels import attention as attention_kernels
+from kvfx.kernels.paged_attention import paged_attention
 from kvfx.policies import bias_of, policy_of
+from kvfx.policies.budgets import cdiv
 
 
 def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tensor:
@@ -142,9 +145,141 @@ def _bias_from_mask(mask: Optional[Tensor], batch: int, kv_heads: int, past: int
     return bias_of(valid_slots(mask, batch, past, device)[:, None, :].expand(batch, kv_heads, past))
 
 
+# -- the slot store (kvfx.store) ---------------------------------------------------
+#
+# A layer's store travels through the graph as its eight tensors, always in
+# ``Store.FIELDS`` order (k_pages, v_pages, slot_bias, slot_score, page_table,
+# lengths, pages, seen), plus ``extent``: a tensor of shape [0, L] whose
+# second size is the row length a continuous policy's step works on (it holds
+# no data; a shape keeps the length symbolic, so it never recompiles).
+
+STORE_OUTPUTS = 8
+
+
+def _store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen) -> slot_store.Store:
+    return slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
+
+
+def _store_fakes(k: Tensor, v: Tensor, n_pages, width, page: int, scores: bool = True) -> tuple[Tensor, ...]:
+    batch, kv_heads = k.shape[:2]
+    return (
+        k.new_empty(n_pages, page, k.shape[-1]), v.new_empty(n_pages, page, v.shape[-1]),
+        k.new_empty(n_pages, page, dtype=torch.float32),
+        k.new_empty(n_pages if scores else 0, page, dtype=torch.float32),
+        k.new_empty(batch, kv_heads, width, dtype=torch.int64), k.new_empty(batch, kv_heads, dtype=torch.int64),
+        k.new_empty(batch, kv_heads, dtype=torch.int64), k.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("kvfx::store_mark", mutates_args=())
+def store_mark(k: Tensor, v: Tensor, page: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What a kvfx cache layer's ``update`` calls on its first (prefill) call:
+    it marks where the layer's store is born. The rewrite replaces it with
+    ``kvfx::store_compress`` right after the layer's attention; it never runs."""
+    raise RuntimeError(
+        "kvfx: a kvfx cache layer was filled by a graph kvfx did not rewrite (its attention call was not "
+        "recognised). TORCH_LOGS=+kvfx says what kvfx saw in each graph.")
+
+
+@store_mark.register_fake
+def _store_mark_fake(k, v, page):
+    batch, kv_heads, length = k.shape[:3]
+    width = cdiv(length, page)
+    return _store_fakes(k, v, batch * kv_heads * width, width, page)
+
+
+@torch.library.custom_op("kvfx::store_compress", mutates_args=())
+def store_compress(
+    q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
+    policy: str, layer: int, n_layers: int, scale: float, page: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Compress one layer's prompt k, v [B, Hkv, S, D] with ``policy`` into a
+    new slot store of ``page``-slot pages: each (batch, KV head) row holds its
+    own kept slots (``Policy.store_pages`` sizes it), a running score only for
+    a continuous policy. Returns the store's eight tensors (seen = S) and the
+    kept indices (for ChunkKV's reuse)."""
+    pol = policy_of(policy)
+    batch, kv_heads, length = k.shape[:3]
+    valid = valid_slots(mask, batch, length, k.device)
+    out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
+    pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
+    # Only a continuous policy reads a running score again: the others keep none.
+    score = out.slot_score if pol.schedule == "continuous" else None
+    store = slot_store.pack(out.k, out.v, out.slot_bias, score, out.lengths(), batch * pages, width, page)
+    store.seen.fill_(length)
+    index = out.index.clone() if out.index is reuse_index else out.index.contiguous()
+    return (*store.tensors(), index)
+
+
+@store_compress.register_fake
+def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, page):
+    pol = policy_of(policy)
+    batch, kv_heads, length = k.shape[:3]
+    pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
+    index = k.new_empty(batch, kv_heads, pol.kept_length(length, layer, n_layers), dtype=torch.int64)
+    return (*_store_fakes(k, v, batch * pages, width, page, pol.schedule == "continuous"), index)
+
+
+@torch.library.custom_op("kvfx::store_append", mutates_args=("k_pages", "v_pages", "slot_bias", "slot_score",
+                                                              "lengths", "seen"))
+def store_append(
+    k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, slot_bias: Tensor, slot_score: Tensor,
+    page_table: Tensor, lengths: Tensor, pages: Tensor, seen: Tensor, extent: Tensor,
+) -> None:
+    """Write the new tokens' k, v [B, Hkv, q, D] after each row's slots, in
+    place. Takes the whole store (and ``extent``) so that the rewrite finds
+    every tensor of the layer's store at the layer's attention."""
+    slot_store.append(_store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen), k, v)
+
+
+@store_append.register_fake
+def _store_append_fake(k, v, k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, extent):
+    return None
+
+
+@torch.library.custom_op("kvfx::store_attend", mutates_args=())
+def store_attend(
+    q: Tensor, k_pages: Tensor, v_pages: Tensor, slot_bias: Tensor, page_table: Tensor, lengths: Tensor,
+    scale: float, softcap: float,
+) -> Tensor:
+    """Attention of q [B, H, Sq, D] over each row's slots in the store (the
+    last Sq of a row are the queries' own tokens, causal among themselves).
+    The mask is the store's own: padding and merged slots are in slot_bias,
+    so layers of different lengths and padded batches need no model mask."""
+    return paged_attention(q, k_pages, v_pages, slot_bias, page_table, lengths, scale, softcap)
+
+
+@store_attend.register_fake
+def _store_attend_fake(q, k_pages, v_pages, slot_bias, page_table, lengths, scale, softcap):
+    return q.new_empty(*q.shape[:-1], v_pages.shape[-1])
+
+
+@torch.library.custom_op("kvfx::store_step", mutates_args=("k_pages", "v_pages", "slot_bias", "slot_score",
+                                                            "lengths"))
+def store_step(
+    q: Tensor, k_pages: Tensor, v_pages: Tensor, slot_bias: Tensor, slot_score: Tensor, page_table: Tensor,
+    lengths: Tensor, pages: Tensor, seen: Tensor, extent: Tensor,
+    policy: str, layer: int, n_layers: int, scale: float,
+) -> None:
+    """One decode step of a continuous policy (TOVA, ZeroMerge) over a store
+    whose rows all hold ``extent.shape[1]`` slots (the new tokens included):
+    the policy's step on those rows, written back in place."""
+    store = _store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
+    k, v, bias, score = slot_store.gather(store, extent.shape[1])
+    slot_store.scatter(store, *policy_of(policy).step(q, k, v, bias, score, scale, layer, n_layers))
+
+
+@store_step.register_fake
+def _store_step_fake(q, k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, extent,
+                     policy, layer, n_layers, scale):
+    return None
+
+
 # kvfx compresses caches for inference: no gradient flows through its ops.
 # Registering that keeps a forward run with grad enabled from failing inside
 # AOTAutograd.
 compress.register_autograd(lambda ctx, *grads: (None,) * 9)
 attend.register_autograd(lambda ctx, *grads: (None,) * 9)
 step.register_autograd(lambda ctx, *grads: (None,) * 9)
+store_compress.register_autograd(lambda ctx, *grads: (None,) * 10)
+store_attend.register_autograd(lambda ctx, *grads: (None,) * 8)

@@ -38,10 +38,13 @@ def state_of(keys: Any) -> Optional[SlotState]:
     return state
 
 
-def tokens_seen(keys: torch.Tensor) -> int:
-    """Tokens a cached key tensor stands for (its length when kvfx never touched it)."""
-    state = state_of(keys)
-    return int(state.seen) if state is not None else keys.shape[-2]
+def tokens_seen(cached) -> int:
+    """Tokens a cache layer stands for: a kvfx store layer's count, or a cached
+    key tensor's (its length when kvfx never touched it)."""
+    if not isinstance(cached, torch.Tensor):
+        return int(cached.seen) if getattr(cached, "is_initialized", False) else 0
+    state = state_of(cached)
+    return int(state.seen) if state is not None else cached.shape[-2]
 
 
 class PositionError(RuntimeError):

@@ -2,6 +2,6 @@
 
 from kvfx.passes.depth import assign_depths
 from kvfx.passes.rewrite import StatePlan, rewrite
-from kvfx.passes.sites import Site, find_sites
+from kvfx.passes.sites import Site, find_sites, stray_stores
 
-__all__ = ["Site", "StatePlan", "assign_depths", "find_sites", "rewrite"]
+__all__ = ["Site", "StatePlan", "assign_depths", "find_sites", "rewrite", "stray_stores"]

@@ -16,6 +16,15 @@ continuous policy (TOVA, ZeroMerge) also runs ``kvfx::step`` after each decode
 attention and writes its output back instead of the grown cache.
 The runtime (``kvfx.runtime``) feeds the extra inputs and strips the extra
 outputs, so the caller sees the model's original signature.
+
+A site whose cache is a kvfx slot store (``cache == "store"``, a kvfx cache
+layer: ``kvfx.integrations.transformers_store``) needs none of that: its
+store's tensors are graph inputs already and are written in place.
+  * prefill: the layer's ``kvfx::store_mark`` becomes ``kvfx::store_compress``
+    after the attention, whose outputs dynamo writes into the layer;
+  * decode: the layer appended the new tokens (``kvfx::store_append``); the
+    attention becomes ``kvfx::store_attend`` over the store, and a continuous
+    policy's ``kvfx::store_step`` follows it.
 """
 
 from __future__ import annotations
@@ -70,6 +79,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
     def call(target, args, after):
         with graph.inserting_after(after):
             node = graph.call_function(target, args)
+        if len(target._schema.returns) == 1:
+            return [node]
         items = []
         for i in range(len(target._schema.returns)):
             with graph.inserting_after(items[-1] if items else node):
@@ -81,6 +92,10 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             continue
         layer = site.layer if site.layer is not None else site.index
         n_layers = site.depth or max((s.layer for s in sites if s.layer is not None), default=0) + 1
+        if site.cache == "store":
+            replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call)
+            outputs = [replaced.get(node, node) for node in outputs]
+            continue
         state_outputs.append(site.k_out)
         with graph.inserting_after(site.node):
             new_len = graph.call_method("size", (site.k_new, -2))
@@ -145,9 +160,49 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
     return plan, example_inputs
 
 
+def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int,
+                   kept_index: dict, call) -> dict:
+    """Rewrite one store site; returns the graph-output nodes it replaced."""
+    store = site.store
+    replaced = {}
+    if site.phase == "prefill":
+        source = policy.reuse_source(layer)
+        reuse = kept_index.get(source) if source is not None else None
+        if source is not None and reuse is None:
+            site.note = f"indices of layer {source} are not in this graph: computed here"
+        elif reuse is not None:
+            site.note = f"reuses the indices of layer {source}"
+        page = store.args[2]
+        items = call(torch.ops.kvfx.store_compress.default,
+                     (site.q if policy.needs_queries else None, site.k, site.v, site.mask, reuse, spec, layer,
+                      n_layers, float(site.scale), page), site.node)
+        kept_index[layer] = items[-1]
+        # The mark's outputs are what dynamo writes into the layer: take the
+        # compressed store's instead (getitem nodes moved after them).
+        for user in list(store.users):
+            replaced[user] = items[user.args[1]]
+            user.replace_all_uses_with(replaced[user])
+            graph.erase_node(user)
+        graph.erase_node(store)
+        return replaced
+    k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, extent = store.args[2:11]
+    (out,) = call(torch.ops.kvfx.store_attend.default,
+                  (site.q, k_pages, v_pages, slot_bias, page_table, lengths, float(site.scale), float(site.softcap)),
+                  site.node)
+    site.node.replace_all_uses_with(out)
+    if policy.schedule == "continuous":
+        with graph.inserting_after(out):
+            graph.call_function(torch.ops.kvfx.store_step.default,
+                                (site.q, *store.args[2:11], spec, layer, n_layers, float(site.scale)))
+    return replaced
+
+
 def _is_impure(node: fx.Node) -> bool:
     # Keep in-place methods (StaticCache's index_copy_, user mutations): FX
-    # treats call_method nodes as pure.
+    # treats call_method nodes as pure. Keep kvfx's in-place store ops.
     if node.op == "call_method" and str(node.target).endswith("_"):
+        return True
+    schema = getattr(getattr(node.target, "default", node.target), "_schema", None)
+    if node.op == "call_function" and schema is not None and schema.is_mutable:
         return True
     return node.is_impure()

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
+import kvfx.ops  # noqa: F401  (registers torch.ops.kvfx, whose store ops mark a kvfx cache)
+
 SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, torch.special.softmax}
 MATMUL = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul}
@@ -37,7 +39,7 @@ class Site:
     layer: Optional[int]            # from the module path (``...layers.3.self_attn`` -> 3)
     module: str                     # module path of the attention call, from the compiled frame's root module
     attention: str                  # "sdpa" | "eager"
-    cache: str                      # "dynamic" | "sliding" | "static" | "none" | "unknown"
+    cache: str                      # "store" | "dynamic" | "sliding" | "static" | "none" | "unknown"
     phase: str = "-"                # "prefill" (cache starts empty) | "decode" (cache from an input)
     heads: Optional[int] = None
     kv_heads: Optional[int] = None
@@ -62,10 +64,18 @@ class Site:
     v_past: Any = dataclasses.field(default=None, repr=False)
     k_out: Optional[int] = None     # index of the key write-back among the graph outputs
     v_out: Optional[int] = None
+    store: Any = dataclasses.field(default=None, repr=False)       # the kvfx store op k/v are written with
 
     @property
     def compressible(self) -> bool:
         return not self.reason
+
+    @property
+    def op(self) -> str:
+        """The kvfx op the rewrite puts at this site (after the prefill's
+        attention, in place of the decode's)."""
+        prefix = "kvfx.store_" if self.cache == "store" else "kvfx."
+        return prefix + ("compress" if self.phase == "prefill" else "attend")
 
 
 def _value(node) -> Any:
@@ -238,6 +248,34 @@ def _slice_bound(index) -> Optional[int]:
     return None
 
 
+STORE_OPS = {"store_mark": "prefill", "store_append": "decode"}
+
+
+def store_op(node) -> Optional[str]:
+    """"store_mark" / "store_append" for the op a kvfx cache layer writes its
+    k, v with (kvfx.integrations.transformers_store), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"):
+        return None
+    for name in STORE_OPS:
+        packet = getattr(torch.ops.kvfx, name)
+        if node.target is packet or node.target is packet.default:
+            return name
+    return None
+
+
+def _store_of(node: fx.Node) -> Optional[fx.Node]:
+    """The kvfx store op that ``node`` (what attention reads as keys), or a
+    tensor it is a layout view of, was written into by a kvfx cache layer."""
+    while isinstance(node, fx.Node):
+        for user in node.users:
+            if store_op(user) and user.args[0] is node:
+                return user
+        if not _is_layout(node):
+            return None
+        node = node.args[0]
+    return None
+
+
 def _classify_cache(gm: fx.GraphModule, root: fx.Node) -> dict:
     """How the cache tensor ``root`` (what attention reads, before GQA) is kept."""
     outputs = _outputs(gm)
@@ -279,6 +317,9 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if found is None:
             continue
         k_root, v_root = strip_layout(found["k_attn"]), strip_layout(found["v_attn"])
+        store = _store_of(found["k_attn"])
+        if store is not None:  # the k, v [B, Hkv, S, D] a kvfx cache layer was given
+            k_root, v_root = store.args[0], store.args[1]
         root, module = _module_path(found["node"])
         site = Site(index=len(sites), layer=layer_of(module), module=module, root=root, attention=found["attention"],
                     cache="unknown", node=found["node"], q=found["q"], k=k_root, v=v_root, mask=found["mask"],
@@ -288,10 +329,17 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             site.heads, site.kv_heads, site.head_dim = int(qv.shape[1]), int(kv.shape[1]), int(qv.shape[-1])
             if site.heads != site.kv_heads:
                 site.gqa = "native" if found["native_gqa"] else "repeat"
-        cache = _classify_cache(gm, k_root)
+        if store is not None:
+            cache = dict(cache="store", phase=STORE_OPS[store_op(store)])
+        else:
+            cache = _classify_cache(gm, k_root)
         site.cache, site.phase, site.bounded = cache["cache"], cache.get("phase", "-"), cache.get("bounded")
         site.reason = cache.get("reason", "")
-        if not site.reason:
+        if store is not None:
+            site.store = store
+            if strip_layout(found["v_attn"]) is not strip_layout(v_root):
+                site.reason = "values are not the ones written into the kvfx store with the keys"
+        elif not site.reason:
             v_cache = _classify_cache(gm, v_root)
             if v_cache.get("cache") != "dynamic":
                 site.reason = "values are not kept in the same kind of cache as keys"
@@ -308,3 +356,17 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             site.reason = f"{site.heads} query heads do not divide into {site.kv_heads} KV heads"
         sites.append(site)
     return sites
+
+
+def stray_stores(gm: fx.GraphModule, sites: list[Site]) -> list[str]:
+    """The kvfx store ops of ``gm`` that no compressible site reads, each with
+    what kvfx saw there: such a graph cannot run (a store is read only by
+    kvfx's attention)."""
+    claimed = {s.store for s in sites if s.compressible and s.store is not None}
+    reasons = {s.store: s.reason for s in sites if s.store is not None and not s.compressible}
+    stray = []
+    for node in gm.graph.nodes:
+        if store_op(node) and node not in claimed:
+            module = _module_path(node)[1] or node.name
+            stray.append(f"{module}: {reasons.get(node) or 'no attention call kvfx recognises reads its keys'}")
+    return stray

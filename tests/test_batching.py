@@ -22,6 +22,7 @@ def policies(budget):
         "ChunkKV": kvfx.ChunkKV(budget=budget, window=4, chunk=4),
         "RazorAttention": kvfx.RazorAttention(budget=budget, sinks=2, window=4),
         "ZeroMerge": kvfx.ZeroMerge(budget=budget, window=4),
+        "AdaKV": kvfx.AdaKV(budget=budget, window=4),
     }
 
 
@@ -41,7 +42,7 @@ def batch():
 
 
 # Refused with a clear error instead (see docs/limitations.md).
-REFUSED = {"ChunkKV": "cannot compress a left-padded batch", "PyramidKV": "different cache lengths"}
+REFUSED = {"ChunkKV": "cannot compress a left-padded batch"}
 
 
 @pytest.mark.parametrize("name,budget", CASES, ids=[f"{n}-{b}" for n, b in CASES])
@@ -59,7 +60,7 @@ def test_each_row_of_a_padded_batch_decodes_as_it_would_alone(batch, name, budge
         for step, (got, want) in enumerate(zip(batched.logits, alone.logits)):
             torch.testing.assert_close(got[row], want[0], rtol=1e-4, atol=1e-4, msg=f"row {row} step {step}")
     for layer, pads in zip(batched.cache.layers, pad_keys):  # no kept slot is a pad
-        kept = layer.keys[1]
-        bias = layer.keys._kvfx_state.slot_bias[1]
+        keys, _, bias, _ = layer.dense()
+        kept, bias = keys[1], bias[1]
         same = (kept[:, :, None, :] - pads[:, None, :, :]).abs().amax(-1) < 1e-6
         assert not (same.any(-1) & (bias > float("-inf"))).any(), "a pad slot survived compression"

@@ -13,7 +13,7 @@ def test_inspect_prints_the_site_table_as_json(capsys):
                  "--json"]) == 0
     sites = json.loads(capsys.readouterr().out)["sites"]
     actions = [s["action"] for s in sites]
-    assert any(a.startswith("rewritten -> kvfx.compress") for a in actions)
+    assert any(a.startswith("rewritten -> kvfx.store_compress") for a in actions)
     assert any("sliding-window" in a for a in actions)
 
 
@@ -47,7 +47,7 @@ def test_inspect_takes_a_local_transformers_folder(tmp_path, capsys):
                  "SnapKV(budget=0.5, window=4)", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     prefill = [s for s in report["sites"] if s["phase"] == "prefill"]
-    assert len(prefill) == 2 and all(s["action"].startswith("rewritten -> kvfx.compress") for s in prefill)
+    assert len(prefill) == 2 and all(s["action"].startswith("rewritten -> kvfx.store_compress") for s in prefill)
     assert 0 < report["cache_bytes_kvfx"] < report["cache_bytes_full"]
 
 

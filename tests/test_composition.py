@@ -113,7 +113,7 @@ def test_chunkkv_takes_any_scorer(scorer):
     ids = prompt(model)
     run = assert_matches_eager_reference(model, policy, ids)
     code = run.records[0].code_after
-    assert ("kvfx.compress.default(None," in code) == (not policy.needs_queries)   # queries passed only when read
+    assert ("kvfx.store_compress.default(None," in code) == (not policy.needs_queries)   # queries passed only when read
 
 
 def test_chunkkv_over_a_scorer_keeps_the_chunks_that_scorer_ranks_best():
@@ -147,7 +147,7 @@ def test_kvmerger_style_merge_after_snapkv_keep_folds_what_snapkv_would_drop():
                                                                                           count_bias=True))
     run = assert_matches_eager_reference(model, merged, ids)
     assert cache_lengths(run.cache) == [12 + STEPS - 1] * 2
-    bias = kvfx.runtime.state_of(run.cache.layers[0].keys).slot_bias[..., :12]
+    bias = run.cache.layers[0].dense()[2][..., :12]
     assert torch.isclose(bias.exp().sum(-1), torch.tensor(float(PROMPT))).all(), "every token counted once"
     assert (bias > 0).any(), "some slots hold merged tokens"
 

@@ -32,14 +32,24 @@ def test_memory_formula_at_prompt_length_equals_bytes_held(policy):
         assert layer.nominal_kvfx <= layer.measured_kvfx
 
 
-def test_headwise_budget_reports_bytes_held_next_to_valid_slots():
+def test_headwise_budget_holds_each_heads_own_slots_and_its_formula_says_so():
+    from kvfx.explain import S
+
     model = tiny_model("llama")
     policy = kvfx.RazorAttention(budget=0.1, sinks=2, window=4, retrieval_heads=((1, 0),))
     report = kvfx.explain(model, torch.randint(2, 100, (1, 40)), policy=policy, use_cache=True)
-    retrieval_layer = report.layers[1]
-    state = 1 * 2 * 40 * (4 + 4) + 8                                              # slot bias + score, tokens seen
-    assert retrieval_layer.measured_kvfx == retrieval_layer.measured_full + state  # the longest head sets S
-    assert retrieval_layer.nominal_kvfx < retrieval_layer.measured_kvfx           # only one head needs it
+    plain, retrieval = report.layers
+    slot = 2 * 16 * 4 + 4                                                          # K, V (fp32, dim 16), bias
+
+    def tables(width):       # int64 per KV head: `width` page ids, its length, its page count; tokens seen
+        return 2 * (width + 2) * 8 + 8
+
+    assert plain.measured_kvfx == 2 * 16 * slot + tables(1)                        # 7 slots a head: a page each
+    assert retrieval.measured_kvfx == (3 + 1) * 16 * slot + tables(3)              # 40 slots in 3 pages + 7 in 1
+    for layer in report.layers:
+        assert int(layer.kvfx.subs(S, 40)) == layer.measured_kvfx                  # the formula is what is held
+    assert retrieval.measured_kvfx < retrieval.measured_full                       # the other head frees its slots
+    assert retrieval.nominal_kvfx == (40 + 7) * slot <= retrieval.measured_kvfx
     assert "valid slots" in str(report)
 
 
@@ -52,7 +62,7 @@ def test_site_table_matches_the_sites_rewritten():
     assert len(rewritten) == sum(len(rec.rewritten) for rec in report.records) > 0
     for record in report.records:
         marked = [line for line in report.graph_code(record.index).splitlines() if line.endswith("# <-- kvfx")]
-        assert len([l for l in marked if "kvfx.compress.default(" in l or "kvfx.attend.default(" in l]) == \
+        assert len([l for l in marked if "kvfx.store_compress.default(" in l or "kvfx.store_attend.default(" in l]) == \
             len(record.rewritten)
 
 
@@ -65,7 +75,7 @@ def test_torch_logs_show_one_line_per_rewritten_site():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [l for l in out.stderr.splitlines() if "rewritten to kvfx." in l]
-    assert len(lines) == 2 * 3, "\n".join(lines)            # 2 layers x 3 graphs (prefill, decode, dynamic decode)
+    assert len(lines) == 2 * 2, "\n".join(lines)            # 2 layers x 2 graphs (prefill, decode)
 
 
 def test_save_writes_graphs_and_pictures(tmp_path):
@@ -73,9 +83,9 @@ def test_save_writes_graphs_and_pictures(tmp_path):
     report = kvfx.explain(model, torch.randint(2, 100, (1, 24)), policy=kvfx.SnapKV(budget=0.5, window=4),
                           use_cache=True)
     report.save(tmp_path)
-    assert "kvfx.compress" in (tmp_path / "graph0_after.py").read_text()
+    assert "kvfx.store_compress" in (tmp_path / "graph0_after.py").read_text()
     dot = (tmp_path / "graph0_layer0_prefill.dot").read_text()
-    assert "cluster_before" in dot and "cluster_after" in dot and "kvfx.compress" in dot
+    assert "cluster_before" in dot and "cluster_after" in dot and "kvfx.store_compress" in dot
     assert "<table>" in report._repr_html_()
 
 

@@ -340,3 +340,148 @@ def test_cpu_kernels_in_a_fresh_interpreter_process():
     cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "cpu"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+# -- paged_attention -----------------------------------------------------------
+
+from kvfx.kernels import paged_attention  # noqa: E402
+
+GARBAGE = 8.0  # fills every slot no row holds (page 0, tails of last pages, spare pages)
+
+
+def paged_lengths(q_len, page):
+    """[B=2, Hkv=2] rows of very different lengths: exactly the queries' own
+    tokens, an exact multiple of the page size, several pages and a ragged tail,
+    just over one page."""
+    return [[q_len, 3 * page], [5 * page + 3, page + 4]]
+
+
+def make_paged_store(lengths, q_len, page, dim, dim_v, dtype, device, spare_pages=3):
+    """(k_pages, v_pages, slot_bias, page_table, lengths) for rows holding
+    ``lengths`` [B][Hkv] slots. Pages are handed out from a random permutation,
+    so a row's pages are not contiguous; page 0 is never handed out, so the
+    table's 0 entries past a row's pages point at garbage, as do the slots past
+    each row's length and the new tokens' bias (which the kernel must ignore).
+    Past slots get bias 0, a few -inf, and log(3) for a merged slot."""
+    lengths = torch.tensor(lengths, dtype=torch.long)
+    batch, hkv = lengths.shape
+    n_pages = (lengths + page - 1) // page
+    m = int(n_pages.max()) + 1  # capacity beyond the longest row: every row ends in 0 entries
+    total = int(n_pages.sum())
+    ids = torch.randperm(total + spare_pages)[:total] + 1
+    k = torch.full((total + spare_pages + 1, page, dim), GARBAGE)
+    v = torch.full((total + spare_pages + 1, page, dim_v), -GARBAGE)
+    bias = torch.full((total + spare_pages + 1, page), 5.0)
+    table = torch.zeros(batch, hkv, m, dtype=torch.long)
+    used = 0
+    for bi in range(batch):
+        for hi in range(hkv):
+            length, count = int(lengths[bi, hi]), int(n_pages[bi, hi])
+            pages = ids[used : used + count]
+            used += count
+            table[bi, hi, :count] = pages
+            slot = torch.arange(length)
+            flat = pages[slot // page] * page + slot % page
+            k.view(-1, dim)[flat] = torch.randn(length, dim)
+            v.view(-1, dim_v)[flat] = torch.randn(length, dim_v)
+            past = length - q_len
+            row_bias = torch.zeros(past)
+            if past > 4:
+                row_bias[torch.randperm(past)[:2]] = float("-inf")
+                row_bias[-3] = math.log(3.0)
+            bias.view(-1)[flat[:past]] = row_bias
+    return (k.to(dtype).to(device), v.to(dtype).to(device), bias.to(device), table.to(device),
+            lengths.to(device))
+
+
+def paged_by_hand(q, k_pages, v_pages, slot_bias, page_table, lengths, scale, softcap):
+    """Each (batch, KV head) row's slots gathered through its page table, then
+    ``slot_attention_reference`` on that row alone."""
+    hkv, page = page_table.shape[1], k_pages.shape[1]
+    groups = q.shape[1] // hkv
+    out = torch.empty(*q.shape[:3], v_pages.shape[-1], dtype=q.dtype)
+    for bi in range(q.shape[0]):
+        for hi in range(hkv):
+            slot = torch.arange(int(lengths[bi, hi]))
+            pages = page_table[bi, hi, slot // page]
+            k, v = k_pages[pages, slot % page], v_pages[pages, slot % page]
+            bias = slot_bias[pages, slot % page][: len(slot) - q.shape[2]]
+            heads = slice(hi * groups, (hi + 1) * groups)
+            out[bi, heads] = attention.slot_attention_reference(
+                q[bi : bi + 1, heads], k[None, None], v[None, None], bias[None, None], scale, softcap
+            )[0]
+    return out
+
+
+@pytest.mark.parametrize("groups,q_len,softcap", [(1, 1, 0.0), (2, 3, 30.0), (4, 3, 0.0), (8, 1, 5.0)])
+def test_paged_attention_reference_is_slot_attention_on_each_row(groups, q_len, softcap):
+    k, v, bias, table, lengths = make_paged_store(paged_lengths(q_len, 8), q_len, 8, 32, 24, F32, "cpu")
+    q = randn(2, 2 * groups, q_len, 32)
+    expected = paged_by_hand(q, k, v, bias, table, lengths, 32**-0.5, softcap)
+    actual = paged_attention.paged_attention_reference(q, k, v, bias, table, lengths, 32**-0.5, softcap)
+    assert_close(actual, expected, **OUT_TOL[F32])
+
+
+# (dtype, head_dim, groups, q_len, softcap, page): every value of every axis appears.
+PAGED_CASES = [
+    (F32, 64, 1, 1, 0.0, 16),
+    (F16, 80, 2, 3, 30.0, 8),
+    (BF16, 128, 4, 1, 0.0, 8),
+    (F32, 128, 8, 3, 5.0, 16),
+    (F16, 64, 8, 1, 30.0, 16),
+    (BF16, 80, 2, 3, 0.0, 16),
+]
+
+
+def paged_case_id(case):
+    dtype, dim, groups, q_len, softcap, page = case
+    return f"{str(dtype)[6:]}-d{dim}-g{groups}-q{q_len}-cap{softcap:g}-p{page}"
+
+
+@pytest.mark.parametrize("dtype,dim,groups,q_len,softcap,page", PAGED_CASES, ids=list(map(paged_case_id, PAGED_CASES)))
+def test_paged_attention_matches_reference(device, dtype, dim, groups, q_len, softcap, page):
+    k, v, bias, table, lengths = make_paged_store(paged_lengths(q_len, page), q_len, page, dim, dim, dtype, device)
+    q = randn(2, 2 * groups, q_len, dim, dtype=dtype, device=device)
+    expected = paged_attention.paged_attention_reference(q, k, v, bias, table, lengths, dim**-0.5, softcap)
+    # The public function: the device fixture forces Triton.
+    actual = paged_attention.paged_attention(q, k, v, bias, table, lengths, dim**-0.5, softcap)
+    assert_close(actual, expected, **OUT_TOL[dtype])
+
+
+@pytest.mark.parametrize("splits", [3, 100], ids=["3-splits", "a-split-per-page"])
+def test_paged_attention_split_slots_match_reference(device, splits):
+    # Page 8, capacity 10 pages: 3 splits of 4 pages (32 slots) or one per page.
+    # Row (0, 0) ends before the second split starts; row (0, 1) has a whole
+    # split of -inf bias (it sees only masked slots). Dv != D; q is strided.
+    k, v, bias, table, lengths = make_paged_store([[2, 70], [40, 24]], 2, 8, 64, 80, BF16, device)
+    slot = torch.arange(32, 64, device=device)
+    bias[table[0, 1, slot // 8], slot % 8] = float("-inf")
+    q = randn(2, 2, 8, 64, dtype=BF16, device=device).transpose(1, 2)  # [B, H=8, Sq=2, D]
+    expected = paged_attention.paged_attention_reference(q, k, v, bias, table, lengths, 0.125, 5.0)
+    module = dispatch.triton_module("paged_attention")
+    actual = module.paged_attention(q, k, v, bias, table, lengths, 0.125, 5.0, splits=splits)
+    assert_close(actual, expected, **OUT_TOL[BF16])
+
+
+def test_paged_attention_reads_strided_stores(device):
+    # K and V interleaved in one [N, P, 2, D] buffer, the bias a column of a
+    # wider one, the table and lengths views of larger tensors.
+    k, v, bias, table, lengths = make_paged_store(paged_lengths(1, 16), 1, 16, 64, 64, F32, device)
+    kv = torch.stack([k, v], dim=2)
+    wide_bias = torch.stack([torch.zeros_like(bias), bias], dim=-1)
+    wide_table = torch.stack([table, torch.zeros_like(table)], dim=-1)
+    wide_lengths = torch.stack([lengths, torch.zeros_like(lengths)], dim=0)
+    args = (kv[:, :, 0], kv[:, :, 1], wide_bias[..., 1], wide_table[..., 0], wide_lengths[0])
+    q = randn(2, 4, 1, 64, device=device)
+    expected = paged_attention.paged_attention_reference(q, k, v, bias, table, lengths, 0.125)
+    assert_close(paged_attention.paged_attention(q, *args, 0.125), expected, **OUT_TOL[F32])
+
+
+def test_paged_attention_of_a_long_row_matches_reference(device):
+    # A realistic length: one row of 600 slots among short ones. The capacity
+    # (39 pages of 16) gets more than one split by default even in the interpreter.
+    k, v, bias, table, lengths = make_paged_store([[600, 1]], 1, 16, 80, 80, F16, device)
+    q = randn(1, 8, 1, 80, dtype=F16, device=device)
+    expected = paged_attention.paged_attention_reference(q, k, v, bias, table, lengths, 80**-0.5, 30.0)
+    actual = paged_attention.paged_attention(q, k, v, bias, table, lengths, 80**-0.5, 30.0)
+    assert_close(actual, expected, **OUT_TOL[F16])

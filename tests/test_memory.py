@@ -1,5 +1,5 @@
 """What kvfx keeps alive: after a generation, the only tensors left beyond the
-model's weights are the returned cache and its slot state."""
+model's weights are the returned cache: its slot stores (pages, state, tables)."""
 
 import gc
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvfx
-from kvfx.integrations.transformers import cache_bytes, kv_pairs, state_tensors
+from kvfx.integrations.transformers import cache_bytes, cache_entries, entry_tensors
 from kvfx.testing.zoo import tiny_model
 
 POLICIES = {
@@ -20,6 +20,7 @@ POLICIES = {
     "KVMerger": kvfx.KVMerger(budget=0.2, exempt_layers=()),
     "ChunkKV": kvfx.ChunkKV(budget=0.2, window=4, chunk=4),
     "RazorAttention": kvfx.RazorAttention(budget=0.1, sinks=2, window=4, retrieval_heads=((0, 0), (1, 1))),
+    "AdaKV": kvfx.AdaKV(budget=0.2, window=4),
     "ZeroMerge": kvfx.ZeroMerge(budget=0.25, residual=2, window=3),
 }
 
@@ -49,7 +50,7 @@ def test_after_a_generation_only_the_returned_cache_stays_alive(name):
     cache = out.past_key_values
     del out
     grown = {ptr: nbytes for ptr, (nbytes, _) in live_storages().items() if ptr not in before}
-    cache_ptrs = {t.untyped_storage().data_ptr() for k, v in kv_pairs(cache) for t in [k, v, *state_tensors(k)]}
+    cache_ptrs = {t.untyped_storage().data_ptr() for entry in cache_entries(cache) for t in entry_tensors(entry)}
     kept = {ptr: nbytes for ptr, nbytes in grown.items() if ptr not in cache_ptrs}
     assert sum(grown.values()) - sum(kept.values()) == cache_bytes(cache)
     assert not kept, f"{sum(kept.values())} bytes in {len(kept)} tensors outlive the generation beside its cache"

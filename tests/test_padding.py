@@ -26,7 +26,7 @@ def test_left_padded_batch_keeps_no_pad_slot():
         kept = layer.keys[1]                                   # [Hkv, 12, D]
         same = (kept[:, :, None, :] - pads[:, None, :, :]).abs().amax(-1) < 1e-6
         assert not same.any(), "a pad slot survived compression"
-        live = torch.isfinite(layer.keys._kvfx_state.slot_bias).sum(-1)
+        live = torch.isfinite(layer.dense()[2]).sum(-1)
         assert live[0].tolist() == [12, 12]   # 50% of 24 real tokens
         assert live[1].tolist() == [9, 9]     # 50% of its own 18 real tokens; its other slots are invalid
 
@@ -35,7 +35,7 @@ def test_rows_shorter_than_budget_keep_pads_masked_out():
     model = tiny_model("llama")
     ids, mask = padded_batch(model.config.vocab_size, pad=10)   # row 1 has 14 real tokens
     run = generate(model, ids, attention_mask=mask, policy=kvfx.KNorm(budget=20), steps=3)
-    bias = run.cache.layers[0].keys._kvfx_state.slot_bias
+    bias = run.cache.layers[0].dense()[2]
     assert bias.shape[-1] == 20 + 2
     assert torch.isfinite(bias[0]).all()
     assert (bias[1] == float("-inf")).sum(-1).tolist() == [6, 6]   # 20 kept - 14 real = 6 pads, masked

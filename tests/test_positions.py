@@ -47,9 +47,9 @@ def test_tokens_seen_counts_every_token_absorbed():
     model = tiny_model("llama")
     ids = torch.randint(2, model.config.vocab_size, (1, 24))
     run = generate(model, ids, policy=POLICY, steps=5)
-    keys = run.cache.layers[0].keys
-    assert keys.shape[-2] == 12 + 4
-    assert kvfx.tokens_seen(keys) == 24 + 4
+    layer = run.cache.layers[0]
+    assert (layer.lengths == 12 + 4).all()
+    assert kvfx.tokens_seen(layer) == 24 + 4
 
 
 def test_handwritten_module_with_tuple_cache():

@@ -19,8 +19,8 @@ def make_policy(name: str, budget):
     small = {
         "StreamingLLM": dict(sinks=1), "SnapKV": dict(window=2, kernel=3), "KNorm": {}, "H2O": dict(window=2),
         "TOVA": {}, "PyramidKV": dict(window=2, beta=2.0), "KVMerger": dict(exempt_layers=(), count_bias=True),
-        "ChunkKV": dict(window=2, chunk=2), "RazorAttention": dict(sinks=1, window=2),
-        "ZeroMerge": dict(residual=1, window=2),
+        "ChunkKV": dict(window=2, chunk=2), "RazorAttention": dict(sinks=1, window=2, retrieval_heads=((1, 0),)),
+        "ZeroMerge": dict(residual=1, window=2), "AdaKV": dict(window=2, kernel=3),
     }[name]
     return kvfx.PRESETS[name](budget=budget, **small)
 
@@ -83,6 +83,38 @@ def test_compress_keeps_the_promised_slots_and_never_a_pad(case):
                     assert torch.equal(k_out[b, h, slot], k[b, h, i]) and torch.equal(v_out[b, h, slot], v[b, h, i])
     again = torch.ops.kvfx.compress(q, k, v, sdpa_mask(valid), None, key_of(policy), layer, 4, 8 ** -0.5)
     assert all(torch.equal(a, b) for a, b in zip(again, (k_out, v_out, bias, score, index)))  # deterministic
+
+
+@settings(max_examples=50, deadline=None)
+@given(case=cases(), page=st.sampled_from([1, 4, 16]))
+def test_store_compress_holds_each_rows_kept_slots_in_the_pages_its_fake_promised(case, page):
+    """The store a prefill leaves: each (batch, KV head) row holds exactly the
+    slots the rectangular compression keeps for it, in pages whose number and
+    table width are what the graph was traced with (the fake implementation)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kvfx import store as slot_store
+
+    name, budget, batch, kv_heads, groups, length, pad, layer, seed = case
+    policy = make_policy(name, budget)
+    q, k, v, valid = tensors(batch, kv_heads, groups, length, pad, seed)
+    args = (sdpa_mask(valid), None, key_of(policy), layer, 4, 8 ** -0.5)
+    k_rect, v_rect, bias, score, _ = torch.ops.kvfx.compress(q, k, v, *args)
+    real = torch.ops.kvfx.store_compress(q, k, v, *args, page)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.kvfx.store_compress(*(mode.from_tensor(t) for t in (q, k, v, args[0])), *args[1:], page)
+    assert [tuple(t.shape) for t in real] == [tuple(t.shape) for t in fake]
+    store = slot_store.Store(*real[:8])
+    assert int(store.seen) == length
+    lengths = store.lengths
+    assert (lengths <= k_rect.shape[2]).all() and (store.pages == slot_store.cdiv(lengths, page)).all()
+    got_k, got_v, got_bias, got_score = slot_store.gather(store, int(lengths.max()))
+    for b in range(batch):
+        for h in range(kv_heads):
+            n = int(lengths[b, h])
+            assert torch.equal(got_k[b, h, :n], k_rect[b, h, :n]) and torch.equal(got_v[b, h, :n], v_rect[b, h, :n])
+            assert torch.equal(got_bias[b, h, :n], bias[b, h, :n]) and torch.equal(got_score[b, h, :n], score[b, h, :n])
+            assert (bias[b, h, n:] == NEG_INF).all(), "the rectangle pads a row past its length with invalid slots"
 
 
 def naive_attention(q, k, v, bias, scale):

@@ -117,9 +117,8 @@ def test_zeromerge_cache_is_constant_and_counts_sum_to_tokens_seen():
     lengths = cache_lengths(run.cache)
     assert lengths == [10, 10]
     for layer in run.cache.layers:
-        state = layer.keys._kvfx_state
-        assert int(state.seen) == 40 + 64
-        counts = state.slot_bias.exp().sum(-1)
+        assert kvfx.tokens_seen(layer) == 40 + 64
+        counts = layer.dense()[2].exp().sum(-1)
         torch.testing.assert_close(counts, torch.full_like(counts, 104.0), rtol=0, atol=1e-3)
     assert len(run.records) <= 3 and run.graph_breaks == 0
 
@@ -172,14 +171,16 @@ def test_pyramidkv_plan_is_the_same_formula_for_symbolic_lengths():
         assert all(int(formula.subs(S, n)) == policy.kept_length(n, layer, 3) for n in (1, 50, 320, 1024, 4096))
 
 
-def test_razor_layers_with_retrieval_heads_hold_every_slot():
+def test_razor_retrieval_heads_hold_every_slot_and_the_others_only_theirs():
     model = tiny_model("llama")
     policy = kvfx.RazorAttention(budget=0.1, sinks=2, window=4, retrieval_heads=((1, 0),))
     run = generate(model, torch.randint(2, 100, (1, 40)), policy=policy, steps=1)
     assert cache_lengths(run.cache) == [2 + 4 + 1, 40]
-    bias = run.cache.layers[1].keys._kvfx_state.slot_bias[0]
-    assert torch.isfinite(bias[0]).all()                       # the retrieval head keeps everything
-    assert torch.isinf(bias[1]).sum() == 40 - 7               # the other head: 7 real slots, the rest padding
+    layer = run.cache.layers[1]
+    assert layer.lengths[0].tolist() == [40, 7]                # the retrieval head keeps everything, the other 7
+    bias = layer.dense()[2][0]
+    assert torch.isfinite(bias[0]).all()
+    assert torch.isfinite(bias[1, :7]).all()                   # 2 sinks, a compensation slot, 4 recent
 
 
 POLICIES = {
@@ -212,6 +213,8 @@ def test_compiled_equals_eager_reference_over_32_decode_steps(family, name):
     for a, b in zip(compiled.logits, reference.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     for got, want in zip(compiled.cache.layers, reference.cache.layers):
+        if (got.lengths != got.lengths.max()).any():
+            continue  # a ragged store holds each head's own slots; the reference pads its rectangle: logits compared
         torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
         torch.testing.assert_close(got.values, want.values, rtol=0, atol=1e-5)
     assert len(compiled.records) <= 3 and compiled.graph_breaks == 0

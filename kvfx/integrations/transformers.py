@@ -2,41 +2,51 @@
 
 The backend and the passes see only FX graphs and tensors. What depends on
 transformers' classes, argument names, mask shapes and error messages lives
-here:
+here and in ``transformers_store`` (kvfx's own cache layer):
   * ``kv_pairs`` / ``cache_bytes``: the one walker of a cache (a transformers
-    ``Cache`` or a tuple of (k, v) pairs);
-  * ``TransformersForward``: the checks and fallbacks ``kvfx.compile`` runs
-    around each call of a transformers model (padding, uneven layers, state
-    lost to an outside edit, several new tokens on layers of different lengths);
-  * two process-wide patches, applied by ``install_patches`` (see
+    ``Cache``, with kvfx store layers or not, or a tuple of (k, v) pairs);
+  * ``TransformersForward``: what ``kvfx.compile`` runs around each call of a
+    transformers model (the store put in the call's cache, room made for the
+    call's tokens, the padding check);
+  * a process-wide patch, applied by ``install_patches`` (see
     ``kvfx.integrations``).
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any, Callable
 
 import torch
 
-from kvfx.runtime import STATE_ATTR, SlotState, state_of
+from kvfx.runtime import state_of
 
 
 # -- the cache walker ---------------------------------------------------------
 
-def kv_pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) of each layer of a transformers ``Cache`` or of a tuple /
-    list of (k, v) pairs (hand-written models); [] for anything else."""
+def is_store(layer) -> bool:
+    """Whether a cache layer is a kvfx slot store (``transformers_store.KvfxLayer``) that holds slots."""
+    return type(layer).__name__ == "KvfxLayer" and layer.is_initialized
+
+
+def cache_entries(cache) -> list:
+    """Each filled layer of a transformers ``Cache`` (a kvfx store layer, or its
+    (keys, values)) or of a tuple / list of (k, v) pairs (hand-written models)."""
     if cache is None:
         return []
     layers = getattr(cache, "layers", None)
     if isinstance(layers, (list, tuple)):
-        return [(layer.keys, layer.values) for layer in layers
-                if isinstance(getattr(layer, "keys", None), torch.Tensor)]
+        return [layer if is_store(layer) else (layer.keys, layer.values) for layer in layers
+                if is_store(layer) or isinstance(getattr(layer, "keys", None), torch.Tensor)]
     if isinstance(cache, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in cache):
         return [tuple(p) for p in cache if all(isinstance(t, torch.Tensor) for t in p)]
     return []
+
+
+def kv_pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of each filled layer; a kvfx store layer gives a copy of
+    its rows as rectangles as long as its longest row (for inspection)."""
+    return [(e.keys, e.values) if is_store(e) else e for e in cache_entries(cache)]
 
 
 def state_tensors(keys: torch.Tensor) -> list[torch.Tensor]:
@@ -44,14 +54,31 @@ def state_tensors(keys: torch.Tensor) -> list[torch.Tensor]:
     return [] if state is None else [state.slot_bias, state.slot_score, state.seen]
 
 
+def entry_tensors(entry, state: bool = True) -> list[torch.Tensor]:
+    """The tensors one layer holds: a store's pages and, with ``state``, its
+    slot state and tables; (keys, values) and the state riding on them."""
+    if is_store(entry):
+        return [*entry.store.tensors(), entry.extent] if state else [entry.k_pages, entry.v_pages]
+    k, v = entry
+    return [k, v] + (state_tensors(k) if state else [])
+
+
+def entry_bytes(entry, state: bool = True) -> int:
+    """Bytes one layer holds (``entry_tensors``): a store's pages, used or not."""
+    return sum(t.numel() * t.element_size() for t in entry_tensors(entry, state))
+
+
 def cache_bytes(cache, state: bool = True) -> int:
-    """Bytes the cache holds: every layer's keys and values and, with ``state``,
-    the kvfx slot state riding on them."""
-    total = 0
-    for k, v in kv_pairs(cache):
-        for t in [k, v] + (state_tensors(k) if state else []):
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes the cache holds, summed over its layers (``entry_bytes``)."""
+    return sum(entry_bytes(e, state) for e in cache_entries(cache))
+
+
+def store_seen(args, kwargs):
+    """The tokens-seen tensor of the first kvfx store layer in a call's cache, or None."""
+    for layer in getattr(cache_of(kwargs), "layers", None) or ():
+        if is_store(layer):
+            return layer.seen
+    return None
 
 
 def cache_of(kwargs: dict):
@@ -74,52 +101,87 @@ def is_transformers_model(model) -> bool:
 
 # -- around each call -----------------------------------------------------------
 
-def _dynamic_layers(cache) -> list:
-    return [(i, layer) for i, layer in enumerate(getattr(cache, "layers", None) or ())
-            if type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)]
+def cache_argument(model) -> str:
+    """The forward's name for the cache (``cache`` from transformers 5.2x, before that ``past_key_values``)."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
-def _layer_lengths(kwargs) -> set[int]:
-    """Cache lengths of a transformers cache's full-attention layers."""
-    return {layer.keys.shape[-2] for _, layer in _dynamic_layers(cache_of(kwargs)) if layer.keys.numel()}
+def _new_tokens(args, kwargs) -> int:
+    for name in ("input_ids", "inputs_embeds"):
+        x = kwargs.get(name)
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            return x.shape[1]
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    return x.shape[1] if x is not None and x.dim() >= 2 else 1
 
 
-# transformers builds one mask for every layer; with layers of different
-# lengths, tracing fails with one of these (Falcon; Llama on transformers 5.17).
-_MASK_ERRORS = ("broadcast", "expand", "must match")
-_SLICED = ("input_ids", "position_ids", "cache_position")
-_PASSED = ("past_key_values", "cache", "attention_mask", "use_cache", "logits_to_keep", "return_dict")
+def _all_full_attention(config) -> bool:
+    types = getattr(config, "layer_types", None)
+    return not types or all(t == "full_attention" for t in types)
 
 
 class TransformersForward:
-    """Runs one call of a ``kvfx.compile``d transformers model."""
+    """Runs one call of a ``kvfx.compile``d transformers model: puts kvfx's
+    slot store in the call's cache (``transformers_store``), makes room in it
+    for the call's tokens before the call and accounts for them after."""
 
-    def __init__(self, model, backend) -> None:
+    def __init__(self, model, backend, page: int, max_cache_bytes=None) -> None:
         self.model = model
         self.backend = backend
+        self.page = page
+        self.max_cache_bytes = max_cache_bytes
+        self.cache_argument = cache_argument(model)
 
     def __call__(self, run: Callable, args: tuple, kwargs: dict):
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "kvfx: a kvfx.compile'd forward is being traced by another torch.compile (generate() compiles the "
+                "forward itself for a static cache unless generation_config.disable_compile is set, which "
+                "kvfx.compile sets): the outer compile would bypass kvfx. Call the model without another compile.")
         self._check_padding(kwargs)
-        self._check_shared_mask(kwargs)
-        self._check_state_kept(kwargs)
-        if self._needs_single_tokens(args, kwargs):
-            return self._token_by_token(run, kwargs)
-        try:
-            out = run(*args, **kwargs)
-        except torch._dynamo.exc.TorchRuntimeError as err:
-            lengths = _layer_lengths(kwargs)
-            if len(lengths) > 1 and any(word in str(err) for word in _MASK_ERRORS):
-                raise self._uneven_layers_error(lengths, "this model materialises its attention mask") from err
-            raise
-        self._mark_compressed(getattr(out, "past_key_values", None) or cache_of(kwargs))
+        layers = self._store_layers(args, kwargs)
+        if not layers:
+            return run(*args, **kwargs)
+        policy, new = self.backend.policy, _new_tokens(args, kwargs)
+        fresh = [i for i, layer in layers if not layer.is_initialized]
+        used = sum(layer.nbytes() for _, layer in layers)
+        for _, layer in layers:
+            used -= layer.nbytes()
+            layer.reserve(new, policy, self.max_cache_bytes, used)
+            used += layer.nbytes()
+            layer.prepare_step(new, policy)
+        out = run(*args, **kwargs)
+        n_layers = len(layers) if not hasattr(self.model.config, "num_hidden_layers") else \
+            self.model.config.num_hidden_layers
+        for i, layer in layers:
+            if not layer.is_initialized:
+                continue  # a layer this call did not reach
+            first = i in fresh
+            slots = policy.budget_length(new, i, n_layers) if first and policy.schedule == "continuous" else None
+            layer.advance(new, policy, first, slots)
         return out
 
-    def _uneven_layers_error(self, lengths: set[int], why: str) -> ValueError:
-        return ValueError(
-            f"kvfx: {self.backend.policy!r} left the layers with different cache lengths {sorted(lengths)}, "
-            f"and {why}: transformers builds one attention mask, sized for the first layer, for every layer. "
-            "Use attn_implementation='sdpa' with an unpadded batch, or a policy with one budget for every layer "
-            "(no per-layer plan, no exempt layers, no retrieval heads).")
+    def _store_layers(self, args, kwargs) -> list:
+        """The call's kvfx cache layers, installed in its cache (one is made when
+        the call asks for a cache and brings none)."""
+        from kvfx.integrations import transformers_store
+
+        if getattr(self.model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+            return []  # kvfx recognises these two forms of attention; any other leaves the model as it is
+        cache = cache_of(kwargs)
+        if cache is None and not args[1:] and kwargs.get("use_cache", getattr(self.model.config, "use_cache", False)):
+            from transformers import DynamicCache
+
+            cache = kwargs[self.cache_argument] = DynamicCache(config=self.model.config)
+        layers = getattr(cache, "layers", None)
+        if isinstance(layers, list) and not layers and getattr(cache, "layer_class_to_replicate", None) is not None \
+                and _all_full_attention(self.model.config):
+            # A cache made without a config adds layers as they are first written: add them now.
+            layers.extend(transformers_store.KvfxLayer(self.page) for _ in range(self.model.config.num_hidden_layers))
+        return transformers_store.install(cache, self.page)
 
     def _check_padding(self, kwargs) -> None:
         policy = self.backend.policy
@@ -129,139 +191,11 @@ class TransformersForward:
                 f"kvfx: {policy!r} cannot compress a left-padded batch so that each row matches running it alone "
                 "(its chunks start at each row's first token). Generate the rows one at a time, or pad none of them.")
 
-    def _check_shared_mask(self, kwargs) -> None:
-        """Eager attention (and SDPA with padding) adds the shared mask as is, so
-        layers of different lengths cannot trace: say so before dynamo fails."""
-        lengths = _layer_lengths(kwargs)
-        if len(lengths) < 2:
-            return
-        mask = kwargs.get("attention_mask")
-        if getattr(getattr(self.model, "config", None), "_attn_implementation", None) == "eager":
-            raise self._uneven_layers_error(lengths, "attention is 'eager'")
-        if isinstance(mask, torch.Tensor) and not bool(mask.all()):
-            raise self._uneven_layers_error(lengths, "the batch is padded")
-
-    @staticmethod
-    def _mark_compressed(cache) -> None:
-        """Remember which layers of a transformers cache carry kvfx state."""
-        layers = {i for i, layer in _dynamic_layers(cache) if state_of(layer.keys) is not None}
-        if layers:
-            cache._kvfx_layers = layers
-
-    @staticmethod
-    def _check_state_kept(kwargs) -> None:
-        """A cache kvfx compressed that comes back without its state was edited
-        outside the graph: its slots no longer match the model's positions and
-        mask, and merged slots lost their counts. Refuse rather than decode wrong."""
-        cache = cache_of(kwargs)
-        expected = getattr(cache, "_kvfx_layers", None)
-        if not expected:
-            return
-        lost = [i for i, layer in _dynamic_layers(cache) if i in expected and state_of(layer.keys) is None]
-        if lost:
-            raise RuntimeError(
-                f"kvfx: the compressed cache of layers {lost} was changed outside the compiled graph (a manual edit "
-                "of its tensors): its per-slot state (slot bias, merge counts, tokens seen) is lost and attention "
-                "would be wrong. kvfx follows transformers' reorder_cache, batch_select_indices and "
-                "batch_repeat_interleave (beam search works); other edits are refused. (The same happens when "
-                "dynamo reached its recompile_limit and ran the model's own forward: raise "
-                "torch._dynamo.config.recompile_limit; TORCH_LOGS=recompiles shows why it recompiled.)")
-
-    @staticmethod
-    def _needs_single_tokens(args, kwargs) -> bool:
-        """Several new tokens on a cache whose layers differ in length: transformers
-        materialises one [new, cached + new] mask for every layer, which fits only
-        one of them; one token at a time it passes no mask at all."""
-        if args or len(_layer_lengths(kwargs)) < 2:
-            return False
-        ids = kwargs.get("input_ids")
-        return isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > 1
-
-    def _token_by_token(self, run, kwargs):
-        """Feed a multi-token step one token at a time (same attention: each token
-        sees the cache and the tokens before it) and join the logits."""
-        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _SLICED + _PASSED)
-        if unknown or kwargs.get("return_dict") is False:
-            raise ValueError(
-                f"kvfx: {self.backend.policy!r} left the layers with different cache lengths "
-                f"{sorted(_layer_lengths(kwargs))}, so kvfx feeds several new tokens one at a time, which it cannot "
-                f"do with {unknown or ['return_dict=False']}: pass input_ids (and position_ids, cache_position, "
-                "attention_mask) only, or use a policy with one budget for every layer.")
-        n = kwargs["input_ids"].shape[1]
-        keep = kwargs.get("logits_to_keep") or 0
-        mask = kwargs.get("attention_mask")
-        logits, out = [], None
-        for t in range(n):
-            step = dict(kwargs, logits_to_keep=1) if "logits_to_keep" in kwargs else dict(kwargs)
-            for name in _SLICED:
-                if isinstance(kwargs.get(name), torch.Tensor):
-                    step[name] = kwargs[name][..., t:t + 1]
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                step["attention_mask"] = mask[:, :mask.shape[1] - (n - 1 - t)]
-            out = self(run, (), step)
-            logits.append(out.logits[:, -1:])
-        joined = torch.cat(logits, dim=1)
-        out.logits = joined[:, -keep:] if isinstance(keep, int) and keep > 0 else joined
-        return out
-
 
 # -- process-wide patches ---------------------------------------------------------
 
-_ROW_EDITS: dict[str, Callable] = {
-    "reorder_cache": lambda t, beam_idx: t.index_select(0, beam_idx.to(t.device)),
-    "batch_repeat_interleave": lambda t, repeats: t.repeat_interleave(repeats, dim=0),
-    "batch_select_indices": lambda t, indices: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices],
-}
-
-
-def _carrying(method: Callable, edit: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(self, arg):
-        keys = getattr(self, "keys", None)
-        state = state_of(keys)
-        method(self, arg)
-        if state is not None and self.keys is not keys:
-            setattr(self.keys, STATE_ATTR, SlotState(edit(state.slot_bias, arg), state.seen, edit(state.slot_score, arg)))
-    wrapper._kvfx_wrapped = True
-    return wrapper
-
-
-def _refusing_crop(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if state_of(getattr(self, "keys", None)) is not None:
-            raise ValueError(
-                "kvfx: crop() on a compressed cache is not supported: its slots are no longer one per token, so "
-                "removing the last N tokens (assisted or speculative decoding, DoLa) has no defined meaning. "
-                "Generate without assistant_model / prompt lookup, or without kvfx.")
-        return method(self, *args, **kwargs)
-    wrapper._kvfx_wrapped = True
-    return wrapper
-
-
-def follow_cache_edits() -> None:
-    """Patch 1. Beam search reorders cache rows (``reorder_cache``), generation
-    utilities repeat or select rows (``batch_repeat_interleave``,
-    ``batch_select_indices``): each replaces the key tensor and would drop the
-    state riding on it, so the same row edit is applied to the state. ``crop``
-    removes *tokens*, which a compressed cache no longer holds one slot each:
-    it is refused. Caches kvfx never compressed behave as before."""
-    try:
-        from transformers import cache_utils
-    except ImportError:
-        return
-    for cls in (cache_utils.CacheLayerMixin, cache_utils.DynamicLayer):
-        for name, edit in _ROW_EDITS.items():
-            method = cls.__dict__.get(name)
-            if method is not None and not getattr(method, "_kvfx_wrapped", False):
-                setattr(cls, name, _carrying(method, edit))
-        crop = cls.__dict__.get("crop")
-        if crop is not None and not getattr(crop, "_kvfx_wrapped", False):
-            setattr(cls, "crop", _refusing_crop(crop))
-
-
 def guard_generate_trap(is_kvfx_backend: Callable[[Any], bool]) -> None:
-    """Patch 2. ``torch.compile(model, backend=kvfx.backend(...)).generate(...)``
+    """The patch. ``torch.compile(model, backend=kvfx.backend(...)).generate(...)``
     runs the original module, so the backend is never reached: make reading
     ``generate`` on such a compiled module an error that says what to do."""
     from torch._dynamo.eval_frame import OptimizedModule

@@ -11,17 +11,17 @@ from kvfx.policies.budgets import Budget, budget_tokens, check_budget, smax, smi
 from kvfx.policies.compose import Compose
 from kvfx.policies.fold import (Compensate, Compressed, Evict, Fold, GaussianMerge, ResidualMerge, bias_of,
                                 evict_to)
-from kvfx.policies.keep import Keep, Kept, TopChunks, TopTokens, protect, top_sorted
-from kvfx.policies.presets import H2O, TOVA, KNorm, PyramidKV, SnapKV, StreamingLLM
+from kvfx.policies.keep import Keep, Kept, TopChunks, TopTokens, TopTokensAcrossHeads, protect, top_sorted
+from kvfx.policies.presets import H2O, TOVA, AdaKV, KNorm, PyramidKV, SnapKV, StreamingLLM
 from kvfx.policies.registry import PRESETS, key_of, parse_policy, policy_of, rule
 from kvfx.policies.seeds import ChunkKV, KVMerger, RazorAttention, ZeroMerge
 
-for _rule in (TopTokens, TopChunks, Evict, Compensate, ResidualMerge, GaussianMerge):
+for _rule in (TopTokens, TopChunks, TopTokensAcrossHeads, Evict, Compensate, ResidualMerge, GaussianMerge):
     rule(_rule)
 
 __all__ = [
-    "Budget", "ChunkKV", "Compensate", "Compose", "Compressed", "Evict", "Fold", "GaussianMerge", "H2O", "KNorm",
+    "AdaKV", "Budget", "ChunkKV", "Compensate", "Compose", "Compressed", "Evict", "Fold", "GaussianMerge", "H2O", "KNorm",
     "KVMerger", "Keep", "Kept", "PRESETS", "Policy", "PyramidKV", "RazorAttention", "ResidualMerge", "SnapKV",
-    "StreamingLLM", "TOVA", "TopChunks", "TopTokens", "ZeroMerge", "bias_of", "budget_tokens", "check_budget",
+    "StreamingLLM", "TOVA", "TopChunks", "TopTokens", "TopTokensAcrossHeads", "ZeroMerge", "bias_of", "budget_tokens", "check_budget",
     "evict_to", "key_of", "parse_policy", "policy_of", "protect", "smax", "smin", "top_sorted",
 ]

@@ -22,7 +22,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from kvfx.policies.budgets import Budget, budget_tokens, check_budget, check_int, smax, smin
+from kvfx.policies.budgets import Budget, budget_tokens, cdiv, check_budget, check_int, smax, smin
 from kvfx.policies.fold import Compressed, Evict, Fold, evict_to, whole_heads
 from kvfx.policies.keep import Keep, TopTokens
 from kvfx.policies.registry import register_class
@@ -120,8 +120,31 @@ class Policy:
         return self.keep_count(length, layer, n_layers) + self.fold().reserve
 
     def kept_length(self, length, layer: int = 0, n_layers: int = 1):
-        """Slots the layer's cache keeps out of ``length``: the longest head's."""
-        return length if self.full_heads(layer) else self.budget_length(length, layer, n_layers)
+        """Slots a rectangular cache keeps out of ``length``: the longest head's
+        (every slot when some head may keep them all)."""
+        if self.full_heads(layer) or self.keep().shared_across_heads:
+            return length
+        return self.budget_length(length, layer, n_layers)
+
+    def head_slots(self, length, layer: int, n_layers: int, kv_heads: int) -> list:
+        """Slots each of ``kv_heads`` KV heads keeps out of ``length`` (guard-free)."""
+        n = self.budget_length(length, layer, n_layers)
+        full = set(self.full_heads(layer))
+        return [length if h in full else n for h in range(kv_heads)]
+
+    def store_pages(self, length, layer: int, n_layers: int, kv_heads: int, page: int):
+        """(pages one batch row of a layer's slot store needs, most pages one
+        head needs) right after compressing ``length`` slots: the sum over its
+        heads, each rounded up to whole pages (guard-free)."""
+        if self.keep().shared_across_heads:
+            # Heads share kv_heads * n slots; each wastes less than one page.
+            n = self.budget_length(length, layer, n_layers)
+            return (kv_heads * n + kv_heads * (page - 1)) // page, cdiv(smin(length, kv_heads * n), page)
+        pages = [cdiv(n, page) for n in self.head_slots(length, layer, n_layers, kv_heads)]
+        total, widest = pages[0], pages[0]
+        for p in pages[1:]:
+            total, widest = total + p, smax(widest, p)
+        return total, widest
 
     def row_keep(self, valid: torch.Tensor, layer: int = 0, n_layers: int = 1) -> torch.Tensor:
         """[B, 1, 1]: slots each row keeps of its own real tokens, so a padded
@@ -152,8 +175,9 @@ class Policy:
         n = self.budget_length(s, layer, n_layers)
         score = self._score(q, k, valid, scale)
         fold = self.fold()
-        kept = self.keep().select(self, score, valid, n - fold.reserve)
-        out = fold.apply(self, k, v, valid, score, kept, n, self.row_keep(valid, layer, n_layers))
+        rows = self.row_keep(valid, layer, n_layers)
+        kept = self.keep().select(self, score, valid, n - fold.reserve, rows)
+        out = fold.apply(self, k, v, valid, score, kept, n, rows)
         heads = self.full_heads(layer)
         return whole_heads(out, k, v, valid, heads) if heads and out.k.shape[2] < s else out
 

@@ -73,6 +73,11 @@ def ceil_linear(slope: Fraction, length, offset: Fraction = Fraction(0)):
     return (a * length - c + den - 1) // den
 
 
+def cdiv(a, b):
+    """ceil(a / b) for ints, SymInts, sympy expressions and tensors, guard-free."""
+    return (a + b - 1) // b
+
+
 def budget_tokens(budget: Budget, length):
     """Tokens a budget allows for a prompt of ``length``."""
     if isinstance(budget, int):

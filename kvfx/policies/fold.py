@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
@@ -33,13 +33,23 @@ LOWEST_REAL = -3.0e38
 class Compressed:
     """What a policy leaves of one layer's cache: [B, Hkv, n] keys/values,
     and per slot its bias (0, -inf for invalid, log(count) for a slot standing
-    for several tokens), its running score, and the position it came from."""
+    for several tokens), its running score, and the position it came from.
+    ``length`` [B, Hkv]: slots each row really holds, at its front (the rest
+    of a row is invalid padding that a ragged store does not keep); None when
+    every row holds all n."""
 
     k: torch.Tensor
     v: torch.Tensor
     slot_bias: torch.Tensor    # [B, Hkv, n] float32
     slot_score: torch.Tensor   # [B, Hkv, n] float32
     index: torch.Tensor        # [B, Hkv, n] int64 (-1: a slot of several tokens)
+    length: Optional[torch.Tensor] = None
+
+    def lengths(self) -> torch.Tensor:
+        """[B, Hkv] slots each row holds."""
+        if self.length is not None:
+            return self.length
+        return torch.full(self.k.shape[:2], self.k.shape[2], dtype=torch.int64, device=self.k.device)
 
 
 def bias_of(valid: torch.Tensor) -> torch.Tensor:
@@ -76,10 +86,12 @@ def kept_mask(kept: Kept, rows, length: int) -> torch.Tensor:
 
 def whole_heads(out: Compressed, k, v, valid, heads) -> Compressed:
     """A layer where ``heads`` keep every slot (RazorAttention's retrieval
-    heads). The cache is rectangular, so the other heads pad to S with
-    invalid slots: the longest head sets the layer's size."""
+    heads). As a rectangle the other heads pad to S with invalid slots at the
+    end; ``length`` says how many each row really holds, so a ragged store
+    keeps S slots for the whole heads only."""
     full = identity(k, v, valid)
-    pad = k.shape[2] - out.k.shape[2]
+    kept = out.k.shape[2]
+    pad = k.shape[2] - kept
     padded = Compressed(
         torch.nn.functional.pad(out.k, (0, 0, 0, pad)), torch.nn.functional.pad(out.v, (0, 0, 0, pad)),
         torch.nn.functional.pad(out.slot_bias, (0, pad), value=NEG_INF),
@@ -90,7 +102,10 @@ def whole_heads(out: Compressed, k, v, valid, heads) -> Compressed:
     def pick(a, c):
         return torch.where(whole.view(1, -1, *([1] * (a.dim() - 2))), a, c)
 
-    return Compressed(*(pick(getattr(full, f.name), getattr(padded, f.name)) for f in dataclasses.fields(Compressed)))
+    fields = [f.name for f in dataclasses.fields(Compressed) if f.name != "length"]
+    merged = Compressed(*(pick(getattr(full, name), getattr(padded, name)) for name in fields))
+    merged.length = torch.where(whole, k.shape[2], kept).expand(k.shape[0], -1).to(torch.int64)
+    return merged
 
 
 class Fold:
@@ -118,7 +133,9 @@ class Evict(Fold):
     """Drop what is not kept."""
 
     def apply(self, policy, k, v, valid, score, kept, n, rows) -> Compressed:
-        return evict_to(kept.index, k, v, valid, slot_valid=kept.rank < rows)
+        out = evict_to(kept.index, k, v, valid, slot_valid=kept.rank < rows)
+        out.length = kept.length
+        return out
 
     def step(self, policy, q, k, v, slot_bias, slot_score, scale):
         """TOVA's step: evict the slots the policy's step score ranks lowest."""

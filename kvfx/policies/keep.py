@@ -8,22 +8,25 @@ ranks padding last, and returns the kept slots in original order.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 
-from kvfx.policies.budgets import check_int, smax, smin
+from kvfx.policies.budgets import check_fraction, check_int, smax, smin
 
 
 @dataclasses.dataclass
 class Kept:
     """What a keep rule chose for one layer. ``key`` [B, Hkv, S] is the ranking
     it used (+inf: always kept, -inf: padding); ``index`` [B, Hkv, n] the kept
-    slots, ascending; ``rank`` [B, Hkv, n] each kept slot's rank (0 = best)."""
+    slots, ascending; ``rank`` [B, Hkv, n] each kept slot's rank (0 = best).
+    ``length`` [B, Hkv]: for a rule that keeps a different number of slots
+    per head, how many of the n each head keeps (at its front); else None."""
 
     key: torch.Tensor
     index: torch.Tensor
     rank: torch.Tensor
+    length: Optional[torch.Tensor] = None
 
 
 def top_sorted(key: torch.Tensor, n, ranked: bool = False):
@@ -52,13 +55,18 @@ class Keep:
 
     #: whether a left-padded row can keep slots as it would alone
     supports_padding: ClassVar[bool] = True
+    #: whether the KV heads of a layer share one budget, so that each keeps
+    #: its own number of slots (``Kept.length``)
+    shared_across_heads: ClassVar[bool] = False
 
     def fit(self, policy, n, length):
         """Slots kept when the budget allows ``n`` of ``length`` (a rule that keeps
         whole units rounds here)."""
         return n
 
-    def select(self, policy, score: torch.Tensor, valid: torch.Tensor, n) -> Kept:
+    def select(self, policy, score: torch.Tensor, valid: torch.Tensor, n, rows=None) -> Kept:
+        """Keep ``n`` slots per head of score [B, Hkv, S]; ``rows`` [B, 1, 1]:
+        the slots each batch row keeps of its own real tokens (padded rows)."""
         raise NotImplementedError
 
 
@@ -66,7 +74,7 @@ class Keep:
 class TopTokens(Keep):
     """Per KV head: sinks and window, then the best-scored tokens."""
 
-    def select(self, policy, score, valid, n) -> Kept:
+    def select(self, policy, score, valid, n, rows=None) -> Kept:
         key = protect(score.float(), valid, policy.sinks, policy.window)
         index, rank = top_sorted(key, n, ranked=True)
         return Kept(key, index, rank)
@@ -95,7 +103,7 @@ class TopChunks(Keep):
         chunks = smin(prefix // self.chunk, smax(0, (n - always) // self.chunk))
         return always + chunks * self.chunk
 
-    def select(self, policy, score, valid, n) -> Kept:
+    def select(self, policy, score, valid, n, rows=None) -> Kept:
         b, hkv, s = score.shape
         window = min(policy.window, s)
         full_chunks = (s - window) // self.chunk
@@ -109,3 +117,41 @@ class TopChunks(Keep):
         kept = torch.zeros_like(score, dtype=torch.bool).scatter(2, index, True)
         key = score.float().masked_fill(kept, float("inf"))
         return Kept(key, index, torch.arange(index.shape[-1], device=score.device).expand_as(index))
+
+
+@dataclasses.dataclass(frozen=True)
+class TopTokensAcrossHeads(Keep):
+    """AdaKV's keep (Feng et al., 2024): the KV heads of a layer share one
+    budget of ``Hkv x n`` slots per batch row, given to the best-scored slots
+    across all its heads, so a head whose attention is spread keeps more than
+    a head whose attention is sharp. Every head keeps its sinks and window,
+    and its ``safeguard`` x n best slots (the paper's alpha) before the shared
+    ranking. Each head's kept slots come first in its row, in original
+    order; ``Kept.length`` says how many."""
+
+    safeguard: float = 0.2
+
+    shared_across_heads: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_fraction("TopTokensAcrossHeads", "safeguard", self.safeguard)
+
+    def select(self, policy, score, valid, n, rows=None) -> Kept:
+        b, hkv, s = score.shape
+        per_head = rows if rows is not None else torch.full((b, 1, 1), n, device=score.device)  # [B, 1, 1]
+        key = protect(score.float(), valid, policy.sinks, policy.window)
+        head_rank = _ranks(key)
+        safe = torch.floor(per_head * float(self.safeguard)).long()
+        key = key.masked_fill((head_rank < safe) & valid[:, None], float("inf"))
+        chosen = _ranks(key.reshape(b, 1, hkv * s)) < hkv * per_head.view(b, 1, 1)
+        chosen = chosen.view(b, hkv, s) & valid[:, None]
+        position = torch.arange(s, device=score.device)
+        index = torch.where(chosen, position, position + s).argsort(-1)       # kept first, both ascending
+        rank = torch.where(chosen.gather(2, index), 0, s)                    # rank >= any row's count: padding
+        return Kept(key, index, rank, chosen.sum(-1))
+
+
+def _ranks(key: torch.Tensor) -> torch.Tensor:
+    """Rank of every slot of key [..., S] in its row (0 = best; ties by position)."""
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1], device=key.device).expand_as(order))

@@ -9,7 +9,8 @@ from typing import ClassVar
 from kvfx.kernels.column_sums import column_sums
 from kvfx.kernels.window_scores import window_attention
 from kvfx.policies.base import Policy
-from kvfx.policies.budgets import Budget, as_fraction, budget_tokens, ceil_linear, fail, smax
+from kvfx.policies.budgets import Budget, as_fraction, budget_tokens, ceil_linear, check_fraction, fail, smax
+from kvfx.policies.keep import TopTokensAcrossHeads
 from kvfx.policies.registry import preset
 from kvfx.policies.scores import recency
 
@@ -133,3 +134,25 @@ class PyramidKV(SnapKV):
         else:  # ceil(share * (budget * length - always)), guard-free
             extra = ceil_linear(share * as_fraction(self.budget), length, share * always)
         return always + smax(extra, 0)
+
+
+@preset
+@dataclasses.dataclass(frozen=True)
+class AdaKV(SnapKV):
+    """AdaKV (Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by
+    Adaptive Budget Allocation for Efficient LLM Inference"): SnapKV's scores
+    with one budget per layer shared by its KV heads. The layer keeps its
+    ``Hkv x budget`` best slots across all heads, so heads keep different
+    numbers of slots; every head keeps its observation window and its
+    ``safeguard`` x budget best slots first (the paper's alpha = 0.2).
+    kvfx's slot store holds each head's own slots only, so the layer costs
+    its budget (+ less than a page per head), not its longest head."""
+
+    safeguard: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fraction(type(self).__name__, "safeguard", self.safeguard)
+
+    def keep(self) -> TopTokensAcrossHeads:
+        return TopTokensAcrossHeads(self.safeguard)

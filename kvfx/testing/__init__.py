@@ -14,7 +14,7 @@ import torch
 
 import kvfx
 from kvfx.api import GraphRecord, restore
-from kvfx.integrations.transformers import kv_pairs
+from kvfx.integrations.transformers import cache_entries, is_store
 from kvfx.policies import Policy, StreamingLLM
 
 
@@ -30,8 +30,9 @@ class Run:
 
 
 def cache_lengths(cache) -> list[int]:
-    """Slots per layer of a transformers cache (or a tuple of (k, v) pairs)."""
-    return [k.shape[-2] for k, _ in kv_pairs(cache)]
+    """Slots per layer of a transformers cache (or a tuple of (k, v) pairs): a
+    kvfx slot store's longest row, a rectangular cache's length."""
+    return [int(e.lengths.max()) if is_store(e) else e[0].shape[-2] for e in cache_entries(cache)]
 
 
 def generate(model, input_ids, *, policy: Optional[Policy] = None, inner: str = "aot_eager", steps: int = 16,
@@ -97,6 +98,6 @@ def assert_rewritten(model, policy: Policy, input_ids, *, attention_mask=None, i
     assert any(s.compressible for s in sites), "no site was rewritten: " + "; ".join(sorted({s.reason for s in sites}))
     for record in run.records:
         for s in record.rewritten:
-            op = "kvfx.compress" if s.phase == "prefill" else "kvfx.attend"
+            op = s.op
             assert op in record.code_after, f"graph {record.index}: {s.module} is marked rewritten but {op} is absent"
     return run

@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 
+from kvfx.integrations.transformers import cache_argument, cache_of
 from kvfx.kernels.attention import slot_attention_reference
 from kvfx.ops import valid_slots
 from kvfx.policies import Policy
@@ -66,14 +67,16 @@ def eager_reference(model, policy: Policy):
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     previous = model.config._attn_implementation
 
+    name = cache_argument(model)
+
     def pre(module, args, kwargs):
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        cache = cache_of(kwargs)
         if cache is not None:
             reference.cache = cache
         elif reference.cache is None:
             from transformers import DynamicCache
 
-            kwargs["past_key_values"] = reference.cache = DynamicCache(config=model.config)
+            kwargs[name] = reference.cache = DynamicCache(config=model.config)
         return args, kwargs
 
     handle = model.register_forward_pre_hook(pre, with_kwargs=True)

@@ -1,0 +1,333 @@
+"""kvfx's slot store (kvfx.store) and the transformers cache layer that holds
+it (kvfx.integrations.transformers_store): pages hold exactly the kept slots
+of each (batch, KV head) row, decode writes in place, and compiled kvfx over
+the store equals the eager reference for every preset."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import kvfx
+from kvfx import store as slot_store
+from kvfx.integrations.transformers import cache_bytes
+from kvfx.integrations.transformers_store import CapacityError, KvfxLayer
+from kvfx.kernels.paged_attention import paged_attention_reference
+from kvfx.testing import generate
+from kvfx.testing.reference import eager_reference
+from kvfx.testing.zoo import tiny_model
+
+NEG_INF = float("-inf")
+
+
+def ragged_store(page=4):
+    torch.manual_seed(0)
+    b, hkv, w, d = 2, 3, 21, 4
+    k, v = torch.randn(b, hkv, w, d), torch.randn(b, hkv, w, d)
+    bias, score = torch.randn(b, hkv, w), torch.randn(b, hkv, w)
+    lengths = torch.tensor([[21, 5, 9], [1, 16, 17]])
+    pages = int(slot_store.cdiv(lengths, page).sum())
+    store = slot_store.pack(k, v, bias, score, lengths, pages, slot_store.cdiv(21, page), page)
+    return store, (k, v, bias, score, lengths)
+
+
+def rows_of(store, width):
+    """Each row's valid slots, from the store's rectangles."""
+    k, v, bias, score = slot_store.gather(store, width)
+    lengths = store.lengths
+    return [[(k[b, h, :n], v[b, h, :n], bias[b, h, :n], score[b, h, :n]) for h, n in enumerate(row.tolist())]
+            for b, row in enumerate(lengths)]
+
+
+# -- the store ----------------------------------------------------------------------
+
+def test_pack_keeps_each_rows_own_slots_and_nothing_else():
+    store, (k, v, bias, score, lengths) = ragged_store()
+    assert store.k_pages.shape[0] == int(slot_store.cdiv(lengths, 4).sum())   # 6+2+3 + 1+4+5 pages, no longest-row padding
+    for b, row in enumerate(rows_of(store, 21)):
+        for h, (kk, vv, bb, ss) in enumerate(row):
+            n = lengths[b, h]
+            assert torch.equal(kk, k[b, h, :n]) and torch.equal(vv, v[b, h, :n])
+            assert torch.equal(bb, bias[b, h, :n]) and torch.equal(ss, score[b, h, :n])
+    _, _, gathered_bias, _ = slot_store.gather(store, 21)
+    assert (gathered_bias[0, 1, 5:] == NEG_INF).all(), "slots past a row's length are invisible"
+
+
+def test_store_bytes_are_the_kept_slots_plus_less_than_a_page_per_row():
+    store, (k, v, *_, lengths) = ragged_store(page=4)
+    per_slot = 2 * k.shape[-1] * k.element_size() + 8          # K, V, bias and score
+    slots = store.k_pages.shape[0] * 4
+    assert lengths.sum() <= slots < lengths.sum() + lengths.numel() * 4
+    tables = sum(t.numel() * t.element_size() for t in (store.page_table, store.lengths, store.pages, store.seen))
+    assert store.nbytes() == slots * per_slot + tables
+
+
+def test_append_writes_after_each_row_in_place_and_grow_keeps_every_slot():
+    store, (k, *_, lengths) = ragged_store()
+    grown = slot_store.grow(store, 2)
+    assert torch.equal(grown.pages, store.pages + 2)
+    new = torch.randn(2, 3, 3, 4)
+    pool = grown.k_pages
+    slot_store.append(grown, new, new)
+    assert grown.k_pages is pool, "append writes into the existing pages"
+    assert torch.equal(grown.lengths, lengths + 3) and int(grown.seen) == 3
+    for b, row in enumerate(rows_of(grown, 24)):
+        for h, (kk, _, bb, _) in enumerate(row):
+            n = lengths[b, h]
+            assert torch.equal(kk[:n], k[b, h, :n]) and torch.equal(kk[n:], new[b, h])
+            assert (bb[n:] == 0).all()
+
+
+def test_select_rows_copies_each_chosen_rows_pages():
+    store, _ = ragged_store()
+    grown = slot_store.grow(store, 1)
+    picked = slot_store.select_rows(grown, torch.tensor([1, 1, 0]))
+    assert picked.k_pages.shape[0] == int(grown.pages[[1, 1, 0]].sum())
+    before, after = rows_of(grown, 21), rows_of(picked, 21)
+    for src, dst in ((1, 0), (1, 1), (0, 2)):
+        for (a, *_), (c, *_) in zip(before[src], after[dst]):
+            assert torch.equal(a, c)
+    slot_store.append(picked, torch.ones(3, 3, 1, 4), torch.ones(3, 3, 1, 4))
+    assert torch.equal(rows_of(picked, 22)[1][0][0][:-1], before[1][0][0]), "rows copied from one row do not share pages"
+
+
+def test_scatter_rewrites_every_row():
+    store, _ = ragged_store()
+    k = torch.randn(2, 3, 4, 4)
+    slot_store.scatter(store, k, k, torch.zeros(2, 3, 4), torch.ones(2, 3, 4))
+    assert (store.lengths == 4).all()
+    got, _, bias, score = slot_store.gather(store, 4)
+    assert torch.equal(got, k) and (bias == 0).all() and (score == 1).all()
+
+
+def test_paged_attention_reference_attends_each_row_over_its_own_slots():
+    store, (k, v, bias, _, lengths) = ragged_store()
+    grown = slot_store.grow(store, 1)
+    new = torch.randn(2, 3, 2, 4)
+    slot_store.append(grown, new, new)
+    q = torch.randn(2, 6, 2, 4)
+    out = paged_attention_reference(q, grown.k_pages, grown.v_pages, grown.slot_bias, grown.page_table,
+                                    grown.lengths, 0.5)
+    for b in range(2):
+        for h in range(3):
+            n = lengths[b, h]
+            kk, vv = torch.cat([k[b, h, :n], new[b, h]]), torch.cat([v[b, h, :n], new[b, h]])
+            logits = q[b, 2 * h:2 * h + 2] @ kk.T * 0.5                               # [2 heads, 2 queries, n + 2]
+            mask = torch.cat([bias[b, h, :n].expand(2, -1), torch.tensor([[0, NEG_INF], [0, 0]])], 1)
+            torch.testing.assert_close(out[b, 2 * h:2 * h + 2], (logits + mask).softmax(-1) @ vv)
+
+
+# -- compiled kvfx over the store = the eager reference ----------------------------------
+
+POLICIES = {
+    "StreamingLLM": kvfx.StreamingLLM(budget=0.5, sinks=2),
+    "SnapKV": kvfx.SnapKV(budget=0.5, window=4),
+    "KNorm": kvfx.KNorm(budget=0.5),
+    "H2O": kvfx.H2O(budget=0.5, window=4),
+    "TOVA": kvfx.TOVA(budget=0.5),
+    "PyramidKV": kvfx.PyramidKV(budget=0.4, window=4),
+    "AdaKV": kvfx.AdaKV(budget=0.35, window=4),
+    "KVMerger": kvfx.KVMerger(budget=0.5, exempt_layers=(), count_bias=True),
+    "ChunkKV": kvfx.ChunkKV(budget=0.5, window=4, chunk=4, reuse_every=2),
+    "RazorAttention": kvfx.RazorAttention(budget=0.2, sinks=2, window=4, retrieval_heads=((0, 1), (1, 0))),
+    "ZeroMerge": kvfx.ZeroMerge(budget=0.25, residual=2, window=3),
+}
+STEPS = 64
+
+
+def padded_batch(length=30):
+    ids = torch.randint(2, 100, (3, length))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    return ids, mask
+
+
+def assert_same_run(compiled, reference, atol=1e-5):
+    assert torch.equal(compiled.tokens, reference.tokens)
+    for step, (a, b) in enumerate(zip(compiled.logits, reference.logits)):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda m: f"decode step {step}: {m}")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", POLICIES)
+def test_compiled_store_equals_eager_reference_over_64_decode_steps_on_a_padded_batch(name, attn):
+    policy = POLICIES[name]
+    model = tiny_model("llama", attn=attn)
+    ids, mask = padded_batch()
+    if not policy.supports_padding:      # ChunkKV's chunks start at a row's first token: unpadded rows
+        mask = torch.ones_like(ids)
+    compiled = generate(model, ids, attention_mask=mask, policy=policy, steps=STEPS + 1)
+    with eager_reference(model, policy):
+        reference = generate(model, ids, attention_mask=mask, steps=STEPS + 1)
+    assert_same_run(compiled, reference)
+    assert len(compiled.records) <= 2 and compiled.graph_breaks == 0, "one prefill graph and one decode graph"
+    layers = compiled.cache.layers
+    assert all(isinstance(layer, KvfxLayer) for layer in layers)
+    assert all(int(layer.seen) == 30 + STEPS for layer in layers)
+
+
+@pytest.mark.parametrize("name", ["RazorAttention", "AdaKV", "PyramidKV", "ZeroMerge"])
+def test_compiled_store_equals_eager_reference_with_repeated_kv_heads(name):
+    """Qwen2 repeats K/V for its query heads (expand + reshape) instead of enable_gqa."""
+    policy = POLICIES[name]
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch()
+    compiled = generate(model, ids, attention_mask=mask, policy=policy, steps=17)
+    with eager_reference(model, policy):
+        reference = generate(model, ids, attention_mask=mask, steps=17)
+    assert_same_run(compiled, reference)
+
+
+def row_lengths(run):
+    return [layer.lengths.tolist() for layer in run.cache.layers]
+
+
+def test_per_head_budgets_hold_each_heads_own_slots():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (1, 40))
+    razor = kvfx.RazorAttention(budget=0.2, sinks=2, window=4, retrieval_heads=((0, 1), (1, 0)))
+    run = generate(model, ids, policy=razor, steps=3)
+    n = razor.budget_length(40) + 2                      # sinks + window + compensation, then 2 decode tokens
+    assert row_lengths(run) == [[[n, 42]], [[42, n]]], "retrieval heads keep all 40 + 2, the others their budget"
+    ada = kvfx.AdaKV(budget=0.35, window=4)
+    run = generate(model, ids, policy=ada, steps=1)
+    for layer in run.cache.layers:
+        assert layer.lengths.sum() == 2 * ada.budget_length(40), "the layer's heads share 2 x budget slots"
+
+
+def test_layers_of_different_lengths_need_no_fallback_with_eager_attention_and_padding():
+    model = tiny_model("llama", attn="eager")
+    policy = kvfx.PyramidKV(budget=0.3, window=4)
+    ids, mask = padded_batch()
+    run = generate(model, ids, attention_mask=mask, policy=policy, steps=5)
+    first, last = (layer.lengths.max().item() for layer in run.cache.layers)
+    assert first > last, "PyramidKV's layers hold different lengths"
+    with eager_reference(model, policy):
+        reference = generate(model, ids, attention_mask=mask, steps=5)
+    assert_same_run(run, reference)
+
+
+def test_a_multi_token_step_on_uneven_layers_is_one_call():
+    model = tiny_model("llama")
+    policy = kvfx.PyramidKV(budget=0.3, window=4)
+    ids = torch.randint(2, 100, (1, 30))
+    follow = torch.randint(2, 100, (1, 5))
+    kvfx.compile(model, policy, inner="aot_eager")
+    try:
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
+            lengths = [layer.lengths.clone() for layer in cache.layers]
+            out = model(follow, cache=cache, use_cache=True)
+    finally:
+        kvfx.restore(model)
+    assert out.logits.shape[1] == 5
+    assert [torch.equal(layer.lengths, n + 5) for layer, n in zip(cache.layers, lengths)] == [True, True]
+    with eager_reference(model, policy), torch.no_grad():
+        ref_cache = model(ids, use_cache=True).past_key_values
+        # the reference's cache is shorter than the tokens it saw: give it the positions
+        ref = model(follow, cache=ref_cache, use_cache=True, position_ids=torch.arange(30, 35)[None])
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=1e-5)
+
+
+def test_static_cache_generate_compresses_and_equals_the_reference():
+    model = tiny_model("llama")
+    policy = kvfx.SnapKV(budget=0.3, window=4)
+    ids, mask = padded_batch()
+    kvfx.compile(model, policy, inner="aot_eager")
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                 cache_implementation="static", return_dict_in_generate=True, output_logits=True)
+    finally:
+        kvfx.restore(model)
+    cache = out.past_key_values
+    assert type(cache).__name__ == "StaticCache" and all(isinstance(layer, KvfxLayer) for layer in cache.layers)
+    # A static cache of max_cache_len = 30 + 20 slots per row would hold this many bytes:
+    static = 2 * 3 * 2 * 49 * 16 * 2 * 4
+    assert cache_bytes(cache) < 0.6 * static
+    kept = policy.budget_length(30)
+    for layer in cache.layers:
+        assert (layer.lengths == kept + 19).all()
+        # born exact, then grown once to the static cache's length: 9 + 20 slots, in pages
+        assert (layer.pages == slot_store.cdiv(kept, 16) + slot_store.cdiv(cache.layers[0].max_length - 30, 16)).all()
+    with eager_reference(model, policy):
+        reference = generate(model, ids, attention_mask=mask, steps=20)
+    assert torch.equal(out.sequences, reference.tokens)
+    for a, b in zip(out.logits, reference.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_200_decode_steps_compile_two_graphs_and_never_recompile():
+    model = tiny_model("llama")
+    counters.clear()
+    ids = torch.randint(2, 100, (1, 24))
+    run = generate(model, ids, policy=kvfx.SnapKV(budget=0.5, window=4), steps=201)
+    layer = run.cache.layers[0]
+    grown = layer.pages[0, 0].item() - slot_store.cdiv(12, 16)
+    assert grown > 3, f"the store grew {grown} page(s) per row: this test needs several growths"
+    assert len(run.records) == 2, f"{len(run.records)} graphs: one prefill, one decode expected"
+    assert sum(counters["recompiles"].values()) == 0 and run.graph_breaks == 0
+
+
+def test_decode_attention_reads_the_store_without_the_models_mask():
+    model = tiny_model("llama")
+    run = generate(model, torch.randint(2, 100, (1, 24)), policy=kvfx.SnapKV(budget=0.5, window=4), steps=2)
+    decode = run.records[1].code_after
+    assert "kvfx.store_attend" in decode and "kvfx.store_append" in decode
+    assert "scaled_dot_product_attention" not in decode
+    assert "kvfx.store_compress" in run.records[0].code_after and "store_mark" not in run.records[0].code_after
+
+
+# -- edits, limits, bad input ------------------------------------------------------------
+
+def test_beam_search_follows_rows_and_equals_the_reference():
+    model = tiny_model("llama")
+    policy = kvfx.SnapKV(budget=0.5, window=4)
+    ids = torch.randint(2, 100, (2, 24))
+    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, attention_mask=torch.ones_like(ids),
+                  pad_token_id=0)
+    kvfx.compile(model, policy, inner="aot_eager")
+    try:
+        with torch.no_grad():
+            beams = model.generate(ids, **kwargs)
+    finally:
+        kvfx.restore(model)
+    with eager_reference(model, policy), torch.no_grad():
+        reference = model.generate(ids, **kwargs)
+    assert torch.equal(beams, reference)
+
+
+def test_a_compressed_layer_refuses_crop_edits_and_calls_outside_the_graph():
+    model = tiny_model("llama")
+    run = generate(model, torch.randint(2, 100, (1, 24)), policy=kvfx.SnapKV(budget=0.5, window=4), steps=2)
+    cache = run.cache
+    with pytest.raises(ValueError, match="crop"):
+        cache.crop(-1)
+    with pytest.raises(AttributeError, match="slot store"):
+        cache.layers[0].keys = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="outside the kvfx-compiled graph"), torch.no_grad():
+        model(torch.tensor([[5]]), cache=cache, use_cache=True)   # the model's own forward
+
+
+def test_a_store_over_max_cache_bytes_is_refused_before_it_grows():
+    model = tiny_model("llama")
+    kvfx.compile(model, kvfx.SnapKV(budget=0.5, window=4), inner="aot_eager", max_cache_bytes=20_000)
+    try:
+        with torch.no_grad():
+            cache = model(torch.randint(2, 100, (1, 24)), use_cache=True).past_key_values
+            held = cache_bytes(cache)
+            assert held < 20_000
+            with pytest.raises(CapacityError, match=r"max_cache_bytes=20,000 would be exceeded"):
+                model(torch.tensor([[5]]), cache=cache, use_cache=True)
+    finally:
+        kvfx.restore(model)
+    assert cache_bytes(cache) == held, "nothing was allocated"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(page_size=0), r"page_size=0 is invalid: page_size must be an int >= 1"),
+    (dict(max_cache_bytes=-5), r"max_cache_bytes=-5 is invalid"),
+])
+def test_compile_rejects_bad_store_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kvfx.compile(tiny_model("llama"), kvfx.SnapKV(), **kwargs)
