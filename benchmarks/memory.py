@@ -3,7 +3,7 @@
     python benchmarks/memory.py            # SmolLM2-135M, a 2048-token prompt
     python benchmarks/memory.py --quick    # a tiny random model: checks the script runs
 
-Per policy, after the prompt and after ``--decode-tokens`` greedy tokens: bytes held (every
+Per policy, after the prompt and after ``generate`` decoded ``--decode-tokens`` tokens: bytes held (every
 page of every slot store, used or not, with its slot state and tables; the full cache: K and V
 of the same model without kvfx after the same tokens), the slots the (batch, KV head) rows keep,
 and what a rectangular cache (every head as long as its layer's longest) would hold -- the
@@ -51,11 +51,14 @@ def layer_slots(cache) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def run(model, ids: torch.Tensor, decode_tokens: int) -> dict[str, Any]:
-    """Prefill, then greedy decode: what the cache holds after each."""
+    """What the cache holds after the prompt, and after ``generate`` fed it
+    ``decode_tokens`` more (kvfx makes room for generate's tokens at once)."""
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     after = {"prompt": _holds(out.past_key_values)}
-    for _ in range(decode_tokens):
-        out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    del out
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_tokens + 1,
+                         min_new_tokens=decode_tokens + 1, do_sample=False, return_dict_in_generate=True,
+                         pad_token_id=0)
     after["decode"] = _holds(out.past_key_values)
     return after
 

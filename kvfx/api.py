@@ -322,6 +322,10 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
     original = getattr(model, "_kvfx_original_forward", None) or model.forward
     model.forward = compiled_forward(model, be, original, page_size=page_size, max_cache_bytes=max_cache_bytes,
                                      **compile_kwargs)
+    around = getattr(model.forward, "_kvfx_around", None)
+    if isinstance(around, TransformersForward) and hasattr(type(model), "_prepare_cache_for_generation"):
+        model._prepare_cache_for_generation = around.prepare_cache(
+            type(model)._prepare_cache_for_generation.__get__(model))
     model._kvfx_original_forward = original
     model._kvfx_backend = be
     config = getattr(model, "generation_config", None)
@@ -357,6 +361,7 @@ def compiled_forward(model: torch.nn.Module, be: Backend, original: Callable, pa
     def forward(*args, **kwargs):
         return around(run, args, kwargs)
 
+    forward._kvfx_around = around
     return forward
 
 
@@ -400,6 +405,8 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
         else:
             model.forward = original
     model.__dict__.pop("_kvfx_backend", None)
+    if getattr(model.__dict__.get("_prepare_cache_for_generation"), "_kvfx_planning", False):
+        del model.__dict__["_prepare_cache_for_generation"]
     if "_kvfx_disable_compile" in model.__dict__:
         model.generation_config.disable_compile = model.__dict__.pop("_kvfx_disable_compile")
     return model

@@ -152,6 +152,9 @@ def _bias_from_mask(mask: Optional[Tensor], batch: int, kv_heads: int, past: int
 # lengths, pages, seen), plus ``extent``: a tensor of shape [0, L] whose
 # second size is the row length a continuous policy's step works on (it holds
 # no data; a shape keeps the length symbolic, so it never recompiles).
+# Appending a decode step's tokens is not an op: it is plain tensor code
+# (``kvfx.store.append``) that the inner compiler fuses into the graph and
+# writes in place.
 
 STORE_OUTPUTS = 8
 
@@ -220,21 +223,25 @@ def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, sc
     return (*_store_fakes(k, v, batch * pages, width, page, pol.schedule == "continuous"), index)
 
 
-@torch.library.custom_op("kvfx::store_append", mutates_args=("k_pages", "v_pages", "slot_bias", "slot_score",
-                                                              "lengths", "seen"))
-def store_append(
+@torch.library.custom_op("kvfx::store_read", mutates_args=())
+def store_read(
     k: Tensor, v: Tensor, k_pages: Tensor, v_pages: Tensor, slot_bias: Tensor, slot_score: Tensor,
     page_table: Tensor, lengths: Tensor, pages: Tensor, seen: Tensor, extent: Tensor,
-) -> None:
-    """Write the new tokens' k, v [B, Hkv, q, D] after each row's slots, in
-    place. Takes the whole store (and ``extent``) so that the rewrite finds
-    every tensor of the layer's store at the layer's attention."""
-    slot_store.append(_store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen), k, v)
+) -> tuple[Tensor, Tensor]:
+    """What a kvfx cache layer's ``update`` hands the model's attention on a
+    decode call, after appending the new tokens to its store (plain tensor
+    ops, which the inner compiler fuses): the new tokens' k, v, tagged with
+    the whole store (and ``extent``) so that the rewrite finds every tensor of
+    the layer's store at the layer's attention, which it replaces by
+    ``kvfx::store_attend``; the tag is then dead. It never runs."""
+    raise RuntimeError(
+        "kvfx: a kvfx cache layer was read by an attention kvfx did not rewrite (it was not recognised). "
+        "TORCH_LOGS=+kvfx says what kvfx saw in each graph.")
 
 
-@store_append.register_fake
-def _store_append_fake(k, v, k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, extent):
-    return None
+@store_read.register_fake
+def _store_read_fake(k, v, k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, extent):
+    return torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.custom_op("kvfx::store_attend", mutates_args=())

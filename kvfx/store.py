@@ -9,6 +9,11 @@ bias, running score) lives in pages beside the keys. Nothing here reads a
 device tensor on the host: every size is computed from shapes, so a decode
 step never synchronises and its shapes stay fixed until the next growth.
 
+A store is kept in a canonical layout: each row's pages are consecutive and
+rows follow each other in (batch, KV head) order (``pack``, ``grow`` and
+``select_rows`` all write it so), which lets the CPU attention read a store of
+equal rows in place; kernels read any page table.
+
 Tensors of a store (``Store``), with R = B * Hkv rows and N pages:
   k_pages [N, P, D], v_pages [N, P, Dv]   keys and values
   slot_bias [N, P] float32                added to the attention logit (-inf: invalid, log(count): merged)
@@ -137,7 +142,7 @@ def gather(store: Store, width: int):
     b, hkv = table.shape[:2]
 
     def take(x):
-        return x[table].reshape(b, hkv, n * p, *x.shape[2:])[:, :, :width]
+        return x.index_select(0, table.reshape(-1)).view(b, hkv, n * p, *x.shape[2:])[:, :, :width]
 
     valid = torch.arange(width, device=table.device) < store.lengths[..., None]
     bias = take(store.slot_bias).masked_fill(~valid, NEG_INF)
@@ -159,25 +164,35 @@ def scatter(store: Store, k, v, slot_bias, slot_score) -> None:
     store.lengths.fill_(n)
 
 
-def grow(store: Store, new_pages: int) -> Store:
-    """A store with ``new_pages`` more pages for every row (appended to each
-    row's page table), the old pages copied. Sizes come from shapes only."""
-    b, hkv, m = store.page_table.shape
+def _relayout(store: Store, table, old_pages, new_pages, lengths, n_pages: int, width: int) -> Store:
+    """A store in the canonical layout (each row's pages consecutive, rows in
+    order): row r owns ``new_pages`` [B, Hkv] pages, its first ``old_pages``
+    copied from this store's pages ``table`` [B, Hkv, M] names, the rest empty."""
+    b, hkv, m = table.shape
     rows = b * hkv
-    n = store.k_pages.shape[0]
-    device = store.k_pages.device
+    owner, j, start = _page_owners(new_pages.reshape(-1), n_pages)
+    row = owner.clamp(max=rows - 1)
+    copied = (owner < rows) & (j < old_pages.reshape(-1)[row])
+    source = torch.where(copied, table.reshape(rows, m)[row, j.clamp(0, m - 1)], 0)
 
-    def more(x, fill):
+    def take(x, fill):
         if not x.numel():
             return x  # a state the store does not keep
-        extra = torch.full((rows * new_pages, *x.shape[1:]), fill, dtype=x.dtype, device=device)
-        return torch.cat([x, extra])
+        out = x.index_select(0, source)
+        return out.masked_fill(~copied.view(-1, *([1] * (out.dim() - 1))), fill)
 
-    ids = n + torch.arange(rows * new_pages, device=device).view(b, hkv, new_pages)
-    table = torch.cat([store.page_table, torch.zeros(b, hkv, new_pages, dtype=torch.int64, device=device)], 2)
-    table.scatter_(2, store.pages[..., None] + torch.arange(new_pages, device=device), ids)
-    return Store(more(store.k_pages, 0), more(store.v_pages, 0), more(store.slot_bias, NEG_INF),
-                 more(store.slot_score, 0.0), table, store.lengths.clone(), store.pages + new_pages, store.seen.clone())
+    return Store(take(store.k_pages, 0), take(store.v_pages, 0), take(store.slot_bias, NEG_INF),
+                 take(store.slot_score, 0.0), _table(new_pages.reshape(-1), start, width).view(b, hkv, width),
+                 lengths.clone(), new_pages.clone(), store.seen.clone())
+
+
+def grow(store: Store, new_pages: int) -> Store:
+    """A store with ``new_pages`` more pages for every row, its slots copied
+    into the canonical layout (each row's pages consecutive: attention can
+    read a store of equal rows in place). Sizes come from shapes only."""
+    b, hkv, m = store.page_table.shape
+    return _relayout(store, store.page_table, store.pages, store.pages + new_pages, store.lengths,
+                     store.k_pages.shape[0] + b * hkv * new_pages, m + new_pages)
 
 
 def select_rows(store: Store, index: torch.Tensor) -> Store:
@@ -185,16 +200,9 @@ def select_rows(store: Store, index: torch.Tensor) -> Store:
     reorders, generation utilities repeat or select rows); each kept row gets
     its own copy of its pages. Allocates exactly the pages the rows own, which
     is read on the host once: this runs between decode steps, not in one."""
-    table, pages, lengths = store.page_table[index], store.pages[index], store.lengths[index]
-    b, hkv, m = table.shape
-    flat_pages = pages.reshape(-1)
-    n = int(flat_pages.sum())
-    owner, j, start = _page_owners(flat_pages, n)
-    old = table.reshape(b * hkv, m)[owner.clamp(max=b * hkv - 1), j.clamp(min=0, max=m - 1)]
-    score = store.slot_score[old].contiguous() if store.slot_score.numel() else store.slot_score
-    return Store(store.k_pages[old].contiguous(), store.v_pages[old].contiguous(), store.slot_bias[old].contiguous(),
-                 score, _table(flat_pages, start, m).view(b, hkv, m),
-                 lengths.contiguous(), pages.contiguous(), store.seen.clone())
+    pages = store.pages[index]
+    return _relayout(store, store.page_table[index], pages, pages, store.lengths[index], int(pages.sum()),
+                     store.page_table.shape[2])
 
 
 def dense(store: Store):

@@ -22,9 +22,10 @@ layer: ``kvfx.integrations.transformers_store``) needs none of that: its
 store's tensors are graph inputs already and are written in place.
   * prefill: the layer's ``kvfx::store_mark`` becomes ``kvfx::store_compress``
     after the attention, whose outputs dynamo writes into the layer;
-  * decode: the layer appended the new tokens (``kvfx::store_append``); the
-    attention becomes ``kvfx::store_attend`` over the store, and a continuous
-    policy's ``kvfx::store_step`` follows it.
+  * decode: the layer appended the new tokens and tagged them with its store
+    (``kvfx::store_read``); the attention becomes ``kvfx::store_attend`` over
+    the store, a continuous policy's ``kvfx::store_step`` follows it, and the
+    tag, now unread, is dropped.
 """
 
 from __future__ import annotations

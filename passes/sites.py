@@ -248,12 +248,12 @@ def _slice_bound(index) -> Optional[int]:
     return None
 
 
-STORE_OPS = {"store_mark": "prefill", "store_append": "decode"}
+STORE_OPS = {"store_mark": "prefill", "store_read": "decode"}
 
 
 def store_op(node) -> Optional[str]:
-    """"store_mark" / "store_append" for the op a kvfx cache layer writes its
-    k, v with (kvfx.integrations.transformers_store), else None."""
+    """"store_mark" / "store_read" for the op a kvfx cache layer tags the k, v
+    of a call with (kvfx.integrations.transformers_store), else None."""
     if not (isinstance(node, fx.Node) and node.op == "call_function"):
         return None
     for name in STORE_OPS:
@@ -264,11 +264,14 @@ def store_op(node) -> Optional[str]:
 
 
 def _store_of(node: fx.Node) -> Optional[fx.Node]:
-    """The kvfx store op that ``node`` (what attention reads as keys), or a
-    tensor it is a layout view of, was written into by a kvfx cache layer."""
+    """The kvfx store op that tagged ``node`` (what attention reads as keys),
+    or a tensor it is a layout view of: at prefill the keys were given to
+    ``store_mark``; at decode they are ``store_read``'s first output."""
     while isinstance(node, fx.Node):
+        if _is_call(node, {operator.getitem}) and node.args[1] == 0 and store_op(node.args[0]) == "store_read":
+            return node.args[0]
         for user in node.users:
-            if store_op(user) and user.args[0] is node:
+            if store_op(user) == "store_mark" and user.args[0] is node:
                 return user
         if not _is_layout(node):
             return None
@@ -337,7 +340,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         site.reason = cache.get("reason", "")
         if store is not None:
             site.store = store
-            if strip_layout(found["v_attn"]) is not strip_layout(v_root):
+            v_read = [u for u in store.users if _is_call(u, {operator.getitem}) and u.args[1] == 1]
+            if strip_layout(found["v_attn"]) not in [strip_layout(v_root), *v_read]:
                 site.reason = "values are not the ones written into the kvfx store with the keys"
         elif not site.reason:
             v_cache = _classify_cache(gm, v_root)

@@ -116,6 +116,32 @@ def test_paged_attention_reference_attends_each_row_over_its_own_slots():
             torch.testing.assert_close(out[b, 2 * h:2 * h + 2], (logits + mask).softmax(-1) @ vv)
 
 
+def test_attention_reads_a_store_of_equal_rows_in_place_and_any_page_order_alike():
+    from kvfx.kernels.paged_attention.reference import _rows
+
+    torch.manual_seed(3)
+    b, hkv, n, d = 2, 3, 37, 8
+    k, v = torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    pages = slot_store.cdiv(n, 16)
+    store = slot_store.pack(k, v, torch.zeros(b, hkv, n), None, torch.full((b, hkv), n), b * hkv * pages, pages, 16)
+    store = slot_store.grow(store, 2)
+    new = torch.randn(b, hkv, 1, d)
+    slot_store.append(store, new, new)
+    keys, *_ = _rows(store.k_pages, store.v_pages, store.slot_bias, store.page_table, slot_store.cdiv(n + 1, 16))
+    assert keys.untyped_storage().data_ptr() == store.k_pages.untyped_storage().data_ptr(), "a view, not a copy"
+    q = torch.randn(b, 2 * hkv, 1, d)
+    args = (store.slot_bias, store.page_table, store.lengths, 0.3)
+    in_place = paged_attention_reference(q, store.k_pages, store.v_pages, *args)
+    # the same slots with the pages shuffled in the pool: read through the page table, the same attention
+    perm = torch.randperm(store.k_pages.shape[0])
+    moved = [torch.empty_like(x).index_copy_(0, perm, x) for x in (store.k_pages, store.v_pages, store.slot_bias)]
+    gathered = paged_attention_reference(q, moved[0], moved[1], moved[2], perm[store.page_table], store.lengths, 0.3)
+    torch.testing.assert_close(in_place, gathered, rtol=0, atol=1e-6)
+    full_k, full_v = torch.cat([k, new], 2), torch.cat([v, new], 2)
+    want = torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(in_place, want, rtol=1e-5, atol=1e-5)
+
+
 # -- compiled kvfx over the store = the eager reference ----------------------------------
 
 POLICIES = {
@@ -233,7 +259,7 @@ def test_static_cache_generate_compresses_and_equals_the_reference():
     model = tiny_model("llama")
     policy = kvfx.SnapKV(budget=0.3, window=4)
     ids, mask = padded_batch()
-    kvfx.compile(model, policy, inner="aot_eager")
+    kvfx.compile(model, policy, inner="aot_eager", page_size=4)        # small pages: a tiny cache
     try:
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False,
@@ -242,14 +268,14 @@ def test_static_cache_generate_compresses_and_equals_the_reference():
         kvfx.restore(model)
     cache = out.past_key_values
     assert type(cache).__name__ == "StaticCache" and all(isinstance(layer, KvfxLayer) for layer in cache.layers)
-    # A static cache of max_cache_len = 30 + 20 slots per row would hold this many bytes:
-    static = 2 * 3 * 2 * 49 * 16 * 2 * 4
-    assert cache_bytes(cache) < 0.6 * static
-    kept = policy.budget_length(30)
+    kept, room = policy.budget_length(30), cache.layers[0].max_length - 30       # max_cache_len = 30 + 20 - 1
     for layer in cache.layers:
         assert (layer.lengths == kept + 19).all()
-        # born exact, then grown once to the static cache's length: 9 + 20 slots, in pages
-        assert (layer.pages == slot_store.cdiv(kept, 16) + slot_store.cdiv(cache.layers[0].max_length - 30, 16)).all()
+        # born exact, then grown once to the static cache's length: 9 + 19 slots, in pages
+        assert (layer.pages == slot_store.cdiv(kept, 4) + slot_store.cdiv(room, 4)).all()
+    # what the static cache's buffers would hold: 2 layers x 3 rows x 2 KV heads x 49 slots of K and V (dim 16, fp32)
+    static = 2 * 3 * 2 * (30 + room) * 16 * 2 * 4
+    assert cache_bytes(cache) < static
     with eager_reference(model, policy):
         reference = generate(model, ids, attention_mask=mask, steps=20)
     assert torch.equal(out.sequences, reference.tokens)
@@ -273,8 +299,8 @@ def test_decode_attention_reads_the_store_without_the_models_mask():
     model = tiny_model("llama")
     run = generate(model, torch.randint(2, 100, (1, 24)), policy=kvfx.SnapKV(budget=0.5, window=4), steps=2)
     decode = run.records[1].code_after
-    assert "kvfx.store_attend" in decode and "kvfx.store_append" in decode
-    assert "scaled_dot_product_attention" not in decode
+    assert "kvfx.store_attend" in decode and "index_copy_" in decode       # the append is plain tensor code
+    assert "scaled_dot_product_attention" not in decode and "store_read" not in decode
     assert "kvfx.store_compress" in run.records[0].code_after and "store_mark" not in run.records[0].code_after
 
 
@@ -309,16 +335,25 @@ def test_a_compressed_layer_refuses_crop_edits_and_calls_outside_the_graph():
         model(torch.tensor([[5]]), cache=cache, use_cache=True)   # the model's own forward
 
 
+def prefill_bytes(model, ids, **compile_kwargs):
+    kvfx.compile(model, kvfx.SnapKV(budget=0.5, window=4), inner="aot_eager", **compile_kwargs)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    return cache, cache_bytes(cache)
+
+
 def test_a_store_over_max_cache_bytes_is_refused_before_it_grows():
     model = tiny_model("llama")
-    kvfx.compile(model, kvfx.SnapKV(budget=0.5, window=4), inner="aot_eager", max_cache_bytes=20_000)
+    ids = torch.randint(2, 100, (1, 24))
     try:
-        with torch.no_grad():
-            cache = model(torch.randint(2, 100, (1, 24)), use_cache=True).past_key_values
-            held = cache_bytes(cache)
-            assert held < 20_000
-            with pytest.raises(CapacityError, match=r"max_cache_bytes=20,000 would be exceeded"):
-                model(torch.tensor([[5]]), cache=cache, use_cache=True)
+        _, held = prefill_bytes(model, ids)
+        kvfx.restore(model)
+        torch._dynamo.reset()
+        cap = held + 100                                  # the prompt's store fits, a page more does not
+        cache, again = prefill_bytes(model, ids, max_cache_bytes=cap)
+        assert again == held
+        with pytest.raises(CapacityError, match=rf"max_cache_bytes={cap:,} would be exceeded"), torch.no_grad():
+            model(torch.tensor([[5]]), cache=cache, use_cache=True)
     finally:
         kvfx.restore(model)
     assert cache_bytes(cache) == held, "nothing was allocated"

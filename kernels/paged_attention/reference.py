@@ -23,22 +23,44 @@ def paged_attention_reference(
     # Read only the pages the longest row uses (a host read: fine on the CPU,
     # where this runs; the Triton kernel bounds each row on the device).
     n = (int(lengths.max()) + page - 1) // page
-    table = page_table[:, :, :n]
     width = n * page
-    k = k_pages[table].reshape(b, hkv, width, d).float()                    # [B, Hkv, W, D]
-    v = v_pages[table].reshape(b, hkv, width, -1).float()
-    bias = slot_bias[table].reshape(b, hkv, 1, width)
+    k, v, bias = _rows(k_pages, v_pages, slot_bias, page_table, n)
+    k, v, bias = k.float(), v.float(), bias.view(b, hkv, 1, width)           # [B, Hkv, W, D]
     slot = torch.arange(width, device=q.device)
-    past = (lengths - sq)[..., None, None]                                  # [B, Hkv, 1, 1]
-    query = torch.arange(sq, device=q.device)[:, None]                      # [Sq, 1]
-    own = (slot >= past) & (slot - past <= query) & (slot < lengths[..., None, None])
-    mask = torch.where(slot < past, bias, torch.where(own, 0.0, float("-inf")))   # [B, Hkv, Sq, W]
+    if sq == 1:  # one new token, its row's last slot (bias 0): it sees every slot of its row
+        mask = bias.masked_fill(slot >= lengths[..., None, None], float("-inf"))     # [B, Hkv, 1, W]
+    else:
+        past = (lengths - sq)[..., None, None]                              # [B, Hkv, 1, 1]
+        query = torch.arange(sq, device=q.device)[:, None]                  # [Sq, 1]
+        own = (slot >= past) & (slot - past <= query) & (slot < lengths[..., None, None])
+        mask = torch.where(slot < past, bias, torch.where(own, 0.0, float("-inf")))   # [B, Hkv, Sq, W]
+        mask = mask[:, :, None].expand(b, hkv, groups, sq, width).reshape(b, hkv, groups * sq, width)
     # A GQA group's query heads share their KV head's row: [B, Hkv, G * Sq, D].
     rows = q.float().reshape(b, hkv, groups * sq, d)
-    mask = mask[:, :, None].expand(b, hkv, groups, sq, width).reshape(b, hkv, groups * sq, width)
     if softcap:
         logits = torch.tanh(rows @ k.transpose(-1, -2) * scale / softcap) * softcap
         out = (logits + mask).softmax(-1) @ v
     else:
         out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
     return out.view(b, h, sq, -1).to(q.dtype)
+
+
+def _rows(k_pages, v_pages, slot_bias, page_table, n: int):
+    """Each row's first ``n`` pages as [B, Hkv, n * P, ...] tensors: a view of
+    the pages when every row owns ``N / rows`` consecutive pages in row order
+    (a slot store of equal rows is kept so), else a gathered copy."""
+    b, hkv = page_table.shape[:2]
+    rows, page = b * hkv, k_pages.shape[1]
+    per_row = k_pages.shape[0] // rows
+    starts = torch.arange(rows, device=page_table.device)[:, None] * per_row
+    in_place = k_pages.shape[0] == rows * per_row and n <= per_row and torch.equal(
+        page_table[:, :, :n].reshape(rows, n), starts + torch.arange(n, device=page_table.device))
+    if in_place:
+        def take(x):
+            return x.view(b, hkv, per_row * page, *x.shape[2:])[:, :, :n * page]
+    else:
+        pages = page_table[:, :, :n].reshape(-1)
+
+        def take(x):
+            return x.index_select(0, pages).view(b, hkv, n * page, *x.shape[2:])
+    return take(k_pages), take(v_pages), take(slot_bias)

@@ -14,6 +14,8 @@ here and in ``transformers_store`` (kvfx's own cache layer):
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from typing import Any, Callable
 
@@ -103,8 +105,6 @@ def is_transformers_model(model) -> bool:
 
 def cache_argument(model) -> str:
     """The forward's name for the cache (``cache`` from transformers 5.2x, before that ``past_key_values``)."""
-    import inspect
-
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
@@ -134,6 +134,28 @@ class TransformersForward:
         self.page = page
         self.max_cache_bytes = max_cache_bytes
         self.cache_argument = cache_argument(model)
+
+    def prepare_cache(self, original: Callable) -> Callable:
+        """``generate``'s cache set-up, then kvfx's store put in the cache it made
+        (before ``generate`` sizes its first mask by that cache), sized to grow
+        at once to the ``max_cache_length`` tokens generate will feed: one
+        growth, one decode graph."""
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def prepare(*args, **kwargs):
+            out = original(*args, **kwargs)
+            try:
+                bound = signature.bind(*args, **kwargs).arguments
+            except TypeError:  # another transformers' signature: the forward installs the store
+                return out
+            planned = bound.get("max_cache_length")
+            if isinstance(bound.get("model_kwargs"), dict):
+                self._install(cache_of(bound["model_kwargs"]), planned if isinstance(planned, int) else -1)
+            return out
+
+        prepare._kvfx_planning = True
+        return prepare
 
     def __call__(self, run: Callable, args: tuple, kwargs: dict):
         if torch.compiler.is_compiling():
@@ -167,21 +189,30 @@ class TransformersForward:
     def _store_layers(self, args, kwargs) -> list:
         """The call's kvfx cache layers, installed in its cache (one is made when
         the call asks for a cache and brings none)."""
-        from kvfx.integrations import transformers_store
-
-        if getattr(self.model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
-            return []  # kvfx recognises these two forms of attention; any other leaves the model as it is
         cache = cache_of(kwargs)
-        if cache is None and not args[1:] and kwargs.get("use_cache", getattr(self.model.config, "use_cache", False)):
+        if cache is None and not args[1:] and kwargs.get("use_cache", getattr(self.model.config, "use_cache", False)) \
+                and self._recognised():
             from transformers import DynamicCache
 
             cache = kwargs[self.cache_argument] = DynamicCache(config=self.model.config)
+        return self._install(cache)
+
+    def _recognised(self) -> bool:
+        # kvfx recognises these two forms of attention; any other leaves the model as it is
+        return getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+    def _install(self, cache, planned: int = -1) -> list:
+        from kvfx.integrations import transformers_store
+
+        if not self._recognised():
+            return []
         layers = getattr(cache, "layers", None)
         if isinstance(layers, list) and not layers and getattr(cache, "layer_class_to_replicate", None) is not None \
                 and _all_full_attention(self.model.config):
             # A cache made without a config adds layers as they are first written: add them now.
-            layers.extend(transformers_store.KvfxLayer(self.page) for _ in range(self.model.config.num_hidden_layers))
-        return transformers_store.install(cache, self.page)
+            layers.extend(transformers_store.KvfxLayer(self.page, planned)
+                          for _ in range(self.model.config.num_hidden_layers))
+        return transformers_store.install(cache, self.page, planned)
 
     def _check_padding(self, kwargs) -> None:
         policy = self.backend.policy

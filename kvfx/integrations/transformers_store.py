@@ -10,9 +10,10 @@ always; dynamo traces ``KvfxLayer.update``, which
   * on the first call marks the store's birth (``kvfx::store_mark``): the
     rewrite puts ``kvfx::store_compress`` after the layer's attention, and
     dynamo writes the new store into the layer's attributes;
-  * on later calls appends the new tokens in place (``kvfx::store_append``):
-    the rewrite turns the layer's attention into ``kvfx::store_attend`` over
-    the store.
+  * on later calls appends the new tokens in place (plain tensor code,
+    ``kvfx.store.append``, fused by the inner compiler) and tags what it hands
+    the attention with the store (``kvfx::store_read``): the rewrite turns the
+    layer's attention into ``kvfx::store_attend`` over the store.
 
 Either way ``update`` hands back the new tokens' k, v only, and the layer
 tells the mask builder that the cache is as long as the new tokens
@@ -56,7 +57,7 @@ class KvfxLayer(CacheLayerMixin):
         # Not CacheLayerMixin.__init__: ``keys``/``values`` are read-only views here.
         self.is_initialized = False
         self.page = page
-        self.max_length = max_length        # a static cache's max_cache_len; -1: none
+        self.max_length = max_length        # the tokens it will hold: a static cache's length, generate's plan; -1: unknown
         self.extent = torch.empty(0, 0)      # [0, L]: rows' length for a continuous policy's step
         self.room = 0                        # free slots every row has at least (known on the host)
         self.tokens = 0                      # tokens absorbed (known on the host)
@@ -84,9 +85,9 @@ class KvfxLayer(CacheLayerMixin):
              self.seen) = torch.ops.kvfx.store_mark(key_states, value_states, self.page)
             self.is_initialized = True
         else:
-            torch.ops.kvfx.store_append(key_states, value_states, self.k_pages, self.v_pages, self.slot_bias,
-                                        self.slot_score, self.page_table, self.lengths, self.pages, self.seen,
-                                        self.extent)
+            slot_store.append(self.store, key_states, value_states)
+            key_states, value_states = torch.ops.kvfx.store_read(key_states, value_states, *self.store.tensors(),
+                                                                 self.extent)
         return key_states, value_states
 
     def get_mask_sizes(self, query, *args) -> tuple[int, int]:
@@ -132,17 +133,20 @@ class KvfxLayer(CacheLayerMixin):
 
     def reserve(self, new: int, policy, max_bytes: Optional[int] = None, used_elsewhere: int = 0) -> None:
         """Make room for ``new`` tokens in every row before a call, growing by
-        whole pages when the rows may not have it: up to a static cache's
-        length; for a continuous policy (whose rows stop growing) just enough;
-        else 1/GROW_FRACTION of the tokens seen. ``max_bytes``: refuse, before
+        whole pages when the rows may not have it: for a continuous policy
+        (whose rows stop growing) just enough; up to the length the layer will
+        hold when known (a static cache's, generate's plan); else
+        1/GROW_FRACTION of the tokens seen. ``max_bytes``: refuse, before
         allocating, a store that would make the cache (``used_elsewhere`` + this
         layer) exceed it."""
         if not self.is_initialized or self.room >= new:
             return
         want = new - self.room
-        if self.max_length > 0:
+        if policy.schedule == "continuous":
+            pass  # its rows return to their budget after every step
+        elif self.max_length > 0:
             want = max(want, self.max_length - self.tokens)
-        elif policy.schedule != "continuous":
+        else:
             want = max(want, self.tokens // GROW_FRACTION)
         pages = cdiv(want, self.page)
         if max_bytes is not None:
@@ -245,13 +249,14 @@ def _refuse_edit() -> None:
 REPLACEABLE = ("DynamicLayer", "StaticLayer")
 
 
-def install(cache, page: int = slot_store.PAGE) -> list[tuple[int, KvfxLayer]]:
+def install(cache, page: int = slot_store.PAGE, planned: int = -1) -> list[tuple[int, KvfxLayer]]:
     """Put a KvfxLayer in every empty full-attention layer of ``cache``; returns
-    all its kvfx layers with their index."""
+    all its kvfx layers with their index. A layer grows to a static cache's
+    length, or to ``planned`` tokens (what ``generate`` will feed), at once."""
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list):
         return []
     for i, layer in enumerate(layers):
         if type(layer).__name__ in REPLACEABLE and not layer.is_initialized:
-            layers[i] = KvfxLayer(page, getattr(layer, "max_cache_len", -1))
+            layers[i] = KvfxLayer(page, getattr(layer, "max_cache_len", planned))
     return [(i, layer) for i, layer in enumerate(layers) if isinstance(layer, KvfxLayer)]
