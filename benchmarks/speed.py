@@ -580,6 +580,8 @@ def main(argv=None) -> int:
                         "default 64 (--quick: 4)")
     parser.add_argument("--time-limit", type=float,
                         help="--llama7b: seconds after which no new row starts (the rest are listed as skipped)")
+    parser.add_argument("--section", help="the file stem and docs/results.md block to write; default speed "
+                        "(--llama7b: speed_llama7b)")
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
                         help="measure nothing: redraw the tables and plot from JSON files this script wrote "
                              "(several --llama7b runs are shown one after another)")
@@ -623,7 +625,7 @@ def main(argv=None) -> int:
         for name in settings.models:
             data["models"][name] = run_model(name, settings)
     data["seconds"] = round(time.perf_counter() - started, 1)
-    stem = "speed_llama7b" if args.llama7b else "speed"
+    stem = args.section or ("speed_llama7b" if args.llama7b else "speed")
     common.write_json(args.out / f"{stem}.json", data)
     _write_report(data, args.out, stem, refresh_doc=not args.quick)
     common.progress(f"[speed] done in {data['seconds']:.0f}s; wrote {args.out}")

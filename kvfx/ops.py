@@ -100,12 +100,12 @@ def attend(
     """
     batch, kv_heads, length, _ = k.shape
     past = length - q.shape[-2]
-    has_state = bool(seen >= 0)
-    if not has_state:
-        slot_bias = _bias_from_mask(mask, batch, kv_heads, past, k.device)
+    # Chosen on the device (no host read of ``seen``): a decode step never synchronises.
+    has_state = seen >= 0
+    slot_bias = torch.where(has_state, slot_bias, _bias_from_mask(mask, batch, kv_heads, past, k.device))
     out = attention_kernels.slot_attention(q, k, v, slot_bias, scale, softcap)
     grow = (0, length - past)
-    seen_after = (seen if has_state else torch.full_like(seen, past)) + q.shape[-2]
+    seen_after = torch.where(has_state, seen, past) + q.shape[-2]
     return out, torch.nn.functional.pad(slot_bias, grow), torch.nn.functional.pad(slot_score, grow), seen_after
 
 

@@ -101,12 +101,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         with graph.inserting_after(site.node):
             new_len = graph.call_method("size", (site.k_new, -2))
         if site.phase == "prefill":
-            source = policy.reuse_source(layer)
-            reuse = kept_index.get(source) if source is not None else None
-            if source is not None and reuse is None:
-                site.note = f"indices of layer {source} are not in this graph: computed here"
-            elif reuse is not None:
-                site.note = f"reuses the indices of layer {source}"
+            reuse = _reused_index(site, policy, layer, kept_index)
             k_c, v_c, bias, score, index = call(
                 torch.ops.kvfx.compress.default,
                 (site.q if policy.needs_queries else None, site.k, site.v, site.mask, reuse, spec, layer, n_layers,
@@ -161,18 +156,24 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
     return plan, example_inputs
 
 
+def _reused_index(site: Site, policy, layer: int, kept_index: dict):
+    """The kept-indices node of the layer this one reuses (ChunkKV), if it is in this graph; notes the choice."""
+    source = policy.reuse_source(layer)
+    reuse = kept_index.get(source) if source is not None else None
+    if source is not None and reuse is None:
+        site.note = f"indices of layer {source} are not in this graph: computed here"
+    elif reuse is not None:
+        site.note = f"reuses the indices of layer {source}"
+    return reuse
+
+
 def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int,
                    kept_index: dict, call) -> dict:
     """Rewrite one store site; returns the graph-output nodes it replaced."""
     store = site.store
     replaced = {}
     if site.phase == "prefill":
-        source = policy.reuse_source(layer)
-        reuse = kept_index.get(source) if source is not None else None
-        if source is not None and reuse is None:
-            site.note = f"indices of layer {source} are not in this graph: computed here"
-        elif reuse is not None:
-            site.note = f"reuses the indices of layer {source}"
+        reuse = _reused_index(site, policy, layer, kept_index)
         page = store.args[2]
         items = call(torch.ops.kvfx.store_compress.default,
                      (site.q if policy.needs_queries else None, site.k, site.v, site.mask, reuse, spec, layer,

@@ -27,8 +27,9 @@ def paged_attention_reference(
     k, v, bias = _rows(k_pages, v_pages, slot_bias, page_table, n)
     k, v, bias = k.float(), v.float(), bias.view(b, hkv, 1, width)           # [B, Hkv, W, D]
     slot = torch.arange(width, device=q.device)
-    if sq == 1:  # one new token, its row's last slot (bias 0): it sees every slot of its row
-        mask = bias.masked_fill(slot >= lengths[..., None, None], float("-inf"))     # [B, Hkv, 1, W]
+    if sq == 1:  # one new token, its row's last slot (no bias): it sees every slot of its row
+        last = lengths[..., None, None] - 1
+        mask = torch.where(slot < last, bias, torch.where(slot == last, 0.0, float("-inf")))  # [B, Hkv, 1, W]
     else:
         past = (lengths - sq)[..., None, None]                              # [B, Hkv, 1, 1]
         query = torch.arange(sq, device=q.device)[:, None]                  # [Sq, 1]

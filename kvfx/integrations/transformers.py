@@ -163,12 +163,13 @@ class TransformersForward:
                 "kvfx: a kvfx.compile'd forward is being traced by another torch.compile (generate() compiles the "
                 "forward itself for a static cache unless generation_config.disable_compile is set, which "
                 "kvfx.compile sets): the outer compile would bypass kvfx. Call the model without another compile.")
-        self._check_padding(kwargs)
         layers = self._store_layers(args, kwargs)
+        fresh = [i for i, layer in layers if not layer.is_initialized]
+        if fresh or not layers:  # a prefill: the only call that reads the mask on the host
+            self._check_padding(kwargs)
         if not layers:
             return run(*args, **kwargs)
         policy, new = self.backend.policy, _new_tokens(args, kwargs)
-        fresh = [i for i, layer in layers if not layer.is_initialized]
         used = sum(layer.nbytes() for _, layer in layers)
         for _, layer in layers:
             used -= layer.nbytes()
@@ -215,9 +216,15 @@ class TransformersForward:
         return transformers_store.install(cache, self.page, planned)
 
     def _check_padding(self, kwargs) -> None:
+        from kvfx.ops import valid_slots
+
         policy = self.backend.policy
         mask = kwargs.get("attention_mask")
-        if not policy.supports_padding and isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+        if policy.supports_padding or not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
+            return
+        # 2-D: the padding mask itself; 4-D (generate builds one for a compileable cache): its last query's row
+        valid = mask if mask.dim() == 2 else valid_slots(mask, mask.shape[0], mask.shape[-1], mask.device)
+        if not bool(valid.bool().all()):
             raise ValueError(
                 f"kvfx: {policy!r} cannot compress a left-padded batch so that each row matches running it alone "
                 "(its chunks start at each row's first token). Generate the rows one at a time, or pad none of them.")
