@@ -17,8 +17,9 @@ import torch
 
 from kvfx.api import Backend, GraphRecord, compiled_forward
 from kvfx.integrations.transformers import (cache_argument, cache_bytes, cache_entries, entry_bytes, is_store,
-                                            is_transformers_model, kv_pairs)
+                                            is_transformers_model, kv_pairs, output_cache)
 from kvfx.policies import Policy
+from kvfx.store import prefill_bytes
 from kvfx.runtime import state_of
 
 COLUMNS = ("graph", "layer", "module", "attention", "cache", "phase", "heads", "action")
@@ -189,17 +190,6 @@ def site_picture(record: GraphRecord, site) -> str:
                       *before, *after, "}"])
 
 
-def store_formula(policy: Policy, layer: int, n_layers: int, batch: int, kv_heads: int, slot_bytes: int,
-                  page: int) -> sympy.Expr:
-    """Bytes a layer's slot store holds right after compressing S slots: its
-    pages (K, V and the per-slot state) and its tables (page table, lengths,
-    pages: int64 per (batch, KV head) row; seen)."""
-    pages, width = policy.store_pages(S, layer, n_layers, kv_heads, page)
-    rows = batch * kv_heads
-    state = STATE_BYTES_PER_SLOT if policy.schedule == "continuous" else BIAS_BYTES_PER_SLOT
-    return batch * pages * page * (slot_bytes + state) + rows * (width + 2) * 8 + SEEN_BYTES
-
-
 def _layer_memory(report: Report, full_cache, kept_cache, policy: Policy) -> list[LayerMemory]:
     prefill = next((r for r in report.records if any(s.phase == "prefill" for s in r.sites)), None)
     if prefill is None:
@@ -213,8 +203,8 @@ def _layer_memory(report: Report, full_cache, kept_cache, policy: Policy) -> lis
         full = batch * kv_heads * slot_bytes * (sympy.Min(S, site.bounded) if site is not None and site.bounded else S)
         measured = entry_bytes(kept)                           # everything the layer holds, slot state included
         if site is not None and site.compressible and is_store(kept):
-            kvfx, action = store_formula(policy, layer, site.depth or 1, batch, kv_heads, slot_bytes, kept.page), \
-                "compressed (slot store)"
+            kvfx = prefill_bytes(policy, S, layer, site.depth or 1, batch, kv_heads, slot_bytes, kept.page)
+            action = "compressed (slot store)"
             state = STATE_BYTES_PER_SLOT if kept.slot_score.numel() else BIAS_BYTES_PER_SLOT
             nominal = int(kept.lengths.sum()) * (slot_bytes + state)
         elif site is not None and site.compressible:
@@ -275,8 +265,7 @@ def explain(model: torch.nn.Module, *args, policy: Optional[Policy] = None, inne
             forward = compiled_forward(model, backend, _fresh_code(original))
         full = original(*args, **kwargs)
         out = forward(*args, **kwargs)
-        cache = getattr(out, "past_key_values", None)
-        full_cache = getattr(full, "past_key_values", None)
+        cache, full_cache = output_cache(out), output_cache(full)
         pairs = kv_pairs(full_cache)
         report = Report(backend.policy, backend.records, cache_bytes(full_cache, state=False), cache_bytes(cache),
                         prompt_length=max((k.shape[-2] for k, _ in pairs), default=0))

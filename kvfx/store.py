@@ -62,6 +62,18 @@ class Store:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+def prefill_bytes(policy, length, layer: int, n_layers: int, batch: int, kv_heads: int, slot_bytes: int,
+                  page: int = PAGE):
+    """Bytes the store ``store_compress`` makes of a ``length``-token prompt
+    holds (``length`` an int or a sympy symbol, for a formula): its pages
+    (``slot_bytes`` of K and V per slot, a float32 bias, and a float32 score
+    for a continuous policy) and its tables (int64: each row's page table,
+    length and page count; the tokens seen)."""
+    pages, width = policy.store_pages(length, layer, n_layers, kv_heads, page)
+    state = 8 if policy.schedule == "continuous" else 4
+    return batch * pages * page * (slot_bytes + state) + batch * kv_heads * (width + 2) * 8 + 8
+
+
 def _page_owners(pages: torch.Tensor, n_pages: int):
     """For each of ``n_pages`` pool pages: the row (flattened b, h) that owns it
     and its index within the row, when rows own consecutive runs of

@@ -90,6 +90,25 @@ def test_speed_llama7b_path_switches_policies_stops_at_its_time_limit_and_render
     assert (tmp_path / "speed_llama7b.png").read_bytes()[:8] == PNG
 
 
+def test_memory_quick_reports_what_the_stores_hold_against_the_full_cache(tmp_path):
+    data = _run("memory.py", tmp_path)
+    model = data["models"]["llama"]
+    rows = model["rows"]
+    assert set(rows) == {"full cache", "RazorAttention@0.2", "AdaKV@0.35", "SnapKV@0.35", "PyramidKV@0.35",
+                         "ZeroMerge@0.05"}
+    full = rows["full cache"]["prompt"]
+    assert full["slots"] == 2 * 2 * 128 and full["bytes"] == full["slots"] * 2 * 16 * 4
+    for key, row in rows.items():
+        prompt = row["prompt"]
+        # less than a page (16 slots) more than the kept slots for each of the 4 (layer, KV head) rows
+        assert prompt["slots"] <= prompt["page_slots"] < prompt["slots"] + 4 * 16 or key == "full cache"
+        assert prompt["ratio"] == pytest.approx(prompt["bytes"] / full["bytes"])
+    razor = rows["RazorAttention@0.2"]["prompt"]
+    assert razor["rectangle_ratio"] > razor["slot_ratio"], "the store frees what a rectangle pads"
+    text = (tmp_path / "memory.md").read_text()
+    assert "| AdaKV @ 0.35 |" in text and "RazorAttention @ 20%" in text
+
+
 def test_results_doc_blocks_are_replaced_between_markers(tmp_path):
     doc = tmp_path / "results.md"
     doc.write_text("intro\n<!-- quality:begin -->\nold\n<!-- quality:end -->\nafter\n")

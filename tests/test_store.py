@@ -359,6 +359,22 @@ def test_a_store_over_max_cache_bytes_is_refused_before_it_grows():
     assert cache_bytes(cache) == held, "nothing was allocated"
 
 
+def test_a_prompt_whose_store_would_exceed_max_cache_bytes_is_refused_before_the_prefill():
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (1, 64))
+    try:
+        _, held = prefill_bytes(model, ids)
+        assert held == 2 * slot_store.prefill_bytes(kvfx.SnapKV(budget=0.5, window=4), 64, 0, 2, 1, 2, 2 * 16 * 4)
+        kvfx.restore(model)
+        torch._dynamo.reset()
+        kvfx.compile(model, kvfx.SnapKV(budget=0.5, window=4), inner="aot_eager", max_cache_bytes=held - 1)
+        with pytest.raises(CapacityError, match=rf"keeps {held:,} bytes of a 64-token prompt"), torch.no_grad():
+            model(ids, use_cache=True)
+        assert model._kvfx_backend.records == [], "refused before anything was traced or allocated"
+    finally:
+        kvfx.restore(model)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(page_size=0), r"page_size=0 is invalid: page_size must be an int >= 1"),
     (dict(max_cache_bytes=-5), r"max_cache_bytes=-5 is invalid"),

@@ -87,6 +87,12 @@ def cache_of(kwargs: dict):
     return kwargs.get("past_key_values", kwargs.get("cache"))
 
 
+def output_cache(out):
+    """The cache a model's output carries (``cache`` from transformers 5.2x, before that ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def state_keys(args, kwargs):
     """The first cached key tensor in a call's arguments that carries kvfx state."""
     for obj in (*args, *kwargs.values()):
@@ -170,6 +176,8 @@ class TransformersForward:
         if not layers:
             return run(*args, **kwargs)
         policy, new = self.backend.policy, _new_tokens(args, kwargs)
+        if fresh and self.max_cache_bytes is not None:
+            self._check_prefill_bytes(args, kwargs, fresh, new)
         used = sum(layer.nbytes() for _, layer in layers)
         for _, layer in layers:
             used -= layer.nbytes()
@@ -186,6 +194,32 @@ class TransformersForward:
             slots = policy.budget_length(new, i, n_layers) if first and policy.schedule == "continuous" else None
             layer.advance(new, policy, first, slots)
         return out
+
+    def _check_prefill_bytes(self, args, kwargs, fresh: list, length: int) -> None:
+        """Refuse, before the prefill allocates it, stores that would exceed
+        max_cache_bytes, sized by the policy from the model's config (KV heads,
+        head dim, dtype) and the held bytes of the cache's other layers."""
+        from kvfx.integrations.transformers_store import CapacityError
+        from kvfx.store import prefill_bytes
+
+        config = self.model.config
+        kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads if hasattr(config, "hidden_size") else None)
+        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if not (isinstance(kv_heads, int) and isinstance(head_dim, int) and isinstance(ids, torch.Tensor)):
+            return  # the growth checks still apply
+        policy, n_layers = self.backend.policy, config.num_hidden_layers
+        element = torch.finfo(self.model.dtype).bits // 8 if self.model.dtype.is_floating_point else 4
+        held = cache_bytes(cache_of(kwargs))
+        needed = sum(prefill_bytes(policy, length, i, n_layers, ids.shape[0], kv_heads, 2 * head_dim * element,
+                                   self.page) for i in fresh)
+        if held + needed > self.max_cache_bytes:
+            raise CapacityError(
+                f"kvfx: max_cache_bytes={self.max_cache_bytes:,} would be exceeded: {policy!r} keeps {needed:,} bytes "
+                f"of a {length}-token prompt in {len(fresh)} layer(s) (batch {ids.shape[0]}, {kv_heads} KV heads of "
+                f"{head_dim}), beside {held:,} held already. Raise max_cache_bytes, shorten the prompt or lower the "
+                "budget.")
 
     def _store_layers(self, args, kwargs) -> list:
         """The call's kvfx cache layers, installed in its cache (one is made when

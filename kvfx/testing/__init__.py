@@ -14,7 +14,7 @@ import torch
 
 import kvfx
 from kvfx.api import GraphRecord, restore
-from kvfx.integrations.transformers import cache_entries, is_store
+from kvfx.integrations.transformers import cache_entries, is_store, output_cache
 from kvfx.policies import Policy, StreamingLLM
 
 
@@ -60,7 +60,7 @@ def generate(model, input_ids, *, policy: Optional[Policy] = None, inner: str = 
         if policy is not None:
             restore(model)
     breaks = sum(counters["graph_break"].values())
-    return Run(out.sequences, list(out.logits), out.past_key_values, records, breaks)
+    return Run(out.sequences, list(out.logits), output_cache(out), records, breaks)
 
 
 def no_compression() -> Policy:
