@@ -372,7 +372,7 @@ def _plain_call(run: Callable, args: tuple, kwargs: dict):
 def _positions_from_state(args, kwargs):
     """position_ids = tokens seen + arange(new tokens), from the first kvfx store
     layer or cache tensor that carries kvfx state; None when there is none."""
-    seen = store_seen(args, kwargs)
+    seen = store_seen(kwargs)
     if seen is None:
         keys = state_keys(args, kwargs)
         if keys is None:

@@ -32,7 +32,6 @@ S = sympy.Symbol("S", integer=True, positive=True)
 # the score for continuous policies only -- and one int64 count of tokens seen
 # per layer.
 STATE_BYTES_PER_SLOT = 4 + 4
-BIAS_BYTES_PER_SLOT = 4
 SEEN_BYTES = 8
 
 
@@ -205,8 +204,7 @@ def _layer_memory(report: Report, full_cache, kept_cache, policy: Policy) -> lis
         if site is not None and site.compressible and is_store(kept):
             kvfx = prefill_bytes(policy, S, layer, site.depth or 1, batch, kv_heads, slot_bytes, kept.page)
             action = "compressed (slot store)"
-            state = STATE_BYTES_PER_SLOT if kept.slot_score.numel() else BIAS_BYTES_PER_SLOT
-            nominal = int(kept.lengths.sum()) * (slot_bytes + state)
+            nominal = int(kept.lengths.sum()) * (slot_bytes + kept.store.state_bytes_per_slot)
         elif site is not None and site.compressible:
             slots = policy.kept_length(S, layer, site.depth or 1)
             per_slot = batch * kv_heads * (slot_bytes + STATE_BYTES_PER_SLOT)

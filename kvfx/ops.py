@@ -156,13 +156,6 @@ def _bias_from_mask(mask: Optional[Tensor], batch: int, kv_heads: int, past: int
 # (``kvfx.store.append``) that the inner compiler fuses into the graph and
 # writes in place.
 
-STORE_OUTPUTS = 8
-
-
-def _store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen) -> slot_store.Store:
-    return slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
-
-
 def _store_fakes(k: Tensor, v: Tensor, n_pages, width, page: int, scores: bool = True) -> tuple[Tensor, ...]:
     batch, kv_heads = k.shape[:2]
     return (
@@ -271,7 +264,7 @@ def store_step(
     """One decode step of a continuous policy (TOVA, ZeroMerge) over a store
     whose rows all hold ``extent.shape[1]`` slots (the new tokens included):
     the policy's step on those rows, written back in place."""
-    store = _store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
+    store = slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
     k, v, bias, score = slot_store.gather(store, extent.shape[1])
     slot_store.scatter(store, *policy_of(policy).step(q, k, v, bias, score, scale, layer, n_layers))
 

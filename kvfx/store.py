@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import torch
 
+from kvfx.kernels.paged_attention.reference import page_rows
 from kvfx.policies.budgets import cdiv
 
 #: slots per page: small enough that a row wastes little (< one page), large
@@ -61,6 +62,11 @@ class Store:
         """Bytes the store holds: every page allocated (used or not) and all its state."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    @property
+    def state_bytes_per_slot(self) -> int:
+        """Bytes of per-slot state: the bias, and the score when the store keeps one."""
+        return sum(t.element_size() for t in (self.slot_bias, self.slot_score) if t.numel())
+
 
 def prefill_bytes(policy, length, layer: int, n_layers: int, batch: int, kv_heads: int, slot_bytes: int,
                   page: int = PAGE):
@@ -86,6 +92,12 @@ def _page_owners(pages: torch.Tensor, n_pages: int):
     return row, j, start
 
 
+def _select(x: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, fill) -> torch.Tensor:
+    """``x[index]`` along dim 0 where ``keep`` (shaped like ``index``), ``fill`` elsewhere."""
+    out = x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+    return out.masked_fill(~keep.view(*keep.shape, *([1] * (out.dim() - keep.dim()))), fill)
+
+
 def _table(pages: torch.Tensor, start: torch.Tensor, width) -> torch.Tensor:
     """[R, width] page table: row r owns pages start[r] .. start[r] + pages[r] - 1."""
     j = torch.arange(width, device=pages.device)
@@ -109,15 +121,11 @@ def pack(k, v, slot_bias, slot_score, lengths, n_pages, width, page: int = PAGE)
     src = torch.where(valid, src, 0)
 
     def take(x, fill):
-        flat = x.reshape(rows * w, *x.shape[3:])
-        out = flat[src]
-        mask = valid.view(*valid.shape, *([1] * (out.dim() - 2)))
-        return torch.where(mask, out, torch.as_tensor(fill, dtype=out.dtype, device=out.device))
+        return _select(x.reshape(rows * w, *x.shape[3:]), src, valid, fill).contiguous()
 
-    scores = take(slot_score.float(), 0.0) if slot_score is not None else slot_bias.new_empty(0, page)
     return Store(
-        k_pages=take(k, 0).contiguous(), v_pages=take(v, 0).contiguous(),
-        slot_bias=take(slot_bias.float(), NEG_INF).contiguous(), slot_score=scores.float().contiguous(),
+        k_pages=take(k, 0), v_pages=take(v, 0), slot_bias=take(slot_bias.float(), NEG_INF),
+        slot_score=take(slot_score.float(), 0.0) if slot_score is not None else slot_bias.new_empty(0, page).float(),
         page_table=_table(pages, start, width).view(b, hkv, width).contiguous(),
         lengths=lengths.to(torch.int64).contiguous(), pages=pages.view(b, hkv).contiguous(),
         seen=torch.zeros((), dtype=torch.int64, device=k.device))
@@ -130,36 +138,34 @@ def _flat_slots(store: Store, slots: torch.Tensor) -> torch.Tensor:
     return page * p + slots % p
 
 
+def _write(store: Store, flat: torch.Tensor, k, v, slot_bias, slot_score) -> None:
+    """Write slots (k, v [..., D], bias and score [...]) at the pool-wide slot indices ``flat``, in place."""
+    store.k_pages.view(-1, k.shape[-1]).index_copy_(0, flat, k.reshape(-1, k.shape[-1]))
+    store.v_pages.view(-1, v.shape[-1]).index_copy_(0, flat, v.reshape(-1, v.shape[-1]))
+    store.slot_bias.view(-1).index_copy_(0, flat, slot_bias.float().reshape(-1))
+    if store.slot_score.numel():
+        store.slot_score.view(-1).index_copy_(0, flat, slot_score.float().reshape(-1))
+
+
 def append(store: Store, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     """Write the new tokens' k/v [B, Hkv, q, D] after each row's slots, in place
     (bias 0, score 0), and count them. Every row must have room (``grow``)."""
     q = k_new.shape[2]
     slots = store.lengths[..., None] + torch.arange(q, device=k_new.device)
-    flat = _flat_slots(store, slots).reshape(-1)
-    store.k_pages.view(-1, store.k_pages.shape[-1]).index_copy_(0, flat, k_new.reshape(-1, k_new.shape[-1]))
-    store.v_pages.view(-1, store.v_pages.shape[-1]).index_copy_(0, flat, v_new.reshape(-1, v_new.shape[-1]))
-    store.slot_bias.view(-1).index_fill_(0, flat, 0.0)
-    if store.slot_score.numel():
-        store.slot_score.view(-1).index_fill_(0, flat, 0.0)
+    zeros = torch.zeros(slots.shape, dtype=torch.float32, device=k_new.device)
+    _write(store, _flat_slots(store, slots).reshape(-1), k_new, v_new, zeros, zeros)
     store.lengths.add_(q)
     store.seen.add_(q)
 
 
 def gather(store: Store, width: int):
-    """The first ``width`` slots of every row as rectangles: k, v [B, Hkv, width, D],
-    slot_bias (-inf past a row's length), slot_score [B, Hkv, width]."""
-    p = store.page
-    n = cdiv(width, p)
-    table = store.page_table[:, :, :n]
-    b, hkv = table.shape[:2]
-
-    def take(x):
-        return x.index_select(0, table.reshape(-1)).view(b, hkv, n * p, *x.shape[2:])[:, :, :width]
-
-    valid = torch.arange(width, device=table.device) < store.lengths[..., None]
-    bias = take(store.slot_bias).masked_fill(~valid, NEG_INF)
-    score = take(store.slot_score) if store.slot_score.numel() else torch.zeros_like(bias)
-    return take(store.k_pages), take(store.v_pages), bias, score
+    """The first ``width`` slots of every row as rectangles (a copy): k, v
+    [B, Hkv, width, D], slot_bias (-inf past a row's length), slot_score [B, Hkv, width]."""
+    pages = [store.k_pages, store.v_pages, store.slot_bias] + ([store.slot_score] if store.slot_score.numel() else [])
+    rows = [x[:, :, :width] for x in page_rows(store.page_table, cdiv(width, store.page), *pages, in_place=False)]
+    valid = torch.arange(width, device=store.lengths.device) < store.lengths[..., None]
+    bias = rows[2].masked_fill(~valid, NEG_INF)
+    return rows[0], rows[1], bias, rows[3] if len(rows) > 3 else torch.zeros_like(bias)
 
 
 def scatter(store: Store, k, v, slot_bias, slot_score) -> None:
@@ -167,12 +173,7 @@ def scatter(store: Store, k, v, slot_bias, slot_score) -> None:
     slot_score [B, Hkv, n] (n slots each, within the rows' pages), in place."""
     n = k.shape[2]
     slots = torch.arange(n, device=k.device).expand(*k.shape[:2], n)
-    flat = _flat_slots(store, slots).reshape(-1)
-    store.k_pages.view(-1, k.shape[-1]).index_copy_(0, flat, k.reshape(-1, k.shape[-1]))
-    store.v_pages.view(-1, v.shape[-1]).index_copy_(0, flat, v.reshape(-1, v.shape[-1]))
-    store.slot_bias.view(-1).index_copy_(0, flat, slot_bias.float().reshape(-1))
-    if store.slot_score.numel():
-        store.slot_score.view(-1).index_copy_(0, flat, slot_score.float().reshape(-1))
+    _write(store, _flat_slots(store, slots).reshape(-1), k, v, slot_bias, slot_score)
     store.lengths.fill_(n)
 
 
@@ -188,10 +189,7 @@ def _relayout(store: Store, table, old_pages, new_pages, lengths, n_pages: int, 
     source = torch.where(copied, table.reshape(rows, m)[row, j.clamp(0, m - 1)], 0)
 
     def take(x, fill):
-        if not x.numel():
-            return x  # a state the store does not keep
-        out = x.index_select(0, source)
-        return out.masked_fill(~copied.view(-1, *([1] * (out.dim() - 1))), fill)
+        return _select(x, source, copied, fill) if x.numel() else x  # (a state the store does not keep)
 
     return Store(take(store.k_pages, 0), take(store.v_pages, 0), take(store.slot_bias, NEG_INF),
                  take(store.slot_score, 0.0), _table(new_pages.reshape(-1), start, width).view(b, hkv, width),

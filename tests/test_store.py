@@ -117,7 +117,7 @@ def test_paged_attention_reference_attends_each_row_over_its_own_slots():
 
 
 def test_attention_reads_a_store_of_equal_rows_in_place_and_any_page_order_alike():
-    from kvfx.kernels.paged_attention.reference import _rows
+    from kvfx.kernels.paged_attention.reference import page_rows
 
     torch.manual_seed(3)
     b, hkv, n, d = 2, 3, 37, 8
@@ -127,7 +127,7 @@ def test_attention_reads_a_store_of_equal_rows_in_place_and_any_page_order_alike
     store = slot_store.grow(store, 2)
     new = torch.randn(b, hkv, 1, d)
     slot_store.append(store, new, new)
-    keys, *_ = _rows(store.k_pages, store.v_pages, store.slot_bias, store.page_table, slot_store.cdiv(n + 1, 16))
+    (keys,) = page_rows(store.page_table, slot_store.cdiv(n + 1, 16), store.k_pages)
     assert keys.untyped_storage().data_ptr() == store.k_pages.untyped_storage().data_ptr(), "a view, not a copy"
     q = torch.randn(b, 2 * hkv, 1, d)
     args = (store.slot_bias, store.page_table, store.lengths, 0.3)

@@ -24,7 +24,7 @@ def paged_attention_reference(
     # where this runs; the Triton kernel bounds each row on the device).
     n = (int(lengths.max()) + page - 1) // page
     width = n * page
-    k, v, bias = _rows(k_pages, v_pages, slot_bias, page_table, n)
+    k, v, bias = page_rows(page_table, n, k_pages, v_pages, slot_bias)
     k, v, bias = k.float(), v.float(), bias.view(b, hkv, 1, width)           # [B, Hkv, W, D]
     slot = torch.arange(width, device=q.device)
     if sq == 1:  # one new token, its row's last slot (no bias): it sees every slot of its row
@@ -46,22 +46,17 @@ def paged_attention_reference(
     return out.view(b, h, sq, -1).to(q.dtype)
 
 
-def _rows(k_pages, v_pages, slot_bias, page_table, n: int):
-    """Each row's first ``n`` pages as [B, Hkv, n * P, ...] tensors: a view of
-    the pages when every row owns ``N / rows`` consecutive pages in row order
-    (a slot store of equal rows is kept so), else a gathered copy."""
+def page_rows(page_table: torch.Tensor, n: int, *pages: torch.Tensor, in_place: bool = True) -> tuple:
+    """Each row's first ``n`` pages of every tensor in ``pages`` ([N, P, ...])
+    as [B, Hkv, n * P, ...]: with ``in_place``, a view of the pages when every
+    row owns ``N / rows`` consecutive pages in row order (a slot store of
+    equal rows is kept so); else a gathered copy."""
     b, hkv = page_table.shape[:2]
-    rows, page = b * hkv, k_pages.shape[1]
-    per_row = k_pages.shape[0] // rows
+    rows, count, page = b * hkv, pages[0].shape[0], pages[0].shape[1]
+    per_row = count // rows
     starts = torch.arange(rows, device=page_table.device)[:, None] * per_row
-    in_place = k_pages.shape[0] == rows * per_row and n <= per_row and torch.equal(
-        page_table[:, :, :n].reshape(rows, n), starts + torch.arange(n, device=page_table.device))
-    if in_place:
-        def take(x):
-            return x.view(b, hkv, per_row * page, *x.shape[2:])[:, :, :n * page]
-    else:
-        pages = page_table[:, :, :n].reshape(-1)
-
-        def take(x):
-            return x.index_select(0, pages).view(b, hkv, n * page, *x.shape[2:])
-    return take(k_pages), take(v_pages), take(slot_bias)
+    if in_place and count == rows * per_row and n <= per_row and torch.equal(
+            page_table[:, :, :n].reshape(rows, n), starts + torch.arange(n, device=page_table.device)):
+        return tuple(x.view(b, hkv, per_row * page, *x.shape[2:])[:, :, :n * page] for x in pages)
+    ids = page_table[:, :, :n].reshape(-1)
+    return tuple(x.index_select(0, ids).view(b, hkv, n * page, *x.shape[2:]) for x in pages)

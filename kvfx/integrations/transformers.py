@@ -75,7 +75,7 @@ def cache_bytes(cache, state: bool = True) -> int:
     return sum(entry_bytes(e, state) for e in cache_entries(cache))
 
 
-def store_seen(args, kwargs):
+def store_seen(kwargs):
     """The tokens-seen tensor of the first kvfx store layer in a call's cache, or None."""
     for layer in getattr(cache_of(kwargs), "layers", None) or ():
         if is_store(layer):

@@ -151,9 +151,9 @@ class KvfxLayer(CacheLayerMixin):
         pages = cdiv(want, self.page)
         if max_bytes is not None:
             rows = self.page_table.shape[0] * self.page_table.shape[1]
-            state = 4 + (4 if self.slot_score.numel() else 0)          # bias (and score) per slot
-            per_page = self.page * (self.k_pages[0, 0].numel() * self.k_pages.element_size()
-                                    + self.v_pages[0, 0].numel() * self.v_pages.element_size() + state)
+            store = self.store
+            per_page = store.page * (store.k_pages[0, 0].nbytes + store.v_pages[0, 0].nbytes
+                                     + store.state_bytes_per_slot)
             after = used_elsewhere + self.nbytes() + rows * pages * (per_page + 8)   # + the page table
             if after > max_bytes:
                 raise CapacityError(

@@ -21,6 +21,14 @@ def fail(policy: str, field: str, value, allowed: str) -> None:
     raise ValueError(f"{policy}.{field}={value!r} is invalid: {field} must be {allowed}")
 
 
+def named_rule(rule, policy: str, **fields):
+    """Build a keep or fold rule from a preset's fields; a bad field is reported under the preset's name."""
+    try:
+        return rule(**fields)
+    except ValueError as err:
+        raise ValueError(str(err).replace(f"{rule.__name__}.", f"{policy}.", 1)) from None
+
+
 def check_int(policy: str, field: str, value, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         fail(policy, field, value, f"an int >= {lo}")

@@ -9,7 +9,7 @@ from typing import ClassVar
 from kvfx.kernels.column_sums import column_sums
 from kvfx.kernels.window_scores import window_attention
 from kvfx.policies.base import Policy
-from kvfx.policies.budgets import Budget, as_fraction, budget_tokens, ceil_linear, check_fraction, fail, smax
+from kvfx.policies.budgets import Budget, as_fraction, budget_tokens, ceil_linear, fail, named_rule, smax
 from kvfx.policies.keep import TopTokensAcrossHeads
 from kvfx.policies.registry import preset
 from kvfx.policies.scores import recency
@@ -152,7 +152,7 @@ class AdaKV(SnapKV):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fraction(type(self).__name__, "safeguard", self.safeguard)
+        self.keep()  # validates safeguard under AdaKV's name
 
     def keep(self) -> TopTokensAcrossHeads:
-        return TopTokensAcrossHeads(self.safeguard)
+        return named_rule(TopTokensAcrossHeads, type(self).__name__, safeguard=self.safeguard)

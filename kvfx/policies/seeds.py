@@ -13,7 +13,7 @@ from typing import ClassVar, Optional
 from kvfx.kernels.column_sums import column_sums
 from kvfx.kernels.window_scores import window_attention
 from kvfx.policies.base import Policy
-from kvfx.policies.budgets import Budget, budget_tokens, check_int, fail, smax
+from kvfx.policies.budgets import Budget, budget_tokens, check_int, fail, named_rule, smax
 from kvfx.policies.fold import Compensate, GaussianMerge, ResidualMerge
 from kvfx.policies.keep import TopChunks
 from kvfx.policies.registry import preset
@@ -57,7 +57,7 @@ class KVMerger(Policy):
         return column_sums(q, k, valid, scale)
 
     def fold(self) -> GaussianMerge:
-        return _named(GaussianMerge, "KVMerger", epsilon=self.epsilon, sigma=self.sigma, recent=self.recent,
+        return named_rule(GaussianMerge, "KVMerger", epsilon=self.epsilon, sigma=self.sigma, recent=self.recent,
                       protect_top=self.protect_top, count_bias=self.count_bias)
 
     def layer_budget(self, layer: int, n_layers: int) -> Budget:
@@ -201,11 +201,3 @@ class ZeroMerge(Policy):
     def step_score(self, q, k, slot_bias, slot_score, scale):
         # s <- decay * s + a: the prefill score, continued one query at a time.
         return self.decay * slot_score + super().step_score(q, k, slot_bias, slot_score, scale)
-
-
-def _named(rule, policy: str, **fields):
-    """Build a rule from a preset's fields; a bad field is reported under the preset's name."""
-    try:
-        return rule(**fields)
-    except ValueError as err:
-        raise ValueError(str(err).replace(f"{rule.__name__}.", f"{policy}.", 1)) from None

@@ -98,6 +98,5 @@ def assert_rewritten(model, policy: Policy, input_ids, *, attention_mask=None, i
     assert any(s.compressible for s in sites), "no site was rewritten: " + "; ".join(sorted({s.reason for s in sites}))
     for record in run.records:
         for s in record.rewritten:
-            op = s.op
-            assert op in record.code_after, f"graph {record.index}: {s.module} is marked rewritten but {op} is absent"
+            assert s.op in record.code_after, f"graph {record.index}: {s.module} is marked rewritten but {s.op} is absent"
     return run
