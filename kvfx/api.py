@@ -148,12 +148,12 @@ class Backend:
                              graph_after=gm.graph)
         self.records.append(record)
         stray = stray_stores(gm, sites)
-        if stray:
+        if stray:  # never compiled: kvfx.compile re-runs the call on transformers' own cache layers
             self._log(record)
-            raise RuntimeError(
-                "kvfx: this graph writes kvfx slot stores that only kvfx's attention can read, and kvfx cannot "
-                "rewrite the attention reading them: " + "; ".join(stray) + ". Use attn_implementation='sdpa' or "
-                "'eager' (what kvfx recognises), or call the model without kvfx.")
+            self.records.pop()
+            from kvfx.integrations.transformers_store import StoreUnreadable
+
+            raise StoreUnreadable("; ".join(stray))
         if not any(s.compressible for s in sites):
             self._log(record)
             self._warn_untouched(sites)
@@ -164,11 +164,30 @@ class Backend:
         plan, rewritten_inputs = rewrite(gm, example_inputs, sites, self.policy)
         record.code_after = gm.code
         self._log(record)
-        runner = StatefulGraph(self._inner(gm, rewritten_inputs), plan)
+        try:
+            compiled = self._inner(gm, rewritten_inputs)
+        except Exception as err:  # never a crash deep in the inner compiler: leave the graph as the model wrote it
+            return self._compile_unrewritten(record, before, example_inputs, sites, err)
+        runner = StatefulGraph(compiled, plan)
         if fake_inputs is not None:
             self._rewritable.append(_Rewritable(record, before, fake_inputs, torch._guards.TracingContext.try_get(),
                                                 torch.is_grad_enabled(), runner, [s.depth for s in sites]))
         return runner
+
+    def _compile_unrewritten(self, record: GraphRecord, before: fx.GraphModule, example_inputs, sites, err):
+        why = f"compiling kvfx's rewrite of it failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        for site in sites:
+            if site.compressible:
+                site.reason = why
+        if any(s.cache == "store" for s in sites):  # the graph writes stores only the rewrite reads
+            self.records.remove(record)
+            from kvfx.integrations.transformers_store import StoreUnreadable
+
+            raise StoreUnreadable(why) from err
+        record.code_after, record.graph_after = record.code_before, before.graph
+        self._log(record)
+        self._warn_untouched(sites)
+        return self._inner(before, example_inputs)
 
     def _root_module(self, source: str) -> Optional[torch.nn.Module]:
         """The module a site's path is relative to: the model given to the

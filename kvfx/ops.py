@@ -20,7 +20,9 @@ from torch import Tensor
 
 from kvfx import store as slot_store
 from kvfx.kernels import attention as attention_kernels
+from kvfx.kernels.attention.reference import sink_weight
 from kvfx.kernels.paged_attention import paged_attention
+from kvfx.kernels.paged_attention.reference import paged_sink_weight
 from kvfx.policies import bias_of, policy_of
 from kvfx.policies.budgets import cdiv
 
@@ -43,23 +45,26 @@ def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tens
 @torch.library.custom_op("kvfx::compress", mutates_args=())
 def compress(
     q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
-    policy: str, layer: int, n_layers: int, scale: float,
+    policy: str, layer: int, n_layers: int, scale: float, score_keys: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compress one layer's prompt cache with the policy whose registry key is
     ``policy`` (``kvfx.policies.key_of``). q: [B, H, Sq, D] (None for a policy
     that reads no queries), k/v: [B, Hkv, S, D]. ``reuse_index`` (ChunkKV) are
-    kept indices computed by an earlier layer. Returns fresh contiguous (k, v,
-    slot_bias, slot_score, index) with n = policy.kept_length(S) slots."""
+    kept indices computed by an earlier layer. ``score_keys`` [B, H, S, D]:
+    the keys attention reads when k, v are a latent and a rotary key (MLA):
+    slots are scored on them and one selection serves every head.
+    Returns fresh contiguous (k, v, slot_bias, slot_score, index) with
+    n = policy.kept_length(S) slots."""
     pol = policy_of(policy)
     valid = valid_slots(mask, k.shape[0], k.shape[2], k.device)
-    out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
+    out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index, score_keys)
     # A custom op's outputs may not alias its inputs (the reused index would).
     index = out.index.clone() if out.index is reuse_index else out.index.contiguous()
     return out.k.contiguous(), out.v.contiguous(), out.slot_bias.contiguous(), out.slot_score.contiguous(), index
 
 
 @compress.register_fake
-def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale):
+def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, score_keys=None):
     batch, kv_heads, length, _ = k.shape
     n = policy_of(policy).kept_length(length, layer, n_layers)
     return (
@@ -82,6 +87,7 @@ def attend(
     mask: Optional[Tensor],
     scale: float,
     softcap: float,
+    sinks: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Attention of new queries over cached slots + the new tokens.
 
@@ -95,6 +101,9 @@ def attend(
     computed for the uncompressed positions. Without state (a cache kvfx never
     compressed) the model's mask is right and is used as is.
 
+    ``sinks``: learned per-head sink logits (gpt-oss), broadcast to
+    [B, H, Sq, 1], joined to each query's softmax and dropped after it.
+
     Returns (out [B, H, Sq, Dv], slot_bias and slot_score for all S slots, the
     new ones 0, and the tokens seen after this call).
     """
@@ -104,13 +113,15 @@ def attend(
     has_state = seen >= 0
     slot_bias = torch.where(has_state, slot_bias, _bias_from_mask(mask, batch, kv_heads, past, k.device))
     out = attention_kernels.slot_attention(q, k, v, slot_bias, scale, softcap)
+    if sinks is not None:  # learned sink logits (broadcast to [B, H, Sq, 1]) take their share of the softmax
+        out = (out.float() * sink_weight(q, k, slot_bias, sinks, scale, softcap)).to(out.dtype)
     grow = (0, length - past)
     seen_after = torch.where(has_state, seen, past) + q.shape[-2]
     return out, torch.nn.functional.pad(slot_bias, grow), torch.nn.functional.pad(slot_score, grow), seen_after
 
 
 @attend.register_fake
-def _attend_fake(q, k, v, slot_bias, slot_score, seen, mask, scale, softcap):
+def _attend_fake(q, k, v, slot_bias, slot_score, seen, mask, scale, softcap, sinks=None):
     batch, kv_heads, length, _ = k.shape
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     state = k.new_empty(batch, kv_heads, length, dtype=torch.float32)
@@ -240,17 +251,22 @@ def _store_read_fake(k, v, k_pages, v_pages, slot_bias, slot_score, page_table, 
 @torch.library.custom_op("kvfx::store_attend", mutates_args=())
 def store_attend(
     q: Tensor, k_pages: Tensor, v_pages: Tensor, slot_bias: Tensor, page_table: Tensor, lengths: Tensor,
-    scale: float, softcap: float,
+    scale: float, softcap: float, sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention of q [B, H, Sq, D] over each row's slots in the store (the
     last Sq of a row are the queries' own tokens, causal among themselves).
     The mask is the store's own: padding and merged slots are in slot_bias,
-    so layers of different lengths and padded batches need no model mask."""
-    return paged_attention(q, k_pages, v_pages, slot_bias, page_table, lengths, scale, softcap)
+    so layers of different lengths and padded batches need no model mask.
+    ``sinks``: learned sink logits, as for ``kvfx::attend``."""
+    out = paged_attention(q, k_pages, v_pages, slot_bias, page_table, lengths, scale, softcap)
+    if sinks is not None:
+        weight = paged_sink_weight(q, k_pages, slot_bias, page_table, lengths, sinks, scale, softcap)
+        out = (out.float() * weight).to(out.dtype)
+    return out
 
 
 @store_attend.register_fake
-def _store_attend_fake(q, k_pages, v_pages, slot_bias, page_table, lengths, scale, softcap):
+def _store_attend_fake(q, k_pages, v_pages, slot_bias, page_table, lengths, scale, softcap, sinks=None):
     return q.new_empty(*q.shape[:-1], v_pages.shape[-1])
 
 
@@ -278,8 +294,8 @@ def _store_step_fake(q, k_pages, v_pages, slot_bias, slot_score, page_table, len
 # kvfx compresses caches for inference: no gradient flows through its ops.
 # Registering that keeps a forward run with grad enabled from failing inside
 # AOTAutograd.
-compress.register_autograd(lambda ctx, *grads: (None,) * 9)
-attend.register_autograd(lambda ctx, *grads: (None,) * 9)
+compress.register_autograd(lambda ctx, *grads: (None,) * 10)
+attend.register_autograd(lambda ctx, *grads: (None,) * 10)
 step.register_autograd(lambda ctx, *grads: (None,) * 9)
 store_compress.register_autograd(lambda ctx, *grads: (None,) * 10)
-store_attend.register_autograd(lambda ctx, *grads: (None,) * 8)
+store_attend.register_autograd(lambda ctx, *grads: (None,) * 9)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from typing import Any, Sequence
 
 import torch
@@ -42,7 +43,8 @@ from kvfx.policies import key_of
 
 import kvfx.ops  # noqa: F401  (registers torch.ops.kvfx)
 
-POSITION_INPUT_HINT = "position"  # position_ids, cache_position
+# position_ids, cache_position, input_pos, start_pos, pos (not post_attention_layernorm)
+POSITION_INPUT = re.compile(r"(^|_)(pos|position|positions)(_|$)")
 
 
 @dataclasses.dataclass
@@ -93,6 +95,10 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             continue
         layer = site.layer if site.layer is not None else site.index
         n_layers = site.depth or max((s.layer for s in sites if s.layer is not None), default=0) + 1
+        if site.latent and continuous:
+            site.reason = (f"latent cache: {type(policy).__name__} ranks slots per head at every decode step; kvfx "
+                           "runs continuous policies on per-head caches only")
+            continue
         if site.cache == "store":
             replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call)
             outputs = [replaced.get(node, node) for node in outputs]
@@ -100,12 +106,13 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         state_outputs.append(site.k_out)
         with graph.inserting_after(site.node):
             new_len = graph.call_method("size", (site.k_new, -2))
+        q, mask, ready = _queries_and_mask(graph, site, new_len)
         if site.phase == "prefill":
             reuse = _reused_index(site, policy, layer, kept_index)
             k_c, v_c, bias, score, index = call(
                 torch.ops.kvfx.compress.default,
-                (site.q if policy.needs_queries else None, site.k, site.v, site.mask, reuse, spec, layer, n_layers,
-                 float(site.scale)), new_len)
+                (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer, n_layers,
+                 float(site.scale), site.score_k), ready)
             kept_index[layer] = index
             with graph.inserting_after(index):
                 seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
@@ -129,15 +136,27 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             example_inputs.extend(fakes)
             decode_args.append(placeholders.index(site.k_past))
             bias_in, seen_in, score_in = new_inputs
+            keys, values = site.k, site.v
+            if site.latent:  # attend over the per-head keys and values expanded from the latent
+                keys, values = site.score_k, site.v_attn
+                with graph.inserting_after(ready):
+                    bias_in = graph.call_method("expand", (bias_in, -1, site.heads, -1))
+                with graph.inserting_after(bias_in):
+                    score_in = ready = graph.call_method("expand", (score_in, -1, site.heads, -1))
             attn_out, bias, score, seen = call(
                 torch.ops.kvfx.attend.default,
-                (site.q, site.k, site.v, bias_in, score_in, seen_in, site.mask, float(site.scale), float(site.softcap)),
-                new_len)
-            site.node.replace_all_uses_with(attn_out)
+                (q, keys, values, bias_in, score_in, seen_in, mask, float(site.scale), float(site.softcap),
+                 site.sinks), ready)
+            if site.latent:  # one selection serves every head: the latent's state is any head's
+                with graph.inserting_after(seen):
+                    bias = graph.call_function(operator.getitem, (bias, (slice(None), slice(0, 1))))
+                with graph.inserting_after(bias):
+                    score = graph.call_function(operator.getitem, (score, (slice(None), slice(0, 1))))
+            _replace_output(graph, site, attn_out)
             if continuous:
                 k_c, v_c, bias, score = call(
                     torch.ops.kvfx.step.default,
-                    (site.q, site.k, site.v, bias, score, spec, layer, n_layers, float(site.scale)), seen)
+                    (q, site.k, site.v, bias, score, spec, layer, n_layers, float(site.scale)), seen)
                 outputs[site.k_out], outputs[site.v_out] = k_c, v_c
         extra_outputs += [bias, seen, score]
 
@@ -151,9 +170,43 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         output_is_sequence=is_sequence,
         decode_args=decode_args,
         state_outputs=state_outputs,
-        positions_from_cache=bool(decode_args) and not any(POSITION_INPUT_HINT in n for n in names),
+        positions_from_cache=bool(decode_args) and not any(POSITION_INPUT.search(n) for n in names),
     )
     return plan, example_inputs
+
+
+def _queries_and_mask(graph: fx.Graph, site: Site, after: fx.Node) -> tuple[fx.Node, Any, fx.Node]:
+    """The queries as [B, H, Sq, D] (unfolded from bmm's [B*H, Sq, D]) and the
+    mask kvfx's ops read (a masked_fill condition turned into a 4-D keep
+    mask), inserted after ``after``; returns them and the last node inserted."""
+    q, mask = site.q, site.mask
+    if site.fold:
+        with graph.inserting_after(after):
+            q = after = graph.call_method("unflatten", (site.q, 0, (-1, site.heads)))
+    if site.fill is not None:
+        mask = site.fill
+        if not site.fill_keeps:
+            with graph.inserting_after(after):
+                mask = after = graph.call_function(torch.logical_not, (site.fill,))
+        dims = site.fill.meta["example_value"].dim()
+        with graph.inserting_after(after):
+            if dims == 3 and site.fold:
+                mask = after = graph.call_method("unflatten", (mask, 0, (-1, site.heads)))
+            elif dims < 4:
+                mask = after = graph.call_function(operator.getitem, (mask, (None,) * (4 - dims) + (Ellipsis,)))
+        if site.mask is not None:  # GPT-Neo: where(causal, scores, lowest) + the padding mask: one additive mask
+            with graph.inserting_after(after):
+                mask = after = graph.call_function(torch.where, (mask, site.mask, float("-inf")))
+    return q, mask, after
+
+
+def _replace_output(graph: fx.Graph, site: Site, out: fx.Node) -> None:
+    """kvfx's attention output [B, H, Sq, Dv] in place of the model's (folded
+    back to [B*H, Sq, Dv] for bmm attention)."""
+    if site.fold:
+        with graph.inserting_after(out):
+            out = graph.call_method("flatten", (out, 0, 1))
+    site.node.replace_all_uses_with(out)
 
 
 def _reused_index(site: Site, policy, layer: int, kept_index: dict):
@@ -172,12 +225,13 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
     """Rewrite one store site; returns the graph-output nodes it replaced."""
     store = site.store
     replaced = {}
+    q, mask, ready = _queries_and_mask(graph, site, site.node)
     if site.phase == "prefill":
         reuse = _reused_index(site, policy, layer, kept_index)
         page = store.args[2]
         items = call(torch.ops.kvfx.store_compress.default,
-                     (site.q if policy.needs_queries else None, site.k, site.v, site.mask, reuse, spec, layer,
-                      n_layers, float(site.scale), page), site.node)
+                     (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer,
+                      n_layers, float(site.scale), page), ready)
         kept_index[layer] = items[-1]
         # The mark's outputs are what dynamo writes into the layer: take the
         # compressed store's instead (getitem nodes moved after them).
@@ -189,13 +243,13 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
         return replaced
     k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, extent = store.args[2:11]
     (out,) = call(torch.ops.kvfx.store_attend.default,
-                  (site.q, k_pages, v_pages, slot_bias, page_table, lengths, float(site.scale), float(site.softcap)),
-                  site.node)
-    site.node.replace_all_uses_with(out)
+                  (q, k_pages, v_pages, slot_bias, page_table, lengths, float(site.scale), float(site.softcap),
+                   site.sinks), ready)
+    _replace_output(graph, site, out)
     if policy.schedule == "continuous":
         with graph.inserting_after(out):
             graph.call_function(torch.ops.kvfx.store_step.default,
-                                (site.q, *store.args[2:11], spec, layer, n_layers, float(site.scale)))
+                                (q, *store.args[2:11], spec, layer, n_layers, float(site.scale)))
     return replaced
 
 

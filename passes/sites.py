@@ -39,12 +39,13 @@ class Site:
     layer: Optional[int]            # from the module path (``...layers.3.self_attn`` -> 3)
     module: str                     # module path of the attention call, from the compiled frame's root module
     attention: str                  # "sdpa" | "eager"
-    cache: str                      # "store" | "dynamic" | "sliding" | "static" | "none" | "unknown"
+    cache: str                      # "store" | "dynamic" | "sliding" | "static" | "latent" | "none" | "unknown"
     phase: str = "-"                # "prefill" (cache starts empty) | "decode" (cache from an input)
     heads: Optional[int] = None
     kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     gqa: str = "none"               # "native" (enable_gqa) | "repeat" (expand+reshape) | "none"
+    fold: bool = False              # queries are [B*H, S, D] (heads folded into the batch for bmm)
     scale: Optional[float] = None
     softcap: float = 0.0
     causal: bool = False
@@ -56,15 +57,21 @@ class Site:
     # FX nodes (not printed)
     node: Any = dataclasses.field(default=None, repr=False)        # attention output node
     q: Any = dataclasses.field(default=None, repr=False)
-    k: Any = dataclasses.field(default=None, repr=False)           # the cache tensor attention reads (pre-GQA)
+    k: Any = dataclasses.field(default=None, repr=False)           # the cache's keys [B, Hkv, S, D] (pre-GQA)
     v: Any = dataclasses.field(default=None, repr=False)
-    mask: Any = dataclasses.field(default=None, repr=False)
+    mask: Any = dataclasses.field(default=None, repr=False)         # additive or bool (True = attend) mask
+    fill: Any = dataclasses.field(default=None, repr=False)         # masked_fill(cond, -inf) condition (True = masked)
+    fill_keeps: bool = False        # fill is torch.where(cond, scores, -inf)'s condition (True = attend)
+    sinks: Any = dataclasses.field(default=None, repr=False)        # sink logits joined to the scores (gpt-oss)
     k_new: Any = dataclasses.field(default=None, repr=False)
     k_past: Any = dataclasses.field(default=None, repr=False)      # placeholder of the incoming cache (decode)
     v_past: Any = dataclasses.field(default=None, repr=False)
     k_out: Optional[int] = None     # index of the key write-back among the graph outputs
     v_out: Optional[int] = None
     store: Any = dataclasses.field(default=None, repr=False)       # the kvfx store op k/v are written with
+    latent: bool = False            # k, v are a latent [B, 1, S, r] and a rotary key [B, 1, S, dr] (MLA)
+    score_k: Any = dataclasses.field(default=None, repr=False)     # latent: the per-head keys attention reads
+    v_attn: Any = dataclasses.field(default=None, repr=False)      # latent: the per-head values attention reads
 
     @property
     def compressible(self) -> bool:
@@ -157,7 +164,9 @@ def _match_sdpa(node: fx.Node) -> Optional[dict]:
     qv = _value(q)
     if scale is None and qv is not None:
         scale = 1.0 / math.sqrt(qv.shape[-1])
-    return dict(attention="sdpa", node=node, q=q, k_attn=k, v_attn=v, mask=mask, scale=scale, softcap=0.0,
+    return dict(attention="sdpa", node=node, q=q, k_attn=k, v_attn=v, masks=[mask] if mask is not None else [],
+                fill=None, fill_keeps=False, sinks=None, scale=scale,
+                softcap=0.0,
                 causal=bool(_arg(node, 5, "is_causal", False)), native_gqa=bool(node.kwargs.get("enable_gqa", False)))
 
 
@@ -166,14 +175,18 @@ def _match_eager(softmax: fx.Node) -> Optional[dict]:
     if not (_is_call(softmax, SOFTMAX) or _method(softmax, {"softmax"})):
         return None
     # forward: probabilities -> output
-    probs, out = softmax, None
+    probs, out, sinks_dropped = softmax, None, False
     for _ in range(4):
         users = [u for u in probs.users if u.op != "output"]
-        nxt = next((u for u in users if _is_call(u, MATMUL) or _method(u, {"matmul"})), None)
+        nxt = next((u for u in users if _is_call(u, MATMUL) or _method(u, {"matmul", "bmm"})), None)
         if nxt is not None and nxt.args[0] is probs:
             out = nxt
             break
-        step = next((u for u in users if _method(u, CAST_METHODS) or _is_call(u, DROPOUT)), None)
+        drop = next((u for u in users if _is_call(u, {operator.getitem}) and _drops_last(u.args[1])), None)
+        if drop is not None:  # gpt-oss: probs[..., :-1] drops the sink column
+            probs, sinks_dropped = drop, True
+            continue
+        step = next((u for u in users if _method(u, CAST_METHODS) or _is_call(u, DROPOUT) or _is_layout(u)), None)
         if step is None:
             return None
         if _is_call(step, DROPOUT) and _number(_arg(step, 1, "p", 0.5)) not in (0.0, None) and _arg(step, 2, "training", True):
@@ -183,18 +196,33 @@ def _match_eager(softmax: fx.Node) -> Optional[dict]:
         return None
     # backward: logits <- q @ k^T
     x = softmax.args[0]
-    mask = None
+    masks: list = []  # additive score modifiers: the attention mask, a position bias
+    fill = sinks = None
+    fill_keeps = False  # fill's True means keep (torch.where), not mask out (masked_fill)
     scale = 1.0
     softcap = 0.0
-    for _ in range(8):
-        if _method(x, CAST_METHODS):
+    for _ in range(12):
+        if _method(x, CAST_METHODS) or _is_layout(x):
             x = x.args[0]
+        elif (_is_call(x, {operator.sub, torch.sub}) or _method(x, {"sub"})) and _reduces(x.args[1], x.args[0]):
+            x = x.args[0]  # x - x.max(-1).values: the softmax is shift-invariant
+        elif _is_call(x, CAT) and sinks_dropped and len(x.args[0]) == 2 and _arg(x, 1, "dim", 0) in (-1, 3):
+            x, sinks = x.args[0]  # cat([scores, sink logits], -1)
+        elif _is_call(x, {torch.where}) and len(x.args) == 3 and _number(x.args[2]) is not None:
+            if fill is not None or _number(x.args[2]) > -1e4:  # GPT-Neo: where(causal, scores, lowest)
+                return None
+            fill, fill_keeps, x = x.args[0], True, x.args[1]
+        elif _is_call(x, {torch.masked_fill}) or _method(x, {"masked_fill", "masked_fill_"}):
+            value = _number(_arg(x, 2, "value"))
+            if fill is not None or value is None or value > -1e4:  # -inf, or the dtype's lowest value
+                return None
+            fill, x = x.args[1], x.args[0]  # True = masked out
         elif _is_call(x, {operator.add, torch.add, operator.iadd}) or _method(x, {"add", "add_"}):
             a, b = x.args[:2]
-            if isinstance(b, fx.Node) and mask is None:
-                mask, x = b, a
-            else:
+            if not isinstance(b, fx.Node):
                 return None
+            masks.append(b)
+            x = a
         elif _is_call(x, {operator.mul, torch.mul, operator.imul}) or _method(x, {"mul", "mul_"}):
             a, b = x.args[:2]
             inner = a if _number(b) is not None else b
@@ -213,15 +241,77 @@ def _match_eager(softmax: fx.Node) -> Optional[dict]:
             if factor is None:
                 return None
             scale, x = scale / factor, x.args[0]
-        elif _is_call(x, MATMUL) or _method(x, {"matmul"}):
-            q, kt = x.args[:2]
+        elif _is_call(x, MATMUL) or _method(x, {"matmul", "bmm"}) or _is_call(x, {torch.baddbmm}) or \
+                _method(x, {"baddbmm"}):
+            if "baddbmm" in str(x.target):  # BLOOM: bias.baddbmm(q, k^T, beta=1, alpha=scale)
+                q, kt = _arg(x, 1, "batch1"), _arg(x, 2, "batch2")
+                factor = _number(x.kwargs.get("alpha", 1.0))
+                if factor is None or _number(x.kwargs.get("beta", 1.0)) != 1.0:
+                    return None
+                masks.append(x.args[0])
+                scale *= factor
+            else:
+                q, kt = x.args[:2]
             if not (_method(kt, {"transpose", "mT"}) or _is_call(kt, {torch.transpose}) or _method(kt, {"permute"})):
                 return None
-            return dict(attention="eager", node=out, q=q, k_attn=kt.args[0], v_attn=out.args[1], mask=mask,
-                        scale=scale, softcap=softcap, causal=False, native_gqa=False)
+            if sinks_dropped != (sinks is not None):
+                return None
+            v_attn = out.args[1]
+            scaled = _sink_scaled(out, softmax.args[0]) if sinks is None else None
+            if scaled is not None:  # Granite-SWA: out * sigmoid(logsumexp(logits) - sinks)
+                out, sinks = scaled
+            return dict(attention="eager", node=out, q=q, k_attn=kt.args[0], v_attn=v_attn, masks=masks,
+                        fill=fill, fill_keeps=fill_keeps, sinks=sinks, scale=scale, softcap=softcap, causal=False,
+                        native_gqa=False)
         else:
             return None
     return None
+
+
+def _sink_scaled(out: fx.Node, logits: fx.Node) -> Optional[tuple]:
+    """(the scaled output, the sink logits) when ``out`` is multiplied by
+    sigmoid(logsumexp(logits) - sinks) (a sink applied after the softmax)."""
+    users = list(out.users)
+    if len(users) != 1 or not (_is_call(users[0], {operator.mul, torch.mul}) or _method(users[0], {"mul"})):
+        return None
+    scaled = users[0]
+    factor = scaled.args[1] if scaled.args[0] is out else scaled.args[0]
+    for _ in range(6):  # back through unsqueeze, casts and the sigmoid to the subtraction
+        if not isinstance(factor, fx.Node):
+            return None
+        if _is_call(factor, {operator.sub, torch.sub}) or _method(factor, {"sub"}):
+            lse = factor.args[0]
+            if (_is_call(lse, {torch.logsumexp}) or _method(lse, {"logsumexp"})) and lse.args[0] is logits:
+                return scaled, factor.args[1]
+            return None
+        if not (_method(factor, CAST_METHODS | {"unsqueeze", "sigmoid"}) or _is_call(factor, {torch.sigmoid})):
+            return None
+        factor = factor.args[0]
+    return None
+
+
+def _drops_last(index) -> bool:
+    """``[..., :-1]``: every slot but the last along the last dim."""
+    parts = index if isinstance(index, tuple) else (index,)
+    last = parts[-1]
+    return (isinstance(last, slice) and last.start is None and last.stop == -1 and last.step is None
+            and all(p is Ellipsis or p == slice(None) for p in parts[:-1]))
+
+
+def _reduces(node, source) -> bool:
+    """``node`` is a max/amax/logsumexp of ``source`` (possibly ``.values``/detached)."""
+    for _ in range(3):
+        if not isinstance(node, fx.Node):
+            return False
+        if node.op == "call_function" and node.target is operator.getitem or _method(node, {"detach"}):
+            node = node.args[0]
+        elif _is_call(node, {torch.max, torch.amax, torch.logsumexp}) or _method(node, {"max", "amax", "logsumexp"}):
+            return node.args[0] is source
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr":
+            node = node.args[0]  # x.max(-1).values
+        else:
+            return False
+    return False
 
 
 ATTENTION_FORMS = (_match_sdpa, _match_eager)
@@ -279,37 +369,239 @@ def _store_of(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _classify_cache(gm: fx.GraphModule, root: fx.Node) -> dict:
-    """How the cache tensor ``root`` (what attention reads, before GQA) is kept."""
-    outputs = _outputs(gm)
-    if _is_call(root, CAT):
-        parts, dim = root.args[0], _arg(root, 1, "dim", 0)
-        val = _value(root)
-        if len(parts) != 2 or val is None or val.dim() != 4 or dim not in (-2, 2):
-            return dict(cache="unknown", reason="cache concatenation is not [B, H, S, D] along S")
-        past, new = parts
+IN_PLACE_WRITES = {"index_copy_", "copy_", "index_put_", "scatter_", "__setitem__"}
+
+
+def _writes_in_place(node: fx.Node) -> Optional[str]:
+    """How ``node`` (a buffer) is written in place in this graph, if it is."""
+    for user in node.users:
+        if user.args and user.args[0] is node:
+            if _is_call(user, {operator.setitem}):
+                index = user.args[1]
+                parts = index if isinstance(index, tuple) else (index,)
+                if any(isinstance(p, fx.Node) for p in parts):
+                    return "index assignment cache[..., input_pos] = k (gpt-fast's KVCache)"
+                return "slice assignment cache[:b, start:start+n] = k (Meta's reference Llama)"
+            if _method(user, IN_PLACE_WRITES) or _is_call(user, {torch.index_copy, torch.ops.aten.index_copy_,
+                                                                 torch.ops.aten.index_put_}):
+                name = user.target if isinstance(user.target, str) else user.target.__name__
+                return f"{name} (as transformers' StaticCache does)" if "index_copy" in name else name
+    return None
+
+
+def _seq_cat(node) -> Optional[fx.Node]:
+    """``node`` if it is a concatenation along a sequence dim (dim 1 of a 3-D or
+    dim 2 of a 4-D tensor), else None."""
+    if not _is_call(node, CAT):
+        return None
+    val, dim = _value(node), _arg(node, 1, "dim", 0)
+    if val is None or val.dim() not in (3, 4):
+        return None
+    return node if dim % val.dim() == val.dim() - 2 else None
+
+
+def _ancestors(node: fx.Node, limit: int = 64):
+    seen, todo = set(), [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+                yield a
+
+
+def _form_concatenated(gm, k_attn, root, outputs) -> Optional[dict]:
+    """``torch.cat([past, new], dim=-2)``, written back as a graph output
+    (transformers' DynamicCache, tuple caches at decode)."""
+    if not _is_call(root, CAT):
+        return None
+    parts, dim = root.args[0], _arg(root, 1, "dim", 0)
+    val = _value(root)
+    if val is not None and val.dim() == 4 and dim in (-1, 3):
+        return None  # keys assembled from parts along head_dim: see _form_latent
+    if len(parts) != 2 or val is None or val.dim() != 4 or dim not in (-2, 2):
+        shape = list(val.shape) if val is not None else "?"
+        return dict(cache="unknown", reason=f"keys are concatenated along dim {dim} of a {shape} tensor, not along "
+                                            "the sequence dim of [B, H, S, D]")
+    past, new = parts
+    if _is_empty(past):
+        phase, k_past = "prefill", None
+    elif isinstance(past, fx.Node) and past.op == "placeholder":
+        phase, k_past = "decode", past
+    else:
+        return dict(cache="unknown", reason="the cached part of the concatenation is computed in the graph")
+    if root in outputs:
+        return dict(cache="dynamic", phase=phase, k_past=k_past, k_new=new, out=outputs.index(root))
+    for user in root.users:
+        if user.op == "call_function" and user.target is operator.getitem and user in outputs:
+            return dict(cache="sliding", phase=phase, bounded=_slice_bound(user.args[1]),
+                        reason="sliding-window layer: its cache is already bounded, left as is")
+    return dict(cache="unknown", phase=phase, reason="concatenated keys are not written back as a graph output")
+
+
+def _form_returned(gm, k_attn, root, outputs) -> Optional[dict]:
+    """The prompt's keys returned as they are, to be concatenated onto next
+    call (nanoGPT/minGPT's ``present = (k, v)``, a cache kept on a module
+    attribute or in a list dynamo writes back)."""
+    node = k_attn
+    while isinstance(node, fx.Node):
+        val = _value(node)
+        if node in outputs and val is not None and val.dim() == 4:
+            return dict(cache="dynamic", phase="prefill", k=node, k_past=None, k_new=node, out=outputs.index(node))
+        if not _is_layout(node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _form_buffer(gm, k_attn, root, outputs) -> Optional[dict]:
+    """A preallocated buffer written in place and read whole or by a slice
+    (gpt-fast's KVCache, Meta's reference Llama, torchtune, HF StaticCache
+    under the bare backend)."""
+    buffer = root
+    if _is_call(root, {operator.getitem}) and isinstance(root.args[0], fx.Node):
+        buffer = root.args[0]
+    how = _writes_in_place(buffer)
+    if buffer.op not in ("placeholder", "get_attr") and how is None:
+        return None
+    if how is None:
+        return dict(cache="unknown", reason="attention reads keys passed into this call (a graph input) that it "
+                                            "neither extends nor writes back: kvfx cannot tell what owns them")
+    val = _value(buffer)
+    shape = list(val.shape) if val is not None else "?"
+    return dict(cache="static", reason=f"preallocated cache buffer {shape} written in place by {how}: a buffer "
+                                       "cannot shrink in place, and kvfx's slot store owns only transformers cache "
+                                       "layers so far (kvfx.compile on a transformers model)")
+
+
+def _sources(node: fx.Node, limit: int = 160):
+    """What ``node``'s value is computed from within one attention block: its
+    ancestors and the values written in place into any of them (HF's DeepSeek
+    fills ``key_states = new_empty(...)`` by slice assignment), never crossing
+    an attention call (a previous layer's)."""
+    seen, todo = set(), [node]
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        inputs = list(n.all_input_nodes)
+        views = [n] + [u for u in n.users if u.args and u.args[0] is n and _is_call(u, {operator.getitem})]
+        for view in views:  # in-place writes into n or a slice of it: their values flow into n
+            for user in view.users:
+                if user.args and user.args[0] is view and (_is_call(user, {operator.setitem})
+                                                           or _method(user, IN_PLACE_WRITES)):
+                    inputs += [a for a in user.all_input_nodes if a is not view]
+        for a in inputs:
+            if a not in seen and not _is_attention_call(a):
+                seen.add(a)
+                todo.append(a)
+                yield a
+
+
+def _is_attention_call(node) -> bool:
+    """An attention call or one of its matmuls: where an attention block's
+    inputs end (keys are projected with linear layers, not matmuls)."""
+    return _is_call(node, SDPA | SOFTMAX | MATMUL) or _method(node, {"softmax", "matmul", "bmm", "baddbmm"})
+
+
+def _form_latent(gm, k_attn, root, outputs) -> Optional[dict]:
+    """Multi-head latent attention: per-head keys computed every call from a
+    cache that holds something else: a low-rank latent [B, (1,) S, r] and a
+    shared rotary key (DeepSeek-V2/V3, Kimi, MiniCPM3 in transformers)."""
+    cached, store = [], None
+    for a in _sources(root):
+        for user in a.users:
+            if store_op(user) == "store_mark" and a in user.args[:2]:
+                cached.append(a)
+                store = user
+        if _is_call(a, {operator.getitem}) and store_op(a.args[0]) == "store_read":
+            cached.append(a)
+            store = a.args[0]
+        elif a in outputs and _value(a) is not None and _value(a).dim() in (3, 4):
+            cached.append(a)
+    if not cached:
+        return None  # a rotary embedding's halves, say: no cache behind them
+    shapes = " + ".join(dict.fromkeys(str(list(_value(a).shape)) for a in cached))
+    if store is not None:
+        return dict(cache="latent", store=store,
+                    reason=f"the keys attention reads are computed every call from the cache {shapes} (multi-head "
+                           "latent attention or another expansion): kvfx's slot store holds the keys attention "
+                           "reads only")
+    parts = [p for p in (_latent_part(a, outputs) for a in cached) if p is not None]
+    if len(parts) != 2 or any(_static(_value(p["k"]).shape[1]) != 1 for p in parts) or \
+            parts[0]["phase"] != parts[1]["phase"]:
+        return dict(cache="latent", reason=f"the keys attention reads are computed every call from the cache "
+                                           f"{shapes} (not the cache itself or a GQA repeat of it); kvfx compresses "
+                                           "such a cache when it is a latent and a rotary key, each [B, 1, S, r]")
+    k, v = sorted(parts, key=lambda p: p["out"])
+    return dict(cache="dynamic", latent=True, phase=k["phase"], k=k["k"], k_past=k["past"], k_new=k["new"],
+                out=k["out"], v=v["k"], v_past=v["past"], v_out=v["out"])
+
+
+def _latent_part(node: fx.Node, outputs: list) -> Optional[dict]:
+    """One tensor of a latent cache: [B, 1, S, r] concatenated along S (or
+    returned as it is at the prompt) and written back."""
+    val = _value(node)
+    if node not in outputs or val is None or val.dim() != 4:
+        return None
+    if _seq_cat(node) is not None and len(node.args[0]) == 2:
+        past, new = node.args[0]
         if _is_empty(past):
-            phase, k_past = "prefill", None
-        elif isinstance(past, fx.Node) and past.op == "placeholder":
-            phase, k_past = "decode", past
-        else:
-            return dict(cache="unknown", reason="the cached part of the concatenation is computed in the graph")
-        if root in outputs:
-            return dict(cache="dynamic", phase=phase, k_past=k_past, k_new=new, out=outputs.index(root))
-        for user in root.users:
-            if user.op == "call_function" and user.target is operator.getitem and user in outputs:
-                return dict(cache="sliding", phase=phase, bounded=_slice_bound(user.args[1]),
-                            reason="sliding-window layer: its cache is already bounded, left as is")
-        return dict(cache="unknown", phase=phase, reason="concatenated keys are not written back as a graph output")
-    if root.op == "placeholder" or (_value(root) is not None and any(
-            _method(u, {"index_copy_", "index_copy"}) or _is_call(u, {torch.index_copy, torch.ops.aten.index_copy_})
-            for u in root.users)):
-        mutated = any(_method(u, {"index_copy_", "copy_", "index_put_"}) or _is_call(u, {torch.index_copy})
-                      for u in root.users)
-        if mutated:
-            return dict(cache="static", reason="static cache (written in place with index_copy_): cannot shrink")
-        return dict(cache="unknown", reason="attention reads a graph input that is not concatenated with new tokens")
-    return dict(cache="none", reason="no KV cache: keys are computed and dropped in this call")
+            past = None
+        elif not (isinstance(past, fx.Node) and past.op == "placeholder"):
+            return None
+        return dict(k=node, past=past, new=new, phase="decode" if past is not None else "prefill",
+                    out=outputs.index(node))
+    return dict(k=node, past=None, new=node, phase="prefill", out=outputs.index(node))
+
+
+CACHE_FORMS = (_form_concatenated, _form_returned, _form_buffer, _form_latent)
+
+
+def _classify_cache(gm: fx.GraphModule, k_attn: fx.Node) -> dict:
+    """How the keys attention reads (``k_attn``, before stripping GQA repeats and
+    transposes) are kept: the first cache form that recognises them."""
+    outputs = _outputs(gm)
+    root = strip_layout(k_attn)
+    for form in CACHE_FORMS:
+        found = form(gm, k_attn, root, outputs)
+        if found is not None:
+            return found
+    return dict(cache="none", reason="no KV cache: the keys attention reads are neither returned from this call nor "
+                                     "written into a buffer (use_cache off?)")
+
+
+def _static(x) -> Optional[int]:
+    """``x`` as an int when it is one (never specialise a symbolic size)."""
+    return int(x) if isinstance(x, int) else None
+
+
+def _shape_reason(q, k, masks: list) -> tuple[dict, str]:
+    """Heads, KV heads, head_dim and whether heads are folded into the batch
+    (``[B*H, S, D]`` for bmm); or why not."""
+    qv, kv = _value(q), _value(k)
+    if qv is None or kv is None or kv.dim() != 4:
+        return {}, "keys are not 4-D [B, H, S, D]"
+    batch, kv_heads, head_dim = _static(kv.shape[0]), _static(kv.shape[1]), _static(qv.shape[-1])
+    if qv.dim() == 4:
+        heads, fold = _static(qv.shape[1]), False
+    elif qv.dim() == 3 and batch and _static(qv.shape[0]) and _static(qv.shape[0]) % batch == 0:
+        heads, fold = _static(qv.shape[0]) // batch, True  # heads folded into the batch, b-major (fairseq, bmm)
+    else:
+        return {}, f"queries {list(qv.shape)} are neither [B, H, S, D] nor [B*H, S, D] over keys {list(kv.shape)}"
+    if heads is None or kv_heads is None or head_dim is None:
+        return {}, "the head counts are symbolic (compile without dynamic=True)"
+    for mask in masks:
+        mv = _value(mask)
+        if mv is None or mv.dtype == torch.bool or mv.dim() < 3:
+            continue
+        head_dim = 1 if mv.dim() == 4 else 0  # [B, H, Sq, S], or [H or B*H, Sq, S]
+        if _static(mv.shape[head_dim]) not in (1, None) and (head_dim == 1 or qv.dim() == 4 or fold):
+            return {}, (f"the additive score bias {list(mv.shape)} differs per head (ALiBi or another per-head "
+                        "position bias, built for the uncompressed cache): after compression it would need each "
+                        "slot's original position")
+    if len(masks) > 1:
+        return {}, f"{len(masks)} additive score modifiers (kvfx reads one attention mask)"
+    return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, fold=fold), ""
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
@@ -319,43 +611,52 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         found = next((m for m in (f(node) for f in ATTENTION_FORMS) if m is not None), None)
         if found is None:
             continue
-        k_root, v_root = strip_layout(found["k_attn"]), strip_layout(found["v_attn"])
         store = _store_of(found["k_attn"])
-        if store is not None:  # the k, v [B, Hkv, S, D] a kvfx cache layer was given
-            k_root, v_root = store.args[0], store.args[1]
         root, module = _module_path(found["node"])
         site = Site(index=len(sites), layer=layer_of(module), module=module, root=root, attention=found["attention"],
-                    cache="unknown", node=found["node"], q=found["q"], k=k_root, v=v_root, mask=found["mask"],
-                    scale=found["scale"], softcap=found["softcap"], causal=found["causal"])
-        qv, kv = _value(site.q), _value(k_root)
-        if qv is not None and kv is not None and qv.dim() == 4 and kv.dim() == 4:
-            site.heads, site.kv_heads, site.head_dim = int(qv.shape[1]), int(kv.shape[1]), int(qv.shape[-1])
+                    cache="unknown", node=found["node"], q=found["q"], fill=found["fill"], fill_keeps=found["fill_keeps"],
+                    mask=found["masks"][0] if len(found["masks"]) == 1 else None,
+                    sinks=found["sinks"], scale=found["scale"], softcap=found["softcap"], causal=found["causal"])
+        if store is not None:  # the k, v [B, Hkv, S, D] a kvfx cache layer was given
+            site.k, site.v = store.args[0], store.args[1]
+            cache = dict(cache="store", phase=STORE_OPS[store_op(store)])
+        else:
+            cache = _classify_cache(gm, found["k_attn"])
+            site.k = cache.get("k", strip_layout(found["k_attn"]))
+            site.store = cache.get("store")  # a kvfx store whose contents the keys are computed from
+            site.v = strip_layout(found["v_attn"])
+        site.cache, site.phase, site.bounded = cache["cache"], cache.get("phase", "-"), cache.get("bounded")
+        site.reason = cache.get("reason", "")
+        shape, why = _shape_reason(site.q, site.k, found["masks"])
+        if shape:
+            site.heads, site.kv_heads, site.head_dim, site.fold = (shape[k] for k in ("heads", "kv_heads", "head_dim",
+                                                                                     "fold"))
             if site.heads != site.kv_heads:
                 site.gqa = "native" if found["native_gqa"] else "repeat"
         if store is not None:
-            cache = dict(cache="store", phase=STORE_OPS[store_op(store)])
-        else:
-            cache = _classify_cache(gm, k_root)
-        site.cache, site.phase, site.bounded = cache["cache"], cache.get("phase", "-"), cache.get("bounded")
-        site.reason = cache.get("reason", "")
-        if store is not None:
             site.store = store
             v_read = [u for u in store.users if _is_call(u, {operator.getitem}) and u.args[1] == 1]
-            if strip_layout(found["v_attn"]) not in [strip_layout(v_root), *v_read]:
+            if strip_layout(found["v_attn"]) not in [strip_layout(site.v), *v_read]:
                 site.reason = "values are not the ones written into the kvfx store with the keys"
+        elif cache.get("latent"):  # keys and values expanded from the latent and rotary key every call
+            site.latent, site.v = True, cache["v"]
+            site.score_k, site.v_attn = strip_layout(found["k_attn"]), strip_layout(found["v_attn"])
+            site.k_past, site.k_new, site.k_out = cache["k_past"], cache["k_new"], cache["out"]
+            site.v_past, site.v_out = cache["v_past"], cache["v_out"]
         elif not site.reason:
-            v_cache = _classify_cache(gm, v_root)
-            if v_cache.get("cache") != "dynamic":
+            v_cache = _classify_cache(gm, found["v_attn"])
+            if v_cache.get("cache") != "dynamic" or (v_cache["k_past"] is None) != (cache["k_past"] is None):
                 site.reason = "values are not kept in the same kind of cache as keys"
             else:
+                site.v = v_cache.get("k", strip_layout(found["v_attn"]))
                 site.k_past, site.k_new, site.k_out = cache["k_past"], cache["k_new"], cache["out"]
                 site.v_past, site.v_out = v_cache["k_past"], v_cache["out"]
         if not site.reason and not isinstance(site.scale, (int, float)):
             # torch.compile(dynamic=True) can trace a model's float attribute
             # (Gemma's query_pre_attn_scalar) as a graph value, not a constant.
             site.reason = "the softmax scale is a traced value, not a constant (compile without dynamic=True)"
-        if not site.reason and site.heads is None:
-            site.reason = "q/k are not 4-D [B, H, S, D]"
+        if not site.reason and why:
+            site.reason = why
         if not site.reason and site.heads % site.kv_heads:
             site.reason = f"{site.heads} query heads do not divide into {site.kv_heads} KV heads"
         sites.append(site)

@@ -7,15 +7,11 @@ import torch
 from kvfx.kernels.common import repeat_kv
 
 
-def slot_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_bias: torch.Tensor, scale: float, softcap: float = 0.0
+def biased_logits(
+    q: torch.Tensor, k: torch.Tensor, slot_bias: torch.Tensor, scale: float, softcap: float = 0.0
 ) -> torch.Tensor:
-    """softmax(q k^T * scale [softcapped] + bias) v, computed in float32.
-
-    q: [B, H, Sq, D]; k, v: [B, Hkv, S, D] whose last Sq slots are the queries'
-    own tokens (causal among themselves); slot_bias: [B, Hkv, S - Sq] for the
-    earlier slots. Returns [B, H, Sq, Dv] in q's dtype.
-    """
+    """q k^T * scale [softcapped] + each slot's bias, new tokens causal among
+    themselves: [B, H, Sq, S] float32 (shapes as in slot_attention_reference)."""
     b, h, sq, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
     groups = h // hkv
@@ -27,5 +23,30 @@ def slot_attention_reference(
     bias = torch.cat(
         [repeat_kv(slot_bias[:, :, None, :], groups).expand(b, h, sq, s - sq), new.expand(b, h, sq, sq)], dim=-1
     )
-    probs = (logits + bias).softmax(dim=-1)
-    return (probs @ repeat_kv(v.float(), groups)).to(q.dtype)
+    return logits + bias
+
+
+def slot_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_bias: torch.Tensor, scale: float, softcap: float = 0.0
+) -> torch.Tensor:
+    """softmax(q k^T * scale [softcapped] + bias) v, computed in float32.
+
+    q: [B, H, Sq, D]; k, v: [B, Hkv, S, D] whose last Sq slots are the queries'
+    own tokens (causal among themselves); slot_bias: [B, Hkv, S - Sq] for the
+    earlier slots. Returns [B, H, Sq, Dv] in q's dtype.
+    """
+    probs = biased_logits(q, k, slot_bias, scale, softcap).softmax(dim=-1)
+    return (probs @ repeat_kv(v.float(), q.shape[1] // k.shape[1])).to(q.dtype)
+
+
+def sink_weight(
+    q: torch.Tensor, k: torch.Tensor, slot_bias: torch.Tensor, sinks: torch.Tensor, scale: float, softcap: float = 0.0
+) -> torch.Tensor:
+    """The share of each query's softmax mass the slots keep when a learned sink
+    logit (gpt-oss) joins the scores and is dropped after: Z / (Z + e^sink) =
+    sigmoid(logsumexp(logits) - sink). sinks broadcasts to [B, H, Sq, 1];
+    returns [B, H, Sq, 1] float32, to scale slot_attention's output by."""
+    lse = torch.logsumexp(biased_logits(q, k, slot_bias, scale, softcap), dim=-1, keepdim=True)
+    if sinks.dim() == 3:  # [1, H, 1]: one logit per head
+        sinks = sinks.unsqueeze(-1)
+    return torch.sigmoid(lse - sinks.float())

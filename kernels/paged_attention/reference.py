@@ -17,6 +17,39 @@ def paged_attention_reference(
     [B, Hkv] slots each row holds, whose last Sq are the queries' own tokens
     (causal among themselves, no bias). Returns [B, H, Sq, Dv] in q's dtype.
     """
+    b, h, sq, _ = q.shape
+    rows, k, v, mask = _rows(q, k_pages, v_pages, slot_bias, page_table, lengths)
+    if softcap:
+        logits = torch.tanh(rows @ k.transpose(-1, -2) * scale / softcap) * softcap
+        out = (logits + mask).softmax(-1) @ v
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
+    return out.view(b, h, sq, -1).to(q.dtype)
+
+
+def paged_sink_weight(
+    q: torch.Tensor, k_pages: torch.Tensor, slot_bias: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor,
+    sinks: torch.Tensor, scale: float, softcap: float = 0.0,
+) -> torch.Tensor:
+    """The share of each query's softmax mass the store's slots keep when a
+    learned sink logit joins the scores (gpt-oss): sigmoid(logsumexp - sink).
+    sinks broadcasts to [B, H, Sq, 1]; returns [B, H, Sq, 1] float32."""
+    b, h, sq, _ = q.shape
+    rows, k, _, mask = _rows(q, k_pages, k_pages, slot_bias, page_table, lengths)
+    logits = rows @ k.transpose(-1, -2) * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    lse = torch.logsumexp(logits + mask, dim=-1).view(b, h, sq, 1)
+    if sinks.dim() == 3:  # [1, H, 1]: one logit per head
+        sinks = sinks.unsqueeze(-1)
+    return torch.sigmoid(lse - sinks.float())
+
+
+def _rows(q, k_pages, v_pages, slot_bias, page_table, lengths) -> tuple:
+    """Queries as [B, Hkv, G * Sq, D] (a GQA group's heads share their KV
+    head's row), each row's keys and values [B, Hkv, W, D] in float32 and the
+    mask [B, Hkv, 1 or G * Sq, W]: slot bias, the new tokens causal, -inf past
+    a row's length."""
     b, h, sq, d = q.shape
     hkv, page = page_table.shape[1], k_pages.shape[1]
     groups = h // hkv
@@ -36,14 +69,7 @@ def paged_attention_reference(
         own = (slot >= past) & (slot - past <= query) & (slot < lengths[..., None, None])
         mask = torch.where(slot < past, bias, torch.where(own, 0.0, float("-inf")))   # [B, Hkv, Sq, W]
         mask = mask[:, :, None].expand(b, hkv, groups, sq, width).reshape(b, hkv, groups * sq, width)
-    # A GQA group's query heads share their KV head's row: [B, Hkv, G * Sq, D].
-    rows = q.float().reshape(b, hkv, groups * sq, d)
-    if softcap:
-        logits = torch.tanh(rows @ k.transpose(-1, -2) * scale / softcap) * softcap
-        out = (logits + mask).softmax(-1) @ v
-    else:
-        out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
-    return out.view(b, h, sq, -1).to(q.dtype)
+    return q.float().reshape(b, hkv, groups * sq, d), k, v, mask
 
 
 def page_rows(page_table: torch.Tensor, n: int, *pages: torch.Tensor, in_place: bool = True) -> tuple:

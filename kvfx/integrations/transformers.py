@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -38,11 +39,18 @@ def cache_entries(cache) -> list:
         return []
     layers = getattr(cache, "layers", None)
     if isinstance(layers, (list, tuple)):
-        return [layer if is_store(layer) else (layer.keys, layer.values) for layer in layers
-                if is_store(layer) or isinstance(getattr(layer, "keys", None), torch.Tensor)]
+        return [e for e in map(layer_entry, layers) if e is not None]
     if isinstance(cache, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in cache):
         return [tuple(p) for p in cache if all(isinstance(t, torch.Tensor) for t in p)]
     return []
+
+
+def layer_entry(layer):
+    """One transformers cache layer as ``cache_entries`` lists it, or None
+    when it holds no keys (empty, linear attention, SSM state)."""
+    if is_store(layer):
+        return layer
+    return (layer.keys, layer.values) if isinstance(getattr(layer, "keys", None), torch.Tensor) else None
 
 
 def kv_pairs(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -124,6 +132,20 @@ def _new_tokens(args, kwargs) -> int:
     return x.shape[1] if x is not None and x.dim() >= 2 else 1
 
 
+def _store_unreadable(err: BaseException) -> Optional[str]:
+    """What kvfx saw, when ``err`` (dynamo wraps a backend's error) is kvfx's
+    StoreUnreadable."""
+    from kvfx.integrations.transformers_store import StoreUnreadable
+
+    for _ in range(8):
+        if isinstance(err, StoreUnreadable):
+            return str(err)
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+        if err is None:
+            return None
+    return None
+
+
 def _all_full_attention(config) -> bool:
     types = getattr(config, "layer_types", None)
     return not types or all(t == "full_attention" for t in types)
@@ -140,6 +162,7 @@ class TransformersForward:
         self.page = page
         self.max_cache_bytes = max_cache_bytes
         self.cache_argument = cache_argument(model)
+        self.disabled = ""   # why the store cannot serve this model, once a trace showed it
 
     def prepare_cache(self, original: Callable) -> Callable:
         """``generate``'s cache set-up, then kvfx's store put in the cache it made
@@ -184,7 +207,13 @@ class TransformersForward:
             layer.reserve(new, policy, self.max_cache_bytes, used)
             used += layer.nbytes()
             layer.prepare_step(new, policy)
-        out = run(*args, **kwargs)
+        try:
+            out = run(*args, **kwargs)
+        except Exception as err:
+            why = _store_unreadable(err)
+            if why is None or len(fresh) != len(layers):
+                raise
+            return self._without_store(run, args, kwargs, why)
         n_layers = len(layers) if not hasattr(self.model.config, "num_hidden_layers") else \
             self.model.config.num_hidden_layers
         for i, layer in layers:
@@ -194,6 +223,18 @@ class TransformersForward:
             slots = policy.budget_length(new, i, n_layers) if first and policy.schedule == "continuous" else None
             layer.advance(new, policy, first, slots)
         return out
+
+    def _without_store(self, run: Callable, args: tuple, kwargs: dict, why: str):
+        """The model's attention cannot read kvfx's store (kvfx saw ``why``): put
+        the cache's own layers back, stop installing the store for this model,
+        and run the call on the cache transformers made."""
+        from kvfx.integrations.transformers_store import uninstall
+
+        uninstall(cache_of(kwargs))
+        self.disabled = why
+        warnings.warn(f"kvfx: this model keeps transformers' own cache layers, where kvfx rewrites what it "
+                      f"recognises (its slot store cannot serve the model: {why})", stacklevel=3)
+        return run(*args, **kwargs)
 
     def _check_prefill_bytes(self, args, kwargs, fresh: list, length: int) -> None:
         """Refuse, before the prefill allocates it, stores that would exceed
@@ -234,7 +275,7 @@ class TransformersForward:
 
     def _recognised(self) -> bool:
         # kvfx recognises these two forms of attention; any other leaves the model as it is
-        return getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+        return getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager") and not self.disabled
 
     def _install(self, cache, planned: int = -1) -> list:
         from kvfx.integrations import transformers_store

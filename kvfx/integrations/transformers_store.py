@@ -45,6 +45,12 @@ class CapacityError(RuntimeError):
     pass
 
 
+class StoreUnreadable(RuntimeError):
+    """A traced graph writes kvfx slot stores that no attention kvfx rewrites
+    reads; ``kvfx.compile`` then puts the transformers layers back and runs
+    the model on its own cache."""
+
+
 class KvfxLayer(CacheLayerMixin):
     """One full-attention layer of a transformers cache, held as a kvfx slot store."""
 
@@ -62,6 +68,7 @@ class KvfxLayer(CacheLayerMixin):
         self.room = 0                        # free slots every row has at least (known on the host)
         self.tokens = 0                      # tokens absorbed (known on the host)
         self.uniform: Optional[int] = None   # the rows' common length, when a continuous policy keeps them equal
+        self.replaced = None                 # the empty transformers layer this one took the place of
         for name in slot_store.Store.FIELDS:
             setattr(self, name, None)
 
@@ -249,6 +256,32 @@ def _refuse_edit() -> None:
 REPLACEABLE = ("DynamicLayer", "StaticLayer")
 
 
+def _length_if_full(layer, planned: int) -> Optional[int]:
+    """The tokens an empty layer will hold when it attends to every token it
+    holds (-1: unknown), else None. A sliding-window layer whose window never
+    binds within the tokens planned is such a layer: kvfx compresses it inside
+    the window (a window that binds already bounds the cache)."""
+    if getattr(layer, "is_initialized", True):  # (a linear-attention or SSM layer has no such flag)
+        return None
+    kind = type(layer).__name__
+    if kind in REPLACEABLE:
+        return getattr(layer, "max_cache_len", planned)
+    if kind == "DynamicSlidingWindowLayer" and 0 < planned <= layer.sliding_window:
+        return planned
+    if kind == "StaticSlidingWindowLayer" and getattr(layer, "_is_croppable", False):  # max_cache_len <= window
+        return layer.max_cache_len
+    return None
+
+
+def uninstall(cache) -> None:
+    """Put back the empty layers ``install`` replaced (their kvfx layers must
+    still be empty)."""
+    layers = getattr(cache, "layers", None)
+    for i, layer in enumerate(layers if isinstance(layers, list) else []):
+        if isinstance(layer, KvfxLayer) and not layer.is_initialized and layer.replaced is not None:
+            layers[i] = layer.replaced
+
+
 def install(cache, page: int = slot_store.PAGE, planned: int = -1) -> list[tuple[int, KvfxLayer]]:
     """Put a KvfxLayer in every empty full-attention layer of ``cache``; returns
     all its kvfx layers with their index. A layer grows to a static cache's
@@ -257,6 +290,8 @@ def install(cache, page: int = slot_store.PAGE, planned: int = -1) -> list[tuple
     if not isinstance(layers, list):
         return []
     for i, layer in enumerate(layers):
-        if type(layer).__name__ in REPLACEABLE and not layer.is_initialized:
-            layers[i] = KvfxLayer(page, getattr(layer, "max_cache_len", planned))
+        length = _length_if_full(layer, planned)
+        if length is not None:
+            layers[i] = KvfxLayer(page, length)
+            layers[i].replaced = layer
     return [(i, layer) for i, layer in enumerate(layers) if isinstance(layer, KvfxLayer)]

@@ -166,14 +166,21 @@ class Policy:
         n = self.keep_count(k.shape[-2], layer, n_layers)
         return self.keep().select(self, self._score(q, k, valid, scale), valid, n).index
 
-    def compress(self, q, k, v, valid, scale, layer: int = 0, n_layers: int = 1, reuse_index=None) -> Compressed:
+    def compress(self, q, k, v, valid, scale, layer: int = 0, n_layers: int = 1, reuse_index=None,
+                 score_keys=None) -> Compressed:
         """Compress one layer's prompt cache: score, keep, fold, then the
-        layer's whole heads. k, v: [B, Hkv, S, D]; valid: [B, S]."""
+        layer's whole heads. k, v: [B, Hkv, S, D]; valid: [B, S].
+        ``score_keys`` [B, H, S, D]: score on these keys instead (a latent
+        cache's per-head keys), averaged over the heads each of k's shares."""
         if reuse_index is not None:
             return evict_to(reuse_index, k, v, valid)
         s = k.shape[2]
         n = self.budget_length(s, layer, n_layers)
-        score = self._score(q, k, valid, scale)
+        if score_keys is None:
+            score = self._score(q, k, valid, scale)
+        else:
+            score = self._score(q, score_keys, valid, scale)
+            score = score.unflatten(1, (k.shape[1], -1)).mean(2)
         fold = self.fold()
         rows = self.row_keep(valid, layer, n_layers)
         kept = self.keep().select(self, score, valid, n - fold.reserve, rows)

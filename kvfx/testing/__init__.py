@@ -14,7 +14,7 @@ import torch
 
 import kvfx
 from kvfx.api import GraphRecord, restore
-from kvfx.integrations.transformers import cache_entries, is_store, output_cache
+from kvfx.integrations.transformers import cache_entries, is_store, layer_entry, output_cache
 from kvfx.policies import Policy, StreamingLLM
 
 
@@ -31,8 +31,19 @@ class Run:
 
 def cache_lengths(cache) -> list[int]:
     """Slots per layer of a transformers cache (or a tuple of (k, v) pairs): a
-    kvfx slot store's longest row, a rectangular cache's length."""
-    return [int(e.lengths.max()) if is_store(e) else e[0].shape[-2] for e in cache_entries(cache)]
+    kvfx slot store's longest row, a rectangular cache's length. Layers that
+    hold no keys (a hybrid's linear-attention or SSM layers) are skipped."""
+    return list(cache_lengths_by_layer(cache).values())
+
+
+def cache_lengths_by_layer(cache) -> dict[int, int]:
+    """``cache_lengths`` keyed by each layer's index in the model."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, (list, tuple)):
+        indexed = [(i, layer_entry(layer)) for i, layer in enumerate(layers) if layer_entry(layer) is not None]
+    else:
+        indexed = list(enumerate(cache_entries(cache)))
+    return {i: int(e.lengths.max()) if is_store(e) else e[0].shape[-2] for i, e in indexed}
 
 
 def generate(model, input_ids, *, policy: Optional[Policy] = None, inner: str = "aot_eager", steps: int = 16,
@@ -55,7 +66,7 @@ def generate(model, input_ids, *, policy: Optional[Policy] = None, inner: str = 
         with torch.no_grad():
             out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=steps, min_new_tokens=steps,
                                  do_sample=False, return_dict_in_generate=True, output_logits=True,
-                                 pad_token_id=model.config.pad_token_id or 0, streamer=streamer)
+                                 pad_token_id=getattr(model.config, "pad_token_id", None) or 0, streamer=streamer)
     finally:
         if policy is not None:
             restore(model)

@@ -196,6 +196,49 @@ def _stablelm() -> PretrainedConfig:
     )
 
 
+def _gpt_oss() -> PretrainedConfig:
+    # gpt-oss: learned attention sinks, alternating sliding/full layers, MoE.
+    return transformers.GptOssConfig(
+        vocab_size=_VOCAB, hidden_size=_HIDDEN, intermediate_size=_FFN,
+        num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
+        num_key_value_heads=_KV_HEADS, head_dim=_HIDDEN // _HEADS,
+        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=_MAX_POS,
+        sliding_window=_WINDOW, layer_types=["sliding_attention", "full_attention"],
+        attention_dropout=0.0, **_IDS,
+    )
+
+
+def _bloom() -> PretrainedConfig:
+    # BLOOM: ALiBi position bias (baddbmm) over heads folded into the batch.
+    return transformers.BloomConfig(
+        vocab_size=_VOCAB, hidden_size=_HIDDEN, n_layer=_LAYERS, n_head=_HEADS,
+        hidden_dropout=0.0, attention_dropout=0.0, **_IDS,
+    )
+
+
+def _deepseek_v3() -> PretrainedConfig:
+    # DeepSeek-V3: multi-head latent attention (the cache holds the re-expanded
+    # per-head keys and values), MoE after the first dense layer.
+    return transformers.DeepseekV3Config(
+        vocab_size=_VOCAB, hidden_size=_HIDDEN, intermediate_size=_FFN, moe_intermediate_size=32,
+        num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, num_key_value_heads=_HEADS,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        head_dim=8, max_position_embeddings=_MAX_POS, attention_dropout=0.0, **_IDS,
+    )
+
+
+def _qwen3_next() -> PretrainedConfig:
+    # Qwen3-Next: hybrid, a linear-attention (gated delta net) layer, then full attention.
+    return transformers.Qwen3NextConfig(
+        vocab_size=_VOCAB, hidden_size=_HIDDEN, intermediate_size=_FFN, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
+        num_key_value_heads=_KV_HEADS, head_dim=_HIDDEN // _HEADS, num_experts=4, num_experts_per_tok=2,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        layer_types=["linear_attention", "full_attention"], max_position_embeddings=_MAX_POS, **_IDS,
+    )
+
+
 def _entry(name: str, family: str, make: Callable[[], PretrainedConfig],
            attn_impls: tuple[str, ...] = _BOTH, sliding: bool = False) -> ZooEntry:
     return ZooEntry(name=name, family=family, attn_impls=attn_impls, sliding=sliding,
@@ -222,6 +265,12 @@ ZOO: dict[str, ZooEntry] = {
         _entry("falcon", "falcon", _falcon),
         _entry("opt", "opt", _opt),
         _entry("stablelm", "stablelm", _stablelm),
+        # Its 64-token window never binds in a test (prompt + new tokens < 64): compressed inside the window.
+        _entry("mistral_wide_window", "mistral", _mistral(64)),
+        _entry("gpt_oss", "gpt_oss", _gpt_oss, attn_impls=("eager",), sliding=True),
+        _entry("bloom", "bloom", _bloom, attn_impls=("eager",)),
+        _entry("deepseek_v3", "deepseek_v3", _deepseek_v3),
+        _entry("qwen3_next", "qwen3_next", _qwen3_next),
     ]
 }
 

@@ -1,0 +1,135 @@
+"""The hand-written gallery (kvfx.testing.gallery): each model written the way
+its upstream project writes it, compressed by kvfx or left alone with the form
+kvfx saw named."""
+
+import warnings
+
+import pytest
+import torch
+
+import kvfx
+from kvfx.api import restore
+from kvfx.testing import no_compression
+from kvfx.testing.gallery import GALLERY, BmmAttention, TupleCacheLM
+
+PROMPT, STEPS = 24, 8
+COMPRESSED = ["nanogpt", "bmm", "sinks", "latent"]
+LEFT_ALONE = {  # entry -> what the reason must name
+    "gpt-fast": "index assignment cache[..., input_pos] = k (gpt-fast's KVCache)",
+    "meta-llama": "slice assignment cache[:b, start:start+n] = k (Meta's reference Llama)",
+    "alibi": "differs per head (ALiBi",
+}
+
+
+def ids():
+    return torch.randint(2, 128, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+
+
+def run(name, policy=None, how="compile"):
+    """The entry's own greedy loop, eager or through kvfx (``how``: kvfx.compile
+    or the bare backend on model.forward); returns the run and the backend."""
+    entry = GALLERY[name]
+    model = entry.model()
+    be = None
+    if policy is not None:
+        torch._dynamo.reset()
+        if how == "compile":
+            kvfx.compile(model, policy, inner="aot_eager")
+            be = model._kvfx_backend
+        else:
+            be = kvfx.backend(policy, inner="aot_eager", model=model)
+            model.forward = torch.compile(model.forward, backend=be)
+    try:
+        return entry.generate(model, ids(), STEPS), be
+    finally:
+        if how == "compile":
+            restore(model)
+
+
+def assert_same(got, expected, atol=1e-4):
+    assert torch.equal(got.tokens, expected.tokens), f"tokens differ:\n{got.tokens}\n{expected.tokens}"
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        diff = (a - b).abs().max().item()
+        assert diff <= atol, f"step {step}: logits differ by {diff:.3g}"
+
+
+@pytest.mark.parametrize("how", ["compile", "backend"])
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_budget_above_the_prompt_equals_eager(name, how):
+    compiled, be = run(name, no_compression(), how)
+    assert_same(compiled, run(name)[0])
+    sites = [s for r in be.records for s in r.sites]
+    assert sites and all(s.compressible for s in sites), [s.reason for s in sites]
+    assert {s.phase for s in sites} == {"prefill", "decode"}
+
+
+def _evict_by_hand(cache, keep):
+    """Keep the prompt slots ``keep`` of every cache tensor [B, H, S, D]."""
+    return [{n: t[:, :, keep] for n, t in layer.items()} if isinstance(layer, dict) else tuple(t[:, :, keep] for t in layer)
+            for layer in cache]
+
+
+@pytest.mark.parametrize("how", ["compile", "backend"])
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_half_budget_shrinks_the_cache_and_equals_the_eager_reference(name, how):
+    """StreamingLLM keeps the first 4 and the last 8 prompt slots: the eager
+    reference applies that selection to the cache the model returned, then
+    decodes with the model's own code."""
+    policy = kvfx.StreamingLLM(budget=0.5, sinks=4)
+    compiled, _ = run(name, policy, how)
+    full, _ = run(name)
+    assert compiled.cache_bytes <= 0.55 * full.cache_bytes, (compiled.cache_bytes, full.cache_bytes)
+
+    entry = GALLERY[name]
+    model = entry.model()
+    keep = list(range(4)) + list(range(PROMPT - 8, PROMPT))
+    prompt = ids()
+    with torch.no_grad():
+        if name == "nanogpt":
+            logits, past = model(prompt, None, torch.arange(PROMPT))
+        else:
+            logits, past = model(prompt, torch.arange(PROMPT))
+        past = _evict_by_hand(past, keep)
+        tokens, all_logits = [prompt], [logits[:, -1]]
+        for i in range(STEPS):
+            nxt = logits[:, -1:].argmax(-1)
+            tokens.append(nxt)
+            pos = torch.arange(PROMPT + i, PROMPT + i + 1)
+            logits, past = model(nxt, past, pos) if name == "nanogpt" else model(nxt, pos, past)
+            all_logits.append(logits[:, -1])
+    reference = type(compiled)(torch.cat(tokens, dim=1), all_logits, 0)
+    assert_same(compiled, reference)
+
+
+@pytest.mark.parametrize("name", sorted(LEFT_ALONE))
+def test_left_alone_forms_name_what_kvfx_saw(name, caplog):
+    """Warning, TORCH_LOGS=+kvfx and explain carry the same reason; the model
+    runs as it would without kvfx."""
+    import logging
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="kvfx"):
+        warnings.simplefilter("always")
+        compiled, be = run(name, kvfx.SnapKV(budget=0.5, window=4))
+    assert_same(compiled, run(name)[0])
+    reasons = {s.reason for r in be.records for s in r.sites}
+    assert reasons and all(LEFT_ALONE[name] in why for why in reasons), reasons
+    assert not any("no KV cache" in why for why in reasons)
+    assert any(LEFT_ALONE[name] in str(w.message) for w in caught)
+    assert any(LEFT_ALONE[name] in rec.getMessage() for rec in caplog.records)
+    from kvfx.explain import Report
+
+    rows = Report(kvfx.SnapKV(budget=0.5, window=4), be.records, 0, 0).rows()
+    assert all(LEFT_ALONE[name] in row[-1] for row in rows)
+
+
+def test_a_cache_kept_nowhere_is_the_only_no_kv_cache():
+    """The one form that reads "no KV cache": keys computed and dropped."""
+    model = TupleCacheLM(BmmAttention).eval()
+
+    def forward(ids):
+        return model(ids, torch.arange(ids.shape[1]))[0]
+
+    be = kvfx.backend(kvfx.SnapKV(), inner="aot_eager")
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="no KV cache: the keys attention reads are neither returned"):
+        torch.compile(forward, backend=be)(ids())
