@@ -18,6 +18,7 @@ from kvfx import integrations
 from kvfx.integrations.transformers import TransformersForward, is_transformers_model, state_keys, store_seen
 from kvfx.store import PAGE
 from kvfx.passes import Site, assign_depths, find_sites, rewrite, stray_stores
+from kvfx.passes.sites import ROOT_SOURCE
 from kvfx.policies import Policy
 from kvfx.runtime import StatefulGraph, state_of
 
@@ -131,6 +132,7 @@ class Backend:
         self._rewritable: list[_Rewritable] = []
         self._warned: set[str] = set()
         self._compile_options: dict = {}
+        self._last_break = ""   # where dynamo broke the graph compiled last, if it broke
 
     def __repr__(self) -> str:
         return f"kvfx.backend(policy={self.policy!r}, inner={self.inner!r})"
@@ -141,9 +143,14 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
         # torch.compile(..., mode=, options=) hands these to a custom backend
         self._compile_options = {k: v for k, v in (("mode", mode), ("options", options)) if v}
+        broke, self._last_break = self._last_break, _graph_break(gm)
         before = _private_copy(gm)
         gm = _private_copy(gm)
         sites = find_sites(gm)
+        for site in sites:  # keys handed over from the graph before a break: say where it broke
+            if broke and site.cache == "unknown" and site.reason.startswith("attention reads keys passed into"):
+                site.reason = (f"a graph break split this attention block from its cache write ({broke}); "
+                               "kvfx rewrites an attention block traced whole")
         record = GraphRecord(index=len(self.records), sites=sites, code_before=gm.code, graph_before=before.graph,
                              graph_after=gm.graph)
         self.records.append(record)
@@ -242,12 +249,28 @@ class Backend:
     def _warn_untouched(self, sites: list[Site]) -> None:
         if not sites:
             why = "no attention call was found in the traced graph"
+            if self._last_break:
+                why += f" ({self._last_break})"
         else:
             reasons = sorted({s.reason for s in sites})
             why = f"none of its {len(sites)} attention call(s) reads a compressible KV cache: " + "; ".join(reasons)
         if why not in self._warned:
             self._warned.add(why)
             warnings.warn(f"kvfx: graph left untouched, {why}", stacklevel=2)
+
+
+def _graph_break(gm: fx.GraphModule) -> str:
+    """Where and why dynamo ended ``gm`` at a graph break ("" when it did not):
+    the module its last traced call belongs to, the source line, dynamo's reason."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not getattr(reason, "graph_break", False):
+        return ""
+    frame = reason.user_stack[-1] if getattr(reason, "user_stack", None) else None
+    where = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" if frame is not None else "?"
+    modules = [list(n.meta["nn_module_stack"].values())[-1][0] for n in gm.graph.nodes if n.meta.get("nn_module_stack")]
+    module = ROOT_SOURCE.sub("", modules[-1]).lstrip(".") if modules else "the model"
+    text = str(reason.reason).strip().splitlines()[0][:160] if reason.reason else "unknown reason"
+    return f"dynamo broke the graph after {module or 'the model'}, at {where}: {text}"
 
 
 def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:

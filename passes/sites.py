@@ -646,7 +646,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         elif not site.reason:
             v_cache = _classify_cache(gm, found["v_attn"])
             if v_cache.get("cache") != "dynamic" or (v_cache["k_past"] is None) != (cache["k_past"] is None):
-                site.reason = "values are not kept in the same kind of cache as keys"
+                site.reason = "the values attention reads are not kept as the keys are" + (
+                    f" ({v_cache['reason'].replace('keys', 'values')})" if v_cache.get("reason") else "")
             else:
                 site.v = v_cache.get("k", strip_layout(found["v_attn"]))
                 site.k_past, site.k_new, site.k_out = cache["k_past"], cache["k_new"], cache["out"]

@@ -10,7 +10,7 @@ import torch
 import kvfx
 from kvfx.api import restore
 from kvfx.testing import no_compression
-from kvfx.testing.gallery import GALLERY, BmmAttention, TupleCacheLM
+from kvfx.testing.gallery import GALLERY, BmmAttention, NanoGPTAttention, TupleCacheLM
 
 PROMPT, STEPS = 24, 8
 COMPRESSED = ["nanogpt", "bmm", "sinks", "latent"]
@@ -133,3 +133,37 @@ def test_a_cache_kept_nowhere_is_the_only_no_kv_cache():
     torch._dynamo.reset()
     with pytest.warns(UserWarning, match="no KV cache: the keys attention reads are neither returned"):
         torch.compile(forward, backend=be)(ids())
+
+
+class _BranchingAttention(NanoGPTAttention):
+    """nanoGPT's attention with data-dependent Python control flow between the
+    cache write and the attention call (a graph break, as routing between
+    attention experts makes)."""
+
+    def forward(self, x, layer_past=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if layer_past is not None:
+            k, v = torch.cat((layer_past[0], k), dim=-2), torch.cat((layer_past[1], v), dim=-2)
+        if k.abs().sum() > 1e9:  # a tensor read in Python: dynamo breaks the graph here
+            q = q * 1.0
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=layer_past is None)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)), (k, v)
+
+
+def test_a_graph_break_inside_attention_is_named_where_it_broke():
+    model = GALLERY["nanogpt"].model()
+    for block in model.h:
+        block.attn.__class__ = _BranchingAttention
+    expected = GALLERY["nanogpt"].generate(model, ids(), 2)
+    torch._dynamo.reset()
+    kvfx.compile(model, kvfx.SnapKV(budget=0.5, window=4), inner="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = GALLERY["nanogpt"].generate(model, ids(), 2)
+    assert_same(got, expected)
+    split = [s.reason for r in model._kvfx_backend.records for s in r.sites]
+    assert split and all(why.startswith("a graph break split this attention block from its cache write (dynamo "
+                                        "broke the graph after c_attn, at test_gallery.py:") for why in split), split
+    assert any("a graph break split this attention block" in str(w.message) for w in caught)

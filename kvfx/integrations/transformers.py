@@ -137,12 +137,17 @@ def _store_unreadable(err: BaseException) -> Optional[str]:
     StoreUnreadable."""
     from kvfx.integrations.transformers_store import StoreUnreadable
 
+    from torch._dynamo.exc import TorchRuntimeError, Unsupported
+
+    first = err
     for _ in range(8):
         if isinstance(err, StoreUnreadable):
             return str(err)
         err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
         if err is None:
-            return None
+            break
+    if isinstance(first, (TorchRuntimeError, Unsupported)):  # dynamo could not trace the model's code around the store
+        return f"dynamo could not trace the model with it ({type(first).__name__}: {str(first).splitlines()[0][:200]})"
     return None
 
 
@@ -213,7 +218,7 @@ class TransformersForward:
             why = _store_unreadable(err)
             if why is None or len(fresh) != len(layers):
                 raise
-            return self._without_store(run, args, kwargs, why)
+            return self._without_store(run, args, kwargs, why, fresh)
         n_layers = len(layers) if not hasattr(self.model.config, "num_hidden_layers") else \
             self.model.config.num_hidden_layers
         for i, layer in layers:
@@ -224,13 +229,13 @@ class TransformersForward:
             layer.advance(new, policy, first, slots)
         return out
 
-    def _without_store(self, run: Callable, args: tuple, kwargs: dict, why: str):
+    def _without_store(self, run: Callable, args: tuple, kwargs: dict, why: str, fresh: list[int]):
         """The model's attention cannot read kvfx's store (kvfx saw ``why``): put
         the cache's own layers back, stop installing the store for this model,
         and run the call on the cache transformers made."""
         from kvfx.integrations.transformers_store import uninstall
 
-        uninstall(cache_of(kwargs))
+        uninstall(cache_of(kwargs), fresh)
         self.disabled = why
         warnings.warn(f"kvfx: this model keeps transformers' own cache layers, where kvfx rewrites what it "
                       f"recognises (its slot store cannot serve the model: {why})", stacklevel=3)
@@ -266,8 +271,9 @@ class TransformersForward:
         """The call's kvfx cache layers, installed in its cache (one is made when
         the call asks for a cache and brings none)."""
         cache = cache_of(kwargs)
+        supports_dynamic = getattr(type(self.model), "_supports_default_dynamic_cache", lambda: True)()
         if cache is None and not args[1:] and kwargs.get("use_cache", getattr(self.model.config, "use_cache", False)) \
-                and self._recognised():
+                and self._recognised() and supports_dynamic:  # (not for a model with a cache class of its own)
             from transformers import DynamicCache
 
             cache = kwargs[self.cache_argument] = DynamicCache(config=self.model.config)

@@ -82,6 +82,9 @@ class KvfxLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not torch.compiler.is_compiling():
+            if not self.is_initialized:  # e.g. a graph break before the cache write: dynamo runs it eagerly
+                raise StoreUnreadable("the cache is written outside any compiled graph (dynamo ran that part of "
+                                      "the model eagerly)")
             raise RuntimeError(
                 "kvfx: a kvfx cache layer was called outside the kvfx-compiled graph (the model's own forward ran: "
                 "dynamo may have reached its recompile_limit, or the model was called without kvfx.compile). Its "
@@ -273,13 +276,14 @@ def _length_if_full(layer, planned: int) -> Optional[int]:
     return None
 
 
-def uninstall(cache) -> None:
-    """Put back the empty layers ``install`` replaced (their kvfx layers must
-    still be empty)."""
+def uninstall(cache, fresh: list[int]) -> None:
+    """Put back the empty layers ``install`` replaced at the indices ``fresh``
+    (kvfx layers that were empty when the failed call began: whatever they
+    hold now came from that call)."""
     layers = getattr(cache, "layers", None)
-    for i, layer in enumerate(layers if isinstance(layers, list) else []):
-        if isinstance(layer, KvfxLayer) and not layer.is_initialized and layer.replaced is not None:
-            layers[i] = layer.replaced
+    for i in fresh:
+        if isinstance(layers[i], KvfxLayer) and layers[i].replaced is not None:
+            layers[i] = layers[i].replaced
 
 
 def install(cache, page: int = slot_store.PAGE, planned: int = -1) -> list[tuple[int, KvfxLayer]]:
