@@ -204,6 +204,9 @@ def _match_eager(softmax: fx.Node) -> Optional[dict]:
     for _ in range(12):
         if _method(x, CAST_METHODS) or _is_layout(x):
             x = x.args[0]
+        elif (_is_call(x, {torch.max, torch.maximum}) and len(x.args) == 2 and _number(x.args[1]) is not None
+              and _number(x.args[1]) < -1e4):
+            x = x.args[0]  # XGLM: max(scores, lowest), a clamp that changes no finite score
         elif (_is_call(x, {operator.sub, torch.sub}) or _method(x, {"sub"})) and _reduces(x.args[1], x.args[0]):
             x = x.args[0]  # x - x.max(-1).values: the softmax is shift-invariant
         elif _is_call(x, CAT) and sinks_dropped and len(x.args[0]) == 2 and _arg(x, 1, "dim", 0) in (-1, 3):
