@@ -17,6 +17,13 @@ attention and writes its output back instead of the grown cache.
 The runtime (``kvfx.runtime``) feeds the extra inputs and strips the extra
 outputs, so the caller sees the model's original signature.
 
+Forms the recognisers report are handled here too: bmm attention's folded
+``[B*H, S, D]`` queries are unfolded for kvfx's ops and the output folded
+back; a masked_fill / where condition becomes kvfx's mask; learned sinks go to
+kvfx's attention; a latent cache (MLA) is compressed as ``k, v`` = latent and
+rotary key with slots scored on the expanded keys, and its decode attention
+reads the expanded keys with the latent's state broadcast to every head.
+
 A site whose cache is a kvfx slot store (``cache == "store"``, a kvfx cache
 layer: ``kvfx.integrations.transformers_store``) needs none of that: its
 store's tensors are graph inputs already and are written in place.

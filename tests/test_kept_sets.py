@@ -9,7 +9,8 @@ import pytest
 from kept_sets import PATH, record_model, models
 
 RECORDED = json.loads(PATH.read_text())
-CASES = [(name, attn, False) for name, attn in models()] + [("llama", "sdpa", True)]
+# The zoo entries recorded before the restructure (later entries are checked by the matrix tests).
+CASES = [(name, attn, False) for name, attn in models() if f"{name}-{attn}" in RECORDED] + [("llama", "sdpa", True)]
 
 
 @pytest.mark.parametrize("name,attn,padded", CASES, ids=[f"{n}-{'padded' if p else a}" for n, a, p in CASES])
