@@ -18,7 +18,7 @@ from kvfx import integrations
 from kvfx.integrations.transformers import TransformersForward, is_transformers_model, state_keys, store_seen
 from kvfx.store import PAGE
 from kvfx.passes import Site, assign_depths, find_sites, rewrite, stray_stores
-from kvfx.passes.sites import ROOT_SOURCE
+from kvfx.passes.sites import module_path
 from kvfx.policies import Policy
 from kvfx.runtime import StatefulGraph, state_of
 
@@ -267,10 +267,9 @@ def _graph_break(gm: fx.GraphModule) -> str:
         return ""
     frame = reason.user_stack[-1] if getattr(reason, "user_stack", None) else None
     where = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" if frame is not None else "?"
-    modules = [list(n.meta["nn_module_stack"].values())[-1][0] for n in gm.graph.nodes if n.meta.get("nn_module_stack")]
-    module = ROOT_SOURCE.sub("", modules[-1]).lstrip(".") if modules else "the model"
+    modules = [module_path(n)[1] for n in gm.graph.nodes if n.meta.get("nn_module_stack")]
     text = str(reason.reason).strip().splitlines()[0][:160] if reason.reason else "unknown reason"
-    return f"dynamo broke the graph after {module or 'the model'}, at {where}: {text}"
+    return f"dynamo broke the graph after {modules[-1] if modules and modules[-1] else 'the model'}, at {where}: {text}"
 
 
 def _private_copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -141,7 +141,7 @@ def layer_of(path: str) -> Optional[int]:
 ROOT_SOURCE = re.compile(r"^L\['\w+'\](\[\d+\])*")  # dynamo's L['self'], L['args'][0]
 
 
-def _module_path(node: fx.Node) -> tuple[str, str]:
+def module_path(node: fx.Node) -> tuple[str, str]:
     """(root source, module path under it) of the module a node was traced in."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -165,8 +165,7 @@ def _match_sdpa(node: fx.Node) -> Optional[dict]:
     if scale is None and qv is not None:
         scale = 1.0 / math.sqrt(qv.shape[-1])
     return dict(attention="sdpa", node=node, q=q, k_attn=k, v_attn=v, masks=[mask] if mask is not None else [],
-                fill=None, fill_keeps=False, sinks=None, scale=scale,
-                softcap=0.0,
+                fill=None, fill_keeps=False, sinks=None, scale=scale, softcap=0.0,
                 causal=bool(_arg(node, 5, "is_causal", False)), native_gqa=bool(node.kwargs.get("enable_gqa", False)))
 
 
@@ -375,20 +374,26 @@ def _store_of(node: fx.Node) -> Optional[fx.Node]:
 IN_PLACE_WRITES = {"index_copy_", "copy_", "index_put_", "scatter_", "__setitem__"}
 
 
+IN_PLACE_CALLS = {operator.setitem, torch.index_copy, torch.ops.aten.index_copy_, torch.ops.aten.index_put_}
+
+
+def _in_place_writes(node: fx.Node) -> list:
+    """The nodes that write into ``node`` in place (``node[i] = x``, ``index_copy_``, ...)."""
+    return [u for u in node.users
+            if u.args and u.args[0] is node and (_is_call(u, IN_PLACE_CALLS) or _method(u, IN_PLACE_WRITES))]
+
+
 def _writes_in_place(node: fx.Node) -> Optional[str]:
     """How ``node`` (a buffer) is written in place in this graph, if it is."""
-    for user in node.users:
-        if user.args and user.args[0] is node:
-            if _is_call(user, {operator.setitem}):
-                index = user.args[1]
-                parts = index if isinstance(index, tuple) else (index,)
-                if any(isinstance(p, fx.Node) for p in parts):
-                    return "index assignment cache[..., input_pos] = k (gpt-fast's KVCache)"
-                return "slice assignment cache[:b, start:start+n] = k (Meta's reference Llama)"
-            if _method(user, IN_PLACE_WRITES) or _is_call(user, {torch.index_copy, torch.ops.aten.index_copy_,
-                                                                 torch.ops.aten.index_put_}):
-                name = user.target if isinstance(user.target, str) else user.target.__name__
-                return f"{name} (as transformers' StaticCache does)" if "index_copy" in name else name
+    for user in _in_place_writes(node):
+        if _is_call(user, {operator.setitem}):
+            index = user.args[1]
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(p, fx.Node) for p in parts):
+                return "index assignment cache[..., input_pos] = k (gpt-fast's KVCache)"
+            return "slice assignment cache[:b, start:start+n] = k (Meta's reference Llama)"
+        name = user.target if isinstance(user.target, str) else user.target.__name__
+        return f"{name} (as transformers' StaticCache does)" if "index_copy" in name else name
     return None
 
 
@@ -401,17 +406,6 @@ def _seq_cat(node) -> Optional[fx.Node]:
     if val is None or val.dim() not in (3, 4):
         return None
     return node if dim % val.dim() == val.dim() - 2 else None
-
-
-def _ancestors(node: fx.Node, limit: int = 64):
-    seen, todo = set(), [node]
-    while todo and len(seen) < limit:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-                yield a
 
 
 def _form_concatenated(gm, k_attn, root, outputs) -> Optional[dict]:
@@ -489,10 +483,8 @@ def _sources(node: fx.Node, limit: int = 160):
         inputs = list(n.all_input_nodes)
         views = [n] + [u for u in n.users if u.args and u.args[0] is n and _is_call(u, {operator.getitem})]
         for view in views:  # in-place writes into n or a slice of it: their values flow into n
-            for user in view.users:
-                if user.args and user.args[0] is view and (_is_call(user, {operator.setitem})
-                                                           or _method(user, IN_PLACE_WRITES)):
-                    inputs += [a for a in user.all_input_nodes if a is not view]
+            for write in _in_place_writes(view):
+                inputs += [a for a in write.all_input_nodes if a is not view]
         for a in inputs:
             if a not in seen and not _is_attention_call(a):
                 seen.add(a)
@@ -597,8 +589,8 @@ def _shape_reason(q, k, masks: list) -> tuple[dict, str]:
         mv = _value(mask)
         if mv is None or mv.dtype == torch.bool or mv.dim() < 3:
             continue
-        head_dim = 1 if mv.dim() == 4 else 0  # [B, H, Sq, S], or [H or B*H, Sq, S]
-        if _static(mv.shape[head_dim]) not in (1, None) and (head_dim == 1 or qv.dim() == 4 or fold):
+        head_axis = 1 if mv.dim() == 4 else 0  # [B, H, Sq, S], or [H or B*H, Sq, S]
+        if _static(mv.shape[head_axis]) not in (1, None) and (head_axis == 1 or qv.dim() == 4 or fold):
             return {}, (f"the additive score bias {list(mv.shape)} differs per head (ALiBi or another per-head "
                         "position bias, built for the uncompressed cache): after compression it would need each "
                         "slot's original position")
@@ -615,7 +607,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if found is None:
             continue
         store = _store_of(found["k_attn"])
-        root, module = _module_path(found["node"])
+        root, module = module_path(found["node"])
         site = Site(index=len(sites), layer=layer_of(module), module=module, root=root, attention=found["attention"],
                     cache="unknown", node=found["node"], q=found["q"], fill=found["fill"], fill_keeps=found["fill_keeps"],
                     mask=found["masks"][0] if len(found["masks"]) == 1 else None,
@@ -676,6 +668,6 @@ def stray_stores(gm: fx.GraphModule, sites: list[Site]) -> list[str]:
     stray = []
     for node in gm.graph.nodes:
         if store_op(node) and node not in claimed:
-            module = _module_path(node)[1] or node.name
+            module = module_path(node)[1] or node.name
             stray.append(f"{module}: {reasons.get(node) or 'no attention call kvfx recognises reads its keys'}")
     return stray

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import kvfx
-from kvfx.api import restore
 from kvfx.testing import no_compression
 from kvfx.testing.gallery import GALLERY, BmmAttention, NanoGPTAttention, TupleCacheLM
 
@@ -26,24 +25,7 @@ def ids():
 
 
 def run(name, policy=None, how="compile"):
-    """The entry's own greedy loop, eager or through kvfx (``how``: kvfx.compile
-    or the bare backend on model.forward); returns the run and the backend."""
-    entry = GALLERY[name]
-    model = entry.model()
-    be = None
-    if policy is not None:
-        torch._dynamo.reset()
-        if how == "compile":
-            kvfx.compile(model, policy, inner="aot_eager")
-            be = model._kvfx_backend
-        else:
-            be = kvfx.backend(policy, inner="aot_eager", model=model)
-            model.forward = torch.compile(model.forward, backend=be)
-    try:
-        return entry.generate(model, ids(), STEPS), be
-    finally:
-        if how == "compile":
-            restore(model)
+    return GALLERY[name].run(ids(), STEPS, policy, how)
 
 
 def assert_same(got, expected, atol=1e-4):

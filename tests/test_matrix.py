@@ -92,3 +92,13 @@ def test_handwritten_gpt_with_tuple_cache():
             assert len(model._kvfx_backend.records) <= 3
             assert sum(counters["graph_break"].values()) == 0
         kvfx.restore(model)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sites_report_the_models_head_shape(attn):
+    """Heads, KV heads and head_dim as explain prints them, with the model's
+    4-D mask present (eager) or not (sdpa)."""
+    model = tiny_model("llama", attn=attn)
+    run = generate(model, prompt(model), policy=kvfx.SnapKV(budget=0.5, window=4), steps=2)
+    shapes = {(s.heads, s.kv_heads, s.head_dim) for r in run.records for s in r.sites}
+    assert shapes == {(4, 2, 16)}, shapes

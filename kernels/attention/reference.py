@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvfx.kernels.common import repeat_kv
+from kvfx.kernels.common import repeat_kv, sink_share
 
 
 def biased_logits(
@@ -46,7 +46,4 @@ def sink_weight(
     logit (gpt-oss) joins the scores and is dropped after: Z / (Z + e^sink) =
     sigmoid(logsumexp(logits) - sink). sinks broadcasts to [B, H, Sq, 1];
     returns [B, H, Sq, 1] float32, to scale slot_attention's output by."""
-    lse = torch.logsumexp(biased_logits(q, k, slot_bias, scale, softcap), dim=-1, keepdim=True)
-    if sinks.dim() == 3:  # [1, H, 1]: one logit per head
-        sinks = sinks.unsqueeze(-1)
-    return torch.sigmoid(lse - sinks.float())
+    return sink_share(torch.logsumexp(biased_logits(q, k, slot_bias, scale, softcap), dim=-1, keepdim=True), sinks)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kvfx.kernels.common import sink_share
+
 
 def paged_attention_reference(
     q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_bias: torch.Tensor,
@@ -20,8 +22,7 @@ def paged_attention_reference(
     b, h, sq, _ = q.shape
     rows, k, v, mask = _rows(q, k_pages, v_pages, slot_bias, page_table, lengths)
     if softcap:
-        logits = torch.tanh(rows @ k.transpose(-1, -2) * scale / softcap) * softcap
-        out = (logits + mask).softmax(-1) @ v
+        out = (_logits(rows, k, scale, softcap) + mask).softmax(-1) @ v
     else:
         out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
     return out.view(b, h, sq, -1).to(q.dtype)
@@ -36,13 +37,14 @@ def paged_sink_weight(
     sinks broadcasts to [B, H, Sq, 1]; returns [B, H, Sq, 1] float32."""
     b, h, sq, _ = q.shape
     rows, k, _, mask = _rows(q, k_pages, k_pages, slot_bias, page_table, lengths)
+    lse = torch.logsumexp(_logits(rows, k, scale, softcap) + mask, dim=-1).view(b, h, sq, 1)
+    return sink_share(lse, sinks)
+
+
+def _logits(rows: torch.Tensor, k: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """rows k^T * scale, soft-capped when ``softcap``."""
     logits = rows @ k.transpose(-1, -2) * scale
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    lse = torch.logsumexp(logits + mask, dim=-1).view(b, h, sq, 1)
-    if sinks.dim() == 3:  # [1, H, 1]: one logit per head
-        sinks = sinks.unsqueeze(-1)
-    return torch.sigmoid(lse - sinks.float())
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
 
 
 def _rows(q, k_pages, v_pages, slot_bias, page_table, lengths) -> tuple:

@@ -40,7 +40,7 @@ def cache_lengths_by_layer(cache) -> dict[int, int]:
     """``cache_lengths`` keyed by each layer's index in the model."""
     layers = getattr(cache, "layers", None)
     if isinstance(layers, (list, tuple)):
-        indexed = [(i, layer_entry(layer)) for i, layer in enumerate(layers) if layer_entry(layer) is not None]
+        indexed = [(i, entry) for i, entry in enumerate(map(layer_entry, layers)) if entry is not None]
     else:
         indexed = list(enumerate(cache_entries(cache)))
     return {i: int(e.lengths.max()) if is_store(e) else e[0].shape[-2] for i, e in indexed}

@@ -68,23 +68,18 @@ sink logits joined before the softmax and dropped after (gpt-oss) or applied as
 def measure_gallery(name: str) -> dict:
     """One hand-written model: equal to eager with a budget above the prompt,
     and the bytes its cache holds after the prompt at a 50% budget."""
-    from kvfx.api import restore
     from kvfx.testing import no_compression
     from kvfx.testing.gallery import GALLERY
 
     entry = GALLERY[name]
     ids = torch.randint(2, 128, (1, PROMPT), generator=torch.Generator().manual_seed(0))
-    eager = entry.generate(entry.model(), ids, 8)
+    eager, _ = entry.run(ids, 8)
     out = {}
     for label, policy in (("same", no_compression()), ("half", kvfx.StreamingLLM(budget=0.5, sinks=4))):
-        torch._dynamo.reset()
-        model = entry.model()
-        kvfx.compile(model, policy, inner="aot_eager")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out[label] = entry.generate(model, ids, 8)
-        out[label + "_sites"] = [s for r in model._kvfx_backend.records for s in r.sites]
-        restore(model)
+            out[label], backend = entry.run(ids, 8, policy)
+        out[label + "_sites"] = [s for r in backend.records for s in r.sites]
     same = torch.equal(out["same"].tokens, eager.tokens)
     alone = sorted({s.reason for s in out["half_sites"] if not s.compressible})
     return dict(name=name, upstream=entry.upstream, form=entry.form, same="yes" if same else "NO",

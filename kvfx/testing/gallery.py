@@ -76,13 +76,21 @@ def _greedy(step: Callable[[Tensor, int], Tensor], ids: Tensor, steps: int, cach
 
 
 class _MLPBlock(nn.Module):
-    """Shared pre-norm residual wrapper: ``attn`` then a GELU MLP."""
+    """Shared pre-norm residual block: ``attn`` then a GELU MLP."""
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
         self.attn = attn
         self.mlp = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM))
+
+    def forward(self, x: Tensor, *attn_args):
+        """The block's output, and what its attention hands back beside its
+        output (the layer's cache: ``present``), if anything."""
+        out = self.attn(self.ln_1(x), *attn_args)
+        a, present = out if isinstance(out, tuple) else (out, None)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), present
 
 
 # -- nanoGPT / minGPT (with the common KV-cache patch) ---------------------------
@@ -128,9 +136,7 @@ class NanoGPT(nn.Module):
         x = self.wte(idx) + self.wpe(pos)
         presents = []
         for i, block in enumerate(self.h):
-            a, present = block.attn(block.ln_1(x), None if past_key_values is None else past_key_values[i])
-            x = x + a
-            x = x + block.mlp(block.ln_2(x))
+            x, present = block(x, None if past_key_values is None else past_key_values[i])
             presents.append(present)
         return self.lm_head(self.ln_f(x)), presents
 
@@ -244,8 +250,7 @@ class MetaLlama(nn.Module):
             mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device).triu(1)
             mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask])
         for layer in self.layers:
-            h = h + layer.attn(layer.ln_1(h), start_pos, pos, mask)
-            h = h + layer.mlp(layer.ln_2(h))
+            h, _ = layer(h, start_pos, pos, mask)
         return self.output(self.norm(h)).float()
 
 
@@ -318,8 +323,7 @@ class GptFast(nn.Module):
         mask = self.causal_mask[None, None, input_pos]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = x + layer.attn(layer.ln_1(x), mask, input_pos)
-            x = x + layer.mlp(layer.ln_2(x))
+            x, _ = layer(x, mask, input_pos)
         return self.output(self.norm(x))
 
 
@@ -455,9 +459,7 @@ class TupleCacheLM(nn.Module):
         x = self.embed(ids)
         presents = []
         for i, block in enumerate(self.blocks):
-            a, present = block.attn(block.ln_1(x), pos, None if past is None else past[i])
-            x = x + a
-            x = x + block.mlp(block.ln_2(x))
+            x, present = block(x, pos, None if past is None else past[i])
             presents.append(present)
         return self.lm_head(self.norm(x)), presents
 
@@ -486,6 +488,30 @@ class GalleryEntry:
     def model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         return self.build().eval()
+
+    def run(self, ids: Tensor, steps: int, policy=None, how: str = "compile", inner: str = "aot_eager"):
+        """The entry's own greedy loop on a fresh model: eager when ``policy``
+        is None, else through kvfx (``how``: ``"compile"`` for kvfx.compile,
+        ``"backend"`` for torch.compile with the bare backend). Returns the run
+        and the kvfx backend (None when eager)."""
+        import kvfx
+        from kvfx.api import restore
+
+        model = self.model()
+        backend = None
+        if policy is not None:
+            torch._dynamo.reset()
+            if how == "compile":
+                backend = kvfx.compile(model, policy, inner=inner)._kvfx_backend
+            elif how == "backend":
+                backend = kvfx.backend(policy, inner=inner, model=model)
+                model.forward = torch.compile(model.forward, backend=backend)
+            else:
+                raise ValueError(f"how={how!r} is invalid: allowed 'compile' or 'backend'")
+        try:
+            return self.generate(model, ids, steps), backend
+        finally:
+            restore(model)
 
 
 GALLERY: dict[str, GalleryEntry] = {e.name: e for e in [

@@ -217,8 +217,9 @@ def _bloom() -> PretrainedConfig:
 
 
 def _deepseek_v3() -> PretrainedConfig:
-    # DeepSeek-V3: multi-head latent attention (the cache holds the re-expanded
-    # per-head keys and values), MoE after the first dense layer.
+    # DeepSeek-V3: multi-head latent attention (the cache holds the latent and
+    # the rotary key, re-expanded into per-head keys every call), MoE after
+    # the first dense layer.
     return transformers.DeepseekV3Config(
         vocab_size=_VOCAB, hidden_size=_HIDDEN, intermediate_size=_FFN, moe_intermediate_size=32,
         num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, num_key_value_heads=_HEADS,
