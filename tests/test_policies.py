@@ -84,3 +84,23 @@ def test_padding_is_evicted_first_and_sinks_are_the_first_real_tokens():
     valid[0, :5] = False  # left padding
     index = policy.select(None, torch.randn(1, 1, 20, 4), valid, 1.0)
     assert index.flatten().tolist() == [5, 6, 16, 17, 18, 19]
+
+
+def test_a_latent_is_scored_on_its_expanded_keys_with_one_selection_for_every_head():
+    """MLA: k, v are a latent [B, 1, S, r] and a rotary key [B, 1, S, dr]; the
+    slots kept are those the per-head scores on the expanded keys rank first
+    once averaged over the heads, and both tensors keep the same slots."""
+    torch.manual_seed(0)
+    policy = kvfx.SnapKV(budget=0.5, window=4)
+    q, expanded = torch.randn(1, 4, 24, 16), torch.randn(1, 4, 24, 16)
+    latent, rotary = torch.randn(1, 1, 24, 12), torch.randn(1, 1, 24, 8)
+    valid = torch.ones(1, 24, dtype=torch.bool)
+    out = policy.compress(q, latent, rotary, valid, 0.25, score_keys=expanded)
+    score = policy.score(q, expanded, valid, 0.25).mean(1, keepdim=True)          # [1, 1, 24]
+    kept = policy.keep().select(policy, score, valid, policy.budget_length(24), policy.row_keep(valid)).index
+    assert out.index.shape == (1, 1, 12)
+    torch.testing.assert_close(out.index, kept)
+    torch.testing.assert_close(out.k, latent.gather(2, kept[..., None].expand(-1, -1, -1, 12)))
+    torch.testing.assert_close(out.v, rotary.gather(2, kept[..., None].expand(-1, -1, -1, 8)))
+    # scoring the latent itself would pick other slots: the expanded keys matter
+    assert not torch.equal(policy.compress(q[:, :1, :, :12], latent, rotary, valid, 0.25).index, kept)
