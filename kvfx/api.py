@@ -360,6 +360,7 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
         raise ValueError(f"kvfx.compile: max_cache_bytes={max_cache_bytes!r} is invalid: max_cache_bytes must be an "
                          "int >= 1 (bytes), or None for no cap")
     be = backend(policy, inner=inner, model=model)
+    _room_for_layer_frames(model)
     original = getattr(model, "_kvfx_original_forward", None) or model.forward
     model.forward = compiled_forward(model, be, original, page_size=page_size, max_cache_bytes=max_cache_bytes,
                                      **compile_kwargs)
@@ -375,6 +376,21 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
         model._kvfx_disable_compile = config.disable_compile
         config.disable_compile = True
     return model
+
+
+def _room_for_layer_frames(model: torch.nn.Module) -> None:
+    """A model whose layer loop dynamo cannot trace (MPT) compiles one frame
+    per layer, each specialised on its layer index: past dynamo's
+    recompile_limit (8) the remaining layers would run eagerly, their caches
+    uncompressed beside compressed ones, and the model's mask (sized by layer
+    0) would no longer fit them. Give every layer, and its decode graph,
+    room (a process-wide dynamo setting: raised, never lowered)."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    layers = getattr(get_text() if callable(get_text) else config, "num_hidden_layers", None)
+    if isinstance(layers, int) and 4 * layers > torch._dynamo.config.recompile_limit:
+        log.info("kvfx: torch._dynamo.config.recompile_limit raised to %d (%d layers)", 4 * layers, layers)
+        torch._dynamo.config.recompile_limit = 4 * layers
 
 
 def compiled_forward(model: torch.nn.Module, be: Backend, original: Callable, page_size: int = PAGE,

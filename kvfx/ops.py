@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kvfx import store as slot_store
 from kvfx.kernels import attention as attention_kernels
-from kvfx.kernels.attention.reference import sink_weight
+from kvfx.kernels.attention.reference import head_biased_attention, sink_weight
 from kvfx.kernels.paged_attention import paged_attention
 from kvfx.kernels.paged_attention.reference import paged_sink_weight
 from kvfx.policies import bias_of, policy_of
@@ -88,6 +88,7 @@ def attend(
     scale: float,
     softcap: float,
     sinks: Optional[Tensor] = None,
+    head_bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Attention of new queries over cached slots + the new tokens.
 
@@ -103,6 +104,9 @@ def attend(
 
     ``sinks``: learned per-head sink logits (gpt-oss), broadcast to
     [B, H, Sq, 1], joined to each query's softmax and dropped after it.
+    ``head_bias``: the model's per-head score bias over all S slots
+    (broadcasting to [B, H, Sq, S]: ALiBi, Doge's dynamic mask), which the
+    model computed for this very cache; added to every logit.
 
     Returns (out [B, H, Sq, Dv], slot_bias and slot_score for all S slots, the
     new ones 0, and the tokens seen after this call).
@@ -112,16 +116,19 @@ def attend(
     # Chosen on the device (no host read of ``seen``): a decode step never synchronises.
     has_state = seen >= 0
     slot_bias = torch.where(has_state, slot_bias, _bias_from_mask(mask, batch, kv_heads, past, k.device))
-    out = attention_kernels.slot_attention(q, k, v, slot_bias, scale, softcap)
+    if head_bias is None:
+        out = attention_kernels.slot_attention(q, k, v, slot_bias, scale, softcap)
+    else:
+        out = head_biased_attention(q, k, v, slot_bias, head_bias, scale, softcap)
     if sinks is not None:  # learned sink logits (broadcast to [B, H, Sq, 1]) take their share of the softmax
-        out = (out.float() * sink_weight(q, k, slot_bias, sinks, scale, softcap)).to(out.dtype)
+        out = (out.float() * sink_weight(q, k, slot_bias, sinks, scale, softcap, head_bias)).to(out.dtype)
     grow = (0, length - past)
     seen_after = torch.where(has_state, seen, past) + q.shape[-2]
     return out, torch.nn.functional.pad(slot_bias, grow), torch.nn.functional.pad(slot_score, grow), seen_after
 
 
 @attend.register_fake
-def _attend_fake(q, k, v, slot_bias, slot_score, seen, mask, scale, softcap, sinks=None):
+def _attend_fake(q, k, v, slot_bias, slot_score, seen, mask, scale, softcap, sinks=None, head_bias=None):
     batch, kv_heads, length, _ = k.shape
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     state = k.new_empty(batch, kv_heads, length, dtype=torch.float32)
@@ -295,7 +302,7 @@ def _store_step_fake(q, k_pages, v_pages, slot_bias, slot_score, page_table, len
 # Registering that keeps a forward run with grad enabled from failing inside
 # AOTAutograd.
 compress.register_autograd(lambda ctx, *grads: (None,) * 10)
-attend.register_autograd(lambda ctx, *grads: (None,) * 10)
+attend.register_autograd(lambda ctx, *grads: (None,) * 11)
 step.register_autograd(lambda ctx, *grads: (None,) * 9)
 store_compress.register_autograd(lambda ctx, *grads: (None,) * 10)
 store_attend.register_autograd(lambda ctx, *grads: (None,) * 9)

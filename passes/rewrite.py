@@ -106,6 +106,11 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             site.reason = (f"latent cache: {type(policy).__name__} ranks slots per head at every decode step; kvfx "
                            "runs continuous policies on per-head caches only")
             continue
+        if site.bias_from == "positions" and (continuous or site.latent):
+            site.reason = (f"the per-head position bias (ALiBi) is corrected once, when {type(policy).__name__} "
+                           "compresses the prompt; " + ("a latent cache is not per head" if site.latent else
+                                                        "a continuous policy moves slots at every decode step"))
+            continue
         if site.cache == "store":
             replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call)
             outputs = [replaced.get(node, node) for node in outputs]
@@ -123,6 +128,12 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             kept_index[layer] = index
             with graph.inserting_after(index):
                 seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
+            if site.bias_from == "positions":  # ALiBi: each kept slot's bias follows its original position
+                head_bias, anchor = _head_bias(graph, site, seen)
+                with graph.inserting_after(anchor):
+                    shift = graph.call_function(position_bias_shift, (head_bias, index, new_len))
+                with graph.inserting_after(shift):
+                    bias = graph.call_function(operator.add, (bias, shift))
             outputs[site.k_out], outputs[site.v_out] = k_c, v_c
         else:
             past = site.k_past.meta["example_value"]
@@ -150,10 +161,13 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                     bias_in = graph.call_method("expand", (bias_in, -1, site.heads, -1))
                 with graph.inserting_after(bias_in):
                     score_in = ready = graph.call_method("expand", (score_in, -1, site.heads, -1))
+            head_bias = None
+            if site.head_bias is not None:
+                head_bias, ready = _head_bias(graph, site, ready)
             attn_out, bias, score, seen = call(
                 torch.ops.kvfx.attend.default,
                 (q, keys, values, bias_in, score_in, seen_in, mask, float(site.scale), float(site.softcap),
-                 site.sinks), ready)
+                 site.sinks, head_bias), ready)
             if site.latent:  # one selection serves every head: the latent's state is any head's
                 with graph.inserting_after(seen):
                     bias = graph.call_function(operator.getitem, (bias, (slice(None), slice(0, 1))))
@@ -177,7 +191,9 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         output_is_sequence=is_sequence,
         decode_args=decode_args,
         state_outputs=state_outputs,
-        positions_from_cache=bool(decode_args) and not any(POSITION_INPUT.search(n) for n in names),
+        # ALiBi models take no positions: the bias kvfx corrects is their only use of the cache length
+        positions_from_cache=bool(decode_args) and not any(POSITION_INPUT.search(n) for n in names)
+        and not all(s.bias_from == "positions" for s in sites if s.compressible and s.phase == "decode"),
     )
     return plan, example_inputs
 
@@ -207,10 +223,43 @@ def _queries_and_mask(graph: fx.Graph, site: Site, after: fx.Node) -> tuple[fx.N
     return q, mask, after
 
 
+def _head_bias(graph: fx.Graph, site: Site, after: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The model's per-head score bias as [B or 1, H, Sq or 1, S] (BLOOM's
+    [B*H, 1, S] unfolded, MPT's [H, 1, S] given a batch axis), and the last
+    node inserted (``after`` when none was)."""
+    bias = site.head_bias
+    val = bias.meta["example_value"]
+    if val.dim() == 4:
+        return bias, after
+    with graph.inserting_after(after):
+        if isinstance(val.shape[0], int) and val.shape[0] == site.heads:
+            bias = graph.call_function(operator.getitem, (bias, (None,)))
+        else:
+            bias = graph.call_method("unflatten", (bias, 0, (-1, site.heads)))
+    return bias, bias
+
+
+def position_bias_shift(head_bias: torch.Tensor, index: torch.Tensor, length) -> torch.Tensor:
+    """What a kept slot's bias must gain so that a linear per-head position
+    bias (ALiBi: slope x key position), which the model computes from slot
+    numbers, reads the slot's original position instead: slope x (position -
+    slot - (length - kept)). The last term is the shift the model's own bias
+    gives every token after the prompt (a token at position p lands in slot
+    p - (length - kept)): with it, new tokens need no correction and the
+    softmax is unchanged by the constant. head_bias: [B|1, H, Sq|1, S] over
+    the prompt; index: [B, H, kept] the original position of each slot."""
+    row = torch.nn.functional.pad(head_bias[:, :, -1, :].float(), (1, 0), mode="replicate")  # 1 token: slope 0
+    slope = row[..., -1] - row[..., -2]
+    kept = index.shape[-1]
+    slots = torch.arange(kept, device=index.device)
+    return slope[..., None] * (index - slots - (length - kept)).float()
+
+
 def _replace_output(graph: fx.Graph, site: Site, out: fx.Node) -> None:
     """kvfx's attention output [B, H, Sq, Dv] in place of the model's (folded
-    back to [B*H, Sq, Dv] for bmm attention)."""
-    if site.fold:
+    back to [B*H, Sq, Dv] where the model's was: GPT-NeoX-Japanese folds the
+    queries for its scores but reads [B, H, S, D] values)."""
+    if site.fold and site.node.meta["example_value"].dim() == 3:
         with graph.inserting_after(out):
             out = graph.call_method("flatten", (out, 0, 1))
     site.node.replace_all_uses_with(out)

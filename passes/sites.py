@@ -63,6 +63,8 @@ class Site:
     fill: Any = dataclasses.field(default=None, repr=False)         # masked_fill(cond, -inf) condition (True = masked)
     fill_keeps: bool = False        # fill is torch.where(cond, scores, -inf)'s condition (True = attend)
     sinks: Any = dataclasses.field(default=None, repr=False)        # sink logits joined to the scores (gpt-oss)
+    head_bias: Any = dataclasses.field(default=None, repr=False)    # the model's per-head score bias (ALiBi, Doge)
+    bias_from: str = ""             # what head_bias is computed from: "positions" (ALiBi) | "cache" (Doge)
     k_new: Any = dataclasses.field(default=None, repr=False)
     k_past: Any = dataclasses.field(default=None, repr=False)      # placeholder of the incoming cache (decode)
     v_past: Any = dataclasses.field(default=None, repr=False)
@@ -247,10 +249,11 @@ def _match_eager(softmax: fx.Node) -> Optional[dict]:
                 _method(x, {"baddbmm"}):
             if "baddbmm" in str(x.target):  # BLOOM: bias.baddbmm(q, k^T, beta=1, alpha=scale)
                 q, kt = _arg(x, 1, "batch1"), _arg(x, 2, "batch2")
-                factor = _number(x.kwargs.get("alpha", 1.0))
-                if factor is None or _number(x.kwargs.get("beta", 1.0)) != 1.0:
+                factor, beta = _number(x.kwargs.get("alpha", 1.0)), _number(x.kwargs.get("beta", 1.0))
+                if factor is None or beta not in (0.0, 1.0):
                     return None
-                masks.append(x.args[0])
+                if beta and not _is_zeros(x.args[0]):  # GPT-NeoX-Japanese adds a zeros tensor: no bias
+                    masks.append(x.args[0])
                 scale *= factor
             else:
                 q, kt = x.args[:2]
@@ -268,6 +271,11 @@ def _match_eager(softmax: fx.Node) -> Optional[dict]:
         else:
             return None
     return None
+
+
+def _is_zeros(node) -> bool:
+    """``node`` is a freshly made tensor of zeros."""
+    return _is_call(node, {torch.zeros, torch.zeros_like}) or _method(node, {"new_zeros", "zero_"})
 
 
 def _sink_scaled(out: fx.Node, logits: fx.Node) -> Optional[tuple]:
@@ -571,8 +579,9 @@ def _static(x) -> Optional[int]:
 
 
 def _shape_reason(q, k, masks: list) -> tuple[dict, str]:
-    """Heads, KV heads, head_dim and whether heads are folded into the batch
-    (``[B*H, S, D]`` for bmm); or why not."""
+    """Heads, KV heads, head_dim, whether heads are folded into the batch
+    (``[B*H, S, D]`` for bmm), the attention mask and the per-head score bias
+    among ``masks``; or why not."""
     qv, kv = _value(q), _value(k)
     if qv is None or kv is None or kv.dim() != 4:
         return {}, "keys are not 4-D [B, H, S, D]"
@@ -585,18 +594,44 @@ def _shape_reason(q, k, masks: list) -> tuple[dict, str]:
         return {}, f"queries {list(qv.shape)} are neither [B, H, S, D] nor [B*H, S, D] over keys {list(kv.shape)}"
     if heads is None or kv_heads is None or head_dim is None:
         return {}, "the head counts are symbolic (compile without dynamic=True)"
+    per_head = []
     for mask in masks:
         mv = _value(mask)
         if mv is None or mv.dtype == torch.bool or mv.dim() < 3:
             continue
         head_axis = 1 if mv.dim() == 4 else 0  # [B, H, Sq, S], or [H or B*H, Sq, S]
         if _static(mv.shape[head_axis]) not in (1, None) and (head_axis == 1 or qv.dim() == 4 or fold):
-            return {}, (f"the additive score bias {list(mv.shape)} differs per head (ALiBi or another per-head "
-                        "position bias, built for the uncompressed cache): after compression it would need each "
-                        "slot's original position")
-    if len(masks) > 1:
-        return {}, f"{len(masks)} additive score modifiers (kvfx reads one attention mask)"
-    return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, fold=fold), ""
+            per_head.append(mask)
+    plain = [m for m in masks if m not in per_head]
+    if len(per_head) > 1 or len(plain) > 1:
+        return {}, (f"{len(masks)} additive score modifiers (kvfx reads one attention mask and one per-head "
+                    "score bias)")
+    return dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, fold=fold, mask=plain[0] if plain else None,
+                head_bias=per_head[0] if per_head else None), ""
+
+
+def _bias_reason(site: "Site", bias: fx.Node) -> tuple[str, str]:
+    """What a per-head score bias is computed from ("cache": the cached keys or
+    values, recomputed from the kept slots after compression, as Doge's
+    dynamic mask is; "positions": ALiBi's slope x key position, which kvfx
+    corrects slot by slot), or why kvfx cannot keep it right."""
+    cached = {n for n in (site.k, site.v, site.k_past, site.v_past) if n is not None}
+    seen, todo = set(), [bias]
+    while todo:  # the bias's tensor inputs (a size read, ALiBi's kv_len, is no data of the cache)
+        for a in todo.pop().all_input_nodes:
+            if a in cached:
+                return "cache", ""
+            if a not in seen and isinstance(_value(a), torch.Tensor) and not _is_attention_call(a) and len(seen) < 160:
+                seen.add(a)
+                todo.append(a)
+    shape = list(_value(bias).shape)
+    if _value(bias).dim() == 4 and _static(_value(bias).shape[2]) not in (1, None):
+        return "", (f"the additive score bias {shape} differs per head and per query (a relative position bias): "
+                    "after compression it would need each slot's original position")
+    if site.heads != site.kv_heads:
+        return "", (f"the additive score bias {shape} differs per head (ALiBi) over grouped KV heads: kvfx corrects "
+                    "a position bias per KV head, and here one KV head serves query heads of different slopes")
+    return "positions", ""
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
@@ -610,7 +645,6 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         root, module = module_path(found["node"])
         site = Site(index=len(sites), layer=layer_of(module), module=module, root=root, attention=found["attention"],
                     cache="unknown", node=found["node"], q=found["q"], fill=found["fill"], fill_keeps=found["fill_keeps"],
-                    mask=found["masks"][0] if len(found["masks"]) == 1 else None,
                     sinks=found["sinks"], scale=found["scale"], softcap=found["softcap"], causal=found["causal"])
         if store is not None:  # the k, v [B, Hkv, S, D] a kvfx cache layer was given
             site.k, site.v = store.args[0], store.args[1]
@@ -624,8 +658,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         site.reason = cache.get("reason", "")
         shape, why = _shape_reason(site.q, site.k, found["masks"])
         if shape:
-            site.heads, site.kv_heads, site.head_dim, site.fold = (shape[k] for k in ("heads", "kv_heads", "head_dim",
-                                                                                     "fold"))
+            site.heads, site.kv_heads, site.head_dim, site.fold, site.mask, site.head_bias = (
+                shape[k] for k in ("heads", "kv_heads", "head_dim", "fold", "mask", "head_bias"))
             if site.heads != site.kv_heads:
                 site.gqa = "native" if found["native_gqa"] else "repeat"
         if store is not None:
@@ -653,6 +687,11 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             site.reason = "the softmax scale is a traced value, not a constant (compile without dynamic=True)"
         if not site.reason and why:
             site.reason = why
+        if not site.reason and site.head_bias is not None:
+            site.bias_from, site.reason = _bias_reason(site, site.head_bias)
+            if site.cache == "store" and not site.reason:
+                site.reason = (f"the additive score bias {list(_value(site.head_bias).shape)} differs per head: "
+                               "kvfx's slot store attention takes no per-head bias")
         if not site.reason and site.heads % site.kv_heads:
             site.reason = f"{site.heads} query heads do not divide into {site.kv_heads} KV heads"
         sites.append(site)

@@ -9,14 +9,14 @@ import torch
 
 import kvfx
 from kvfx.testing import no_compression
-from kvfx.testing.gallery import GALLERY, BmmAttention, NanoGPTAttention, TupleCacheLM
+from kvfx.testing.gallery import DIM, GALLERY, HEAD_DIM, HEADS, AlibiAttention, BmmAttention, NanoGPTAttention, \
+    TupleCacheLM
 
 PROMPT, STEPS = 24, 8
-COMPRESSED = ["nanogpt", "bmm", "sinks", "latent"]
+COMPRESSED = ["nanogpt", "bmm", "sinks", "latent", "alibi"]
 LEFT_ALONE = {  # entry -> what the reason must name
     "gpt-fast": "index assignment cache[..., input_pos] = k (gpt-fast's KVCache)",
     "meta-llama": "slice assignment cache[:b, start:start+n] = k (Meta's reference Llama)",
-    "alibi": "differs per head (ALiBi",
 }
 
 
@@ -45,6 +45,23 @@ def test_budget_above_the_prompt_equals_eager(name, how):
     assert {s.phase for s in sites} == {"prefill", "decode"}
 
 
+class _PositionedAlibi(AlibiAttention):
+    """The ALiBi block's eager reference after eviction: the bias reads each
+    cached key's original position (kept beside it in the cache), which is
+    what a compressed ALiBi cache must reproduce."""
+
+    def forward(self, x, pos, past):
+        B, S, _ = x.shape
+        q, k, v = self.Wqkv(x).view(B, S, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        key_pos = pos
+        if past is not None:
+            k, v, key_pos = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2), torch.cat([past[2], pos])
+        alibi = self.slopes.view(1, HEADS, 1, 1) * (key_pos - pos[-1]).view(1, 1, 1, -1)
+        scores = q.matmul(k.transpose(-1, -2)) * HEAD_DIM ** -0.5 + alibi
+        scores = scores.masked_fill(key_pos.view(1, -1) > pos.view(-1, 1), float("-inf")).softmax(-1)
+        return self.out_proj(scores.matmul(v).transpose(1, 2).reshape(B, S, DIM)), (k, v, key_pos)
+
+
 def _evict_by_hand(cache, keep):
     """Keep the prompt slots ``keep`` of every cache tensor [B, H, S, D]."""
     return [{n: t[:, :, keep] for n, t in layer.items()} if isinstance(layer, dict) else tuple(t[:, :, keep] for t in layer)
@@ -66,12 +83,18 @@ def test_half_budget_shrinks_the_cache_and_equals_the_eager_reference(name, how)
     model = entry.model()
     keep = list(range(4)) + list(range(PROMPT - 8, PROMPT))
     prompt = ids()
+    if name == "alibi":  # the bias must follow each kept key's original position
+        for block in model.blocks:
+            block.attn.__class__ = _PositionedAlibi
     with torch.no_grad():
         if name == "nanogpt":
             logits, past = model(prompt, None, torch.arange(PROMPT))
         else:
             logits, past = model(prompt, torch.arange(PROMPT))
-        past = _evict_by_hand(past, keep)
+        if name == "alibi":
+            past = [(k[:, :, keep], v[:, :, keep], key_pos[keep]) for k, v, key_pos in past]
+        else:
+            past = _evict_by_hand(past, keep)
         tokens, all_logits = [prompt], [logits[:, -1]]
         for i in range(STEPS):
             nxt = logits[:, -1:].argmax(-1)

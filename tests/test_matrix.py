@@ -14,7 +14,6 @@ PAIRS = [pytest.param(name, attn, id=f"{name}-{attn}") for name, entry in ZOO.it
 # Entries with nothing kvfx compresses, and what it must say about them.
 LEFT_ALONE = {
     "mistral_sliding": "sliding-window layer",  # every layer's window binds: the cache is bounded already
-    "bloom": "differs per head (ALiBi",         # ALiBi: the bias needs each slot's original position
 }
 PROMPT = 24
 STEPS = 32

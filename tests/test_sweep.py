@@ -9,7 +9,8 @@ from kvfx.testing.sweep import measure, summary, tiny_config
     ("llama", "compressed", None),
     ("gpt_neo", "compressed", None),                       # where(causal, scores, lowest) + padding mask
     ("granite_swa", "compressed", None),                   # sinks applied as sigmoid(logsumexp - sink)
-    ("bloom", "left alone", "differs per head (ALiBi"),    # baddbmm over [B*H, S, D] with an ALiBi bias
+    ("bloom", "compressed", None),                         # baddbmm over [B*H, S, D] with an ALiBi bias
+    ("doge", "compressed", None),                          # a per-head bias computed from the cached values
     ("mamba", "no kv cache", "keeps no attention keys"),
 ])
 def test_family(family, status, why):

@@ -60,7 +60,9 @@ sink logits joined before the softmax and dropped after (gpt-oss) or applied as
 | latent `[B, 1, S, r]` + rotary key `[B, 1, S, dr]`, re-expanded every call | DeepSeek-V2/V3 and other MLA models in transformers, hand-written MLA | compressed on the rectangular path: slots scored on the expanded keys, one selection for every head |
 | keys computed every call from another cache shape | JetMoE-style head tiling | left alone, naming the cache shape |
 | preallocated buffer written in place (`index_put`/`index_copy_`/slice assignment) | gpt-fast `KVCache`, Meta reference Llama, torchtune, HF `StaticCache` under the bare backend | left alone, naming the write: a hand-written buffer is not routed to the slot store yet |
-| per-head additive bias built from the cache length | ALiBi (BLOOM, MPT), learned per-head masks | left alone: the bias would need each slot's original position |
+| per-head linear position bias (ALiBi) built from the cache length | BLOOM, MPT, hand-written ALiBi | compressed on the rectangular path by one-shot policies: each kept slot's bias gains slope x (its original position - its slot - the tokens evicted), so the model's own bias reads original positions; the slope is read off the model's bias |
+| per-head bias computed from the cached keys or values | Doge's dynamic mask | compressed: the model recomputes the bias from the kept slots, kvfx's attention adds it |
+| per-head bias that differs per query (relative position buckets) | Inkling | left alone: it would need each slot's original position |
 | an attention block split by a graph break | data-dependent Python control flow | left alone, naming where dynamo broke and why |
 """
 

@@ -34,7 +34,7 @@ import warnings
 TINY = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=256, n_embd=64, n_layer=2, n_head=4, n_inner=128,
-    d_model=64, n_positions=256, num_layers=2, num_heads=4, ffn_dim=128, d_ff=128, decoder_layers=2,
+    d_model=64, n_positions=256, n_layers=2, n_heads=4, num_layers=2, num_heads=4, ffn_dim=128, d_ff=128, decoder_layers=2,
     decoder_attention_heads=4, decoder_ffn_dim=128, moe_intermediate_size=32, shared_expert_intermediate_size=32,
     num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
     first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
