@@ -173,7 +173,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                     bias = graph.call_function(operator.getitem, (bias, (slice(None), slice(0, 1))))
                 with graph.inserting_after(bias):
                     score = graph.call_function(operator.getitem, (score, (slice(None), slice(0, 1))))
-            _replace_output(graph, site, attn_out)
+            attn_out = _replace_output(graph, site, attn_out)
+            outputs = [attn_out if node is site.node else node for node in outputs]
             if continuous:
                 k_c, v_c, bias, score = call(
                     torch.ops.kvfx.step.default,
@@ -206,6 +207,13 @@ def _queries_and_mask(graph: fx.Graph, site: Site, after: fx.Node) -> tuple[fx.N
     if site.fold:
         with graph.inserting_after(after):
             q = after = graph.call_method("unflatten", (site.q, 0, (-1, site.heads)))
+    if site.gqa == "tile":  # KV heads tiled (h % Hkv): query heads in repeat_kv's order (h // r), as kvfx's ops read
+        with graph.inserting_after(after):
+            q = after = graph.call_method("unflatten", (q, 1, (-1, site.kv_heads)))
+        with graph.inserting_after(after):
+            q = after = graph.call_method("transpose", (q, 1, 2))
+        with graph.inserting_after(after):
+            q = after = graph.call_method("flatten", (q, 1, 2))
     if site.fill is not None:
         mask = site.fill
         if not site.fill_keeps:
@@ -255,14 +263,23 @@ def position_bias_shift(head_bias: torch.Tensor, index: torch.Tensor, length) ->
     return slope[..., None] * (index - slots - (length - kept)).float()
 
 
-def _replace_output(graph: fx.Graph, site: Site, out: fx.Node) -> None:
+def _replace_output(graph: fx.Graph, site: Site, out: fx.Node) -> fx.Node:
     """kvfx's attention output [B, H, Sq, Dv] in place of the model's (folded
     back to [B*H, Sq, Dv] where the model's was: GPT-NeoX-Japanese folds the
-    queries for its scores but reads [B, H, S, D] values)."""
+    queries for its scores but reads [B, H, S, D] values; tiled heads put back
+    in the model's order)."""
+    if site.gqa == "tile":
+        with graph.inserting_after(out):
+            out = graph.call_method("unflatten", (out, 1, (site.kv_heads, -1)))
+        with graph.inserting_after(out):
+            out = graph.call_method("transpose", (out, 1, 2))
+        with graph.inserting_after(out):
+            out = graph.call_method("flatten", (out, 1, 2))
     if site.fold and site.node.meta["example_value"].dim() == 3:
         with graph.inserting_after(out):
             out = graph.call_method("flatten", (out, 0, 1))
     site.node.replace_all_uses_with(out)
+    return out
 
 
 def _reused_index(site: Site, policy, layer: int, kept_index: dict):
@@ -301,7 +318,7 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
     (out,) = call(torch.ops.kvfx.store_attend.default,
                   (q, k_pages, v_pages, slot_bias, page_table, lengths, float(site.scale), float(site.softcap),
                    site.sinks), ready)
-    _replace_output(graph, site, out)
+    replaced[site.node] = _replace_output(graph, site, out)  # (an attention output the graph returns)
     if policy.schedule == "continuous":
         with graph.inserting_after(out):
             graph.call_function(torch.ops.kvfx.store_step.default,
@@ -317,4 +334,6 @@ def _is_impure(node: fx.Node) -> bool:
     schema = getattr(getattr(node.target, "default", node.target), "_schema", None)
     if node.op == "call_function" and schema is not None and schema.is_mutable:
         return True
+    if node.op == "call_function" and "functorch" in (getattr(node.target, "__module__", None) or ""):
+        return True  # vmap's nesting calls (transformers' mask functions): unused results, needed effects
     return node.is_impure()

@@ -44,7 +44,7 @@ class Site:
     heads: Optional[int] = None
     kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
-    gqa: str = "none"               # "native" (enable_gqa) | "repeat" (expand+reshape) | "none"
+    gqa: str = "none"               # "native" (enable_gqa) | "repeat" (expand+reshape) | "tile" (k.repeat) | "none"
     fold: bool = False              # queries are [B*H, S, D] (heads folded into the batch for bmm)
     scale: Optional[float] = None
     softcap: float = 0.0
@@ -112,9 +112,34 @@ def _is_layout(node) -> bool:
         return True
     if node.op == "call_function" and node.target in LAYOUT_FUNCS:
         return True
+    if head_tiling(node) is not None:  # the site records it: its heads are tiled, not interleaved (gqa="tile")
+        return True
     # x[:, :, None, :, :] -- the first half of HF's repeat_kv
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], tuple):
         return all(i is None or i is Ellipsis or i == slice(None) for i in node.args[1])
+    return False
+
+
+def head_tiling(node) -> Optional[int]:
+    """r when ``node`` is ``x.repeat(1, r, 1, 1)`` of 4-D keys or values: KV
+    heads tiled, so query head h reads KV head h % Hkv (JetMoE), where GQA's
+    repeat_kv interleaves them (h // r)."""
+    if not _method(node, {"repeat"}):
+        return None
+    reps = node.args[1:]
+    if len(reps) == 1 and isinstance(reps[0], (tuple, list)):
+        reps = tuple(reps[0])
+    if len(reps) == 4 and list(reps[:1]) + list(reps[2:]) == [1, 1, 1] and isinstance(reps[1], int):
+        return reps[1]
+    return None
+
+
+def _tiled(node) -> bool:
+    """Whether the layout chain above ``node`` tiles its heads (``head_tiling``)."""
+    while _is_layout(node):
+        if head_tiling(node) is not None:
+            return True
+        node = node.args[0]
     return False
 
 
@@ -662,6 +687,14 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
                 shape[k] for k in ("heads", "kv_heads", "head_dim", "fold", "mask", "head_bias"))
             if site.heads != site.kv_heads:
                 site.gqa = "native" if found["native_gqa"] else "repeat"
+        tiled = _tiled(found["k_attn"])
+        if tiled and site.heads != site.kv_heads:
+            # kvfx's ops group query heads as repeat_kv does: the rewrite reorders them (rewrite._queries_and_mask)
+            site.gqa = "tile"
+            if _tiled(found["v_attn"]) != tiled:
+                site.reason = site.reason or "keys are tiled over the query heads (repeat) and values are not"
+            elif site.sinks is not None or site.head_bias is not None:
+                site.reason = site.reason or "tiled KV heads (repeat) with per-head sinks or a per-head score bias"
         if store is not None:
             site.store = store
             v_read = [u for u in store.users if _is_call(u, {operator.getitem}) and u.args[1] == 1]
@@ -695,7 +728,66 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if not site.reason and site.heads % site.kv_heads:
             site.reason = f"{site.heads} query heads do not divide into {site.kv_heads} KV heads"
         sites.append(site)
+    _masks_from_other_caches(sites)
+    _masks_shared_with_full_caches(sites)
     return sites
+
+
+def _mask_inputs(mask: fx.Node) -> set:
+    """The graph inputs a mask is computed from."""
+    seen, todo, inputs = set(), [mask], set()
+    while todo and len(seen) < 400:
+        node = todo.pop()
+        if node.op == "placeholder":
+            inputs.add(node)
+        for a in node.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return inputs
+
+
+def _masks_shared_with_full_caches(sites: list[Site]) -> None:
+    """A layer kvfx leaves alone keeps its whole cache; when its attention mask
+    comes from the same inputs as a compressed layer's (transformers builds
+    one mask from one layer's cache length), compressing that layer would
+    size the shared mask for fewer slots than the whole cache holds (HY-V4:
+    a latent layer left alone beside a compressed one). Leave such layers
+    alone too, naming the layer that keeps its cache."""
+    whole = [s for s in sites if not s.compressible and s.mask is not None and s.cache != "sliding"]
+    for keeper in whole:
+        shared = _mask_inputs(keeper.mask)
+        for site in sites:
+            if site.compressible and site.mask is not None and _mask_inputs(site.mask) & shared:
+                site.reason = (f"its attention mask is shared with {keeper.module or f'attention {keeper.index}'}, "
+                               f"which keeps its whole cache ({keeper.reason}): a compressed cache here would "
+                               "make that mask too short for it")
+
+
+def _masks_from_other_caches(sites: list[Site]) -> None:
+    """Leave alone a site whose attention mask is computed from a cache no
+    site reads (HY-V4's sparse-attention indexer keeps its own keys and masks
+    attention with its top-k): compressing the site would shorten the mask
+    the model builds from the cache length, and the indexer's cache would no
+    longer fit it."""
+    caches = {n for s in sites for n in (s.k, s.v) if n is not None}
+    for site in sites:
+        if not site.compressible or site.mask is None:
+            continue
+        seen, todo = set(), [site.mask]
+        while todo and len(seen) < 400:
+            for a in todo.pop().all_input_nodes:
+                if a in seen or not isinstance(_value(a), torch.Tensor):
+                    continue  # (a size read is no data of a cache)
+                seen.add(a)
+                cat = _seq_cat(a)
+                if cat is not None and cat not in caches:
+                    site.reason = (f"the attention mask is computed from another cache {list(_value(cat).shape)} "
+                                   f"(at {cat.name}; a sparse-attention indexer's keys, say) that kvfx does not "
+                                   "compress: a shorter mask would no longer fit it")
+                    todo = []
+                    break
+                todo.append(a)
 
 
 def stray_stores(gm: fx.GraphModule, sites: list[Site]) -> list[str]:

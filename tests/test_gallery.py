@@ -172,3 +172,87 @@ def test_a_graph_break_inside_attention_is_named_where_it_broke():
     assert split and all(why.startswith("a graph break split this attention block from its cache write (dynamo "
                                         "broke the graph after c_attn, at test_gallery.py:") for why in split), split
     assert any("a graph break split this attention block" in str(w.message) for w in caught)
+
+
+def test_alibi_under_a_continuous_policy_is_left_alone_with_why():
+    """TOVA moves slots at every decode step: the once-made ALiBi correction
+    would go stale, so the sites say so and the model runs as it would."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled, be = run("alibi", kvfx.TOVA(budget=0.5))
+    assert_same(compiled, run("alibi")[0])
+    reasons = {s.reason for r in be.records for s in r.sites}
+    assert reasons == {"the per-head position bias (ALiBi) is corrected once, when TOVA compresses the prompt; a "
+                       "continuous policy moves slots at every decode step"}, reasons
+
+
+def test_a_per_query_head_bias_is_left_alone_and_a_cache_derived_one_is_not():
+    """A bias that differs per query needs each slot's original position; one
+    computed from the cached values is recomputed by the model from the kept
+    slots (Doge's dynamic mask)."""
+    from kvfx.passes.sites import find_sites
+
+    def block(q, k_past, k_new, v_past, v_new, bias_of):
+        k, v = torch.cat([k_past, k_new], 2), torch.cat([v_past, v_new], 2)
+        s = q @ k.transpose(-1, -2) * 0.25 + bias_of(k, v)
+        return (s.softmax(-1) @ v), k, v
+
+    def shapes(q_len):
+        return ([torch.randn(1, 4, q_len, 16)] + [torch.randn(1, 4, n, 16) for n in (5, q_len, 5, q_len)])
+
+    per_query = lambda k, v: torch.arange(k.shape[2] * 4.0).view(1, 4, 1, -1).expand(1, 4, 3, -1) * 0.1  # noqa: E731
+    from_values = lambda k, v: v.sum(-1)[:, :, None, :]  # noqa: E731
+    for bias_of, why in ((per_query, "differs per head and per query"), (from_values, "")):
+        sites = find_sites(_dynamo_graph(block, bias_of, shapes(3)))
+        assert len(sites) == 1
+        assert (why in sites[0].reason) if why else sites[0].compressible, sites[0].reason
+        if not why:
+            assert sites[0].bias_from == "cache"
+
+
+def _dynamo_graph(block, bias_of, inputs):
+    """The FX graph dynamo hands a backend for ``block``."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda *a: block(*a, bias_of), backend=keep)(*inputs)
+    return graphs[0]
+
+
+def test_tiled_kv_heads_read_the_right_head():
+    """JetMoE's ``k.repeat(1, r, 1, 1)`` tiles KV heads (query head h reads KV
+    head h % Hkv, where repeat_kv gives h // r): kvfx reorders the query heads
+    for its ops and the output back. Sharp scores make a wrong pairing show."""
+    torch.manual_seed(0)
+    wq, wk, wv = (torch.randn(DIM, n) * 3 for n in (HEADS * HEAD_DIM, 2 * HEAD_DIM, 2 * HEAD_DIM))
+
+    def step(x, past):
+        q = (x @ wq).view(1, -1, HEADS, HEAD_DIM).transpose(1, 2)
+        k, v = ((x @ w).view(1, -1, 2, HEAD_DIM).transpose(1, 2) for w in (wk, wv))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        out = F.scaled_dot_product_attention(q, k.repeat(1, HEADS // 2, 1, 1), v.repeat(1, HEADS // 2, 1, 1),
+                                             is_causal=past is None)
+        return out, (k, v)
+
+    def run_steps(fn):
+        x, past, outs = torch.randn(1, 12, DIM, generator=torch.Generator().manual_seed(0)), None, []
+        for _ in range(3):
+            out, past = fn(x, past)
+            outs.append(out[:, :, -1])
+            x = torch.randn(1, 1, DIM, generator=torch.Generator().manual_seed(len(outs)))
+        return outs
+
+    import torch.nn.functional as F  # noqa: N812
+
+    be = kvfx.backend(no_compression(), inner="aot_eager")
+    torch._dynamo.reset()
+    got = run_steps(torch.compile(step, backend=be))
+    for a, b in zip(got, run_steps(step)):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    sites = [s for r in be.records for s in r.sites]
+    assert sites and all(s.compressible and s.gqa == "tile" for s in sites), [(s.gqa, s.reason) for s in sites]

@@ -237,6 +237,13 @@ class TransformersForward:
 
         uninstall(cache_of(kwargs), fresh)
         self.disabled = why
+        mask, cache = kwargs.get("attention_mask"), cache_of(kwargs)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and not getattr(cache, "is_compileable", True):
+            # generate built this 4-D mask only because kvfx's layers are compileable (a model that builds its
+            # own masks, ProphetNet, fails on it): give the call the 2-D padding mask generate would have given
+            from kvfx.ops import valid_slots
+
+            kwargs = dict(kwargs, attention_mask=valid_slots(mask, mask.shape[0], mask.shape[-1], mask.device).long())
         warnings.warn(f"kvfx: this model keeps transformers' own cache layers, where kvfx rewrites what it "
                       f"recognises (its slot store cannot serve the model: {why})", stacklevel=3)
         return run(*args, **kwargs)
