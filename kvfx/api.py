@@ -172,14 +172,43 @@ class Backend:
         record.code_after = gm.code
         self._log(record)
         try:
-            compiled = self._inner(gm, rewritten_inputs)
+            compiled, recompile = self._compiled_parts(gm, rewritten_inputs, plan)
         except Exception as err:  # never a crash deep in the inner compiler: leave the graph as the model wrote it
             return self._compile_unrewritten(record, before, example_inputs, sites, err)
-        runner = StatefulGraph(compiled, plan)
+        runner = StatefulGraph(compiled, plan, recompile)
         if fake_inputs is not None:
             self._rewritable.append(_Rewritable(record, before, fake_inputs, torch._guards.TracingContext.try_get(),
                                                 torch.is_grad_enabled(), runner, [s.depth for s in sites]))
         return runner
+
+    def _compiled_parts(self, gm: fx.GraphModule, inputs: list, plan) -> tuple:
+        """The compiled graph, and for a graph that decodes over buffer stores
+        (kvfx.buffers) a function compiling it for given store capacities
+        (the graph compiled for the capacities of the first call instead)."""
+        if not plan.buffer_decode:
+            return self._inner(gm, inputs), None
+        fake_mode = torch._guards.detect_fake_mode(inputs)
+        context, grad = torch._guards.TracingContext.try_get(), torch.is_grad_enabled()
+        first = len(inputs) - sum(3 if kind == "state" else 4 for kind in plan.input_kinds)
+        positions, at = [], first
+        for kind in plan.input_kinds:  # where each buffer store's k, v and bias sit among the inputs
+            if kind == "buffer":
+                positions.append(range(at, at + 3))
+            at += 3 if kind == "state" else 4
+
+        def recompile(capacities: tuple):
+            sized = list(inputs)
+            with fake_mode:
+                for slots, where in zip(capacities, positions):
+                    for i in where:
+                        fake = inputs[i]
+                        sized[i] = torch.empty(*fake.shape[:2], slots, *fake.shape[3:], dtype=fake.dtype,
+                                               device=fake.device)
+            with torch._guards.tracing(context), torch.set_grad_enabled(grad):
+                return self._inner(gm, sized)
+
+        recompile((1,) * len(positions))  # a graph the inner compiler cannot compile fails here, not at a call
+        return None, recompile
 
     def _compile_unrewritten(self, record: GraphRecord, before: fx.GraphModule, example_inputs, sites, err):
         why = f"compiling kvfx's rewrite of it failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
@@ -228,8 +257,8 @@ class Backend:
                 site.depth = depth
             plan, rewritten_inputs = rewrite(gm, entry.fake_inputs, sites, policy)
             with torch._guards.tracing(entry.context), torch.set_grad_enabled(entry.grad_enabled):
-                compiled = self._inner(gm, rewritten_inputs)
-            entry.runner.compiled, entry.runner.plan = compiled, plan
+                compiled, recompile = self._compiled_parts(gm, rewritten_inputs, plan)
+            entry.runner.__init__(compiled, plan, recompile)
             entry.record.sites, entry.record.code_after, entry.record.graph_after = sites, gm.code, gm.graph
             self._log(entry.record)
 
@@ -423,7 +452,16 @@ def compiled_forward(model: torch.nn.Module, be: Backend, original: Callable, pa
 
 
 def _plain_call(run: Callable, args: tuple, kwargs: dict):
-    return run(*args, **kwargs)
+    try:
+        return run(*args, **kwargs)
+    except Exception as err:
+        if "refers to a single memory location" not in str(err):
+            raise
+        raise RuntimeError(
+            "kvfx: this call writes several tokens into a cache buffer kvfx took over after the prompt (its module "
+            "buffer is now an empty placeholder, stride 0, and kvfx holds the slots); dynamo cannot trace a "
+            "multi-token write into it. After the prompt, write one token per call (gpt-fast's decode loop), or "
+            "compile without kvfx for multi-token verification steps.") from err
 
 
 def _positions_from_state(args, kwargs):

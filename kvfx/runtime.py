@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from kvfx import buffers
 from kvfx.passes.rewrite import StatePlan
 
 STATE_ATTR = "_kvfx_state"
@@ -53,17 +54,33 @@ class PositionError(RuntimeError):
 
 class StatefulGraph:
     """Calls a rewritten, compiled graph: feeds each decode site's incoming
-    state, attaches each write-back's new state, returns the model's outputs."""
+    state, attaches each write-back's new state, returns the model's outputs.
 
-    def __init__(self, compiled: Callable, plan: StatePlan) -> None:
+    A graph that decodes over module buffers kvfx took over (``kvfx.buffers``)
+    is compiled here, by ``recompile(capacities)``, once for each set of its
+    stores' capacities: a store grows a few times a generation, never per step."""
+
+    def __init__(self, compiled: Optional[Callable], plan: StatePlan,
+                 recompile: Optional[Callable[[tuple], Callable]] = None) -> None:
         self.compiled = compiled
         self.plan = plan
+        self.recompile = recompile
+        self._by_capacity: dict[tuple, Callable] = {}
 
     def __call__(self, *args):
         plan = self.plan
         extra: list = []
-        for arg_index in plan.decode_args:
-            keys = args[arg_index]
+        states = iter(plan.decode_args)
+        buffer_sites = iter(plan.buffer_decode)
+        held = []   # (buffer state, tokens this call writes)
+        for kind in plan.input_kinds:
+            if kind == "buffer":
+                k_arg, _v_arg, new_tokens = next(buffer_sites)
+                state = buffers.grow(args[k_arg], new_tokens)
+                held.append((state, new_tokens))
+                extra += state.tensors()
+                continue
+            keys = args[next(states)]
             state = state_of(keys)
             if state is None:  # neutral state; seen = -1 tells kvfx::attend to use the model's mask
                 batch, kv_heads, length = keys.shape[:3]
@@ -73,15 +90,26 @@ class StatefulGraph:
                 extra += [state.slot_bias, state.seen, state.slot_score]
         if plan.positions_from_cache:
             self._check_positions(args)
+        compiled = self._for_capacities(tuple(state.capacity for state, _ in held)) if held else self.compiled
         # Backends return callables in dynamo's unboxed convention.
-        outs = list(self.compiled(*args, *extra))
+        outs = list(compiled(*args, *extra))
+        for state, new_tokens in held:
+            state.used += new_tokens
         model_outs = outs[: plan.n_outputs]
-        states = outs[plan.n_outputs:]
+        rest = outs[plan.n_outputs:]
         for i, out_index in enumerate(plan.state_outputs):
-            setattr(model_outs[out_index], STATE_ATTR, SlotState(*states[3 * i: 3 * i + 3]))
+            setattr(model_outs[out_index], STATE_ATTR, SlotState(*rest[3 * i: 3 * i + 3]))
+        rest = rest[3 * len(plan.state_outputs):]
+        for i, (k_arg, v_arg) in enumerate(plan.buffer_prefill):  # kvfx takes the prompt's buffers over
+            buffers.adopt(args[k_arg], args[v_arg], *rest[4 * i: 4 * i + 4])
         if not plan.output_is_sequence:
             return model_outs[0]
         return tuple(model_outs)
+
+    def _for_capacities(self, capacities: tuple) -> Callable:
+        if capacities not in self._by_capacity:
+            self._by_capacity[capacities] = self.recompile(capacities)
+        return self._by_capacity[capacities]
 
     def _check_positions(self, args) -> None:
         # RoPE/absolute positions computed from the cache length would be

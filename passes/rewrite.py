@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx
 
+from kvfx.buffers import buffer_attend
 from kvfx.passes.sites import Site
 from kvfx.policies import key_of
 
@@ -63,6 +64,12 @@ class StatePlan:
     decode_args: list[int]              # arg index of each decode site's incoming key cache
     state_outputs: list[int]            # output index of each compressible site's key write-back
     positions_from_cache: bool          # the graph has no position input: it derives positions from cache length
+    # Buffer caches (kvfx.buffers): (key, value) buffer arg indices of each prefill site, whose compressed
+    # k, v, bias and tokens seen follow the other state outputs; of each decode site, with its store's four
+    # inputs added in site order (``input_kinds``) and the tokens each call writes.
+    input_kinds: list = dataclasses.field(default_factory=list)   # "state" | "buffer" per decode site, in order
+    buffer_prefill: list = dataclasses.field(default_factory=list)
+    buffer_decode: list = dataclasses.field(default_factory=list)
 
 
 def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site], policy) -> tuple[StatePlan, list]:
@@ -85,6 +92,10 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
     kept_index: dict[int, fx.Node] = {}   # layer -> its kept indices (ChunkKV reuse)
     last_placeholder = placeholders[-1]
     continuous = policy.schedule == "continuous"
+    buffer_outputs: list[fx.Node] = []
+    plan_buffers_prefill: list = []
+    plan_buffers_decode: list = []
+    input_kinds: list[str] = []          # whose state each decode site's added inputs are, in graph order
 
     def call(target, args, after):
         with graph.inserting_after(after):
@@ -110,6 +121,59 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             site.reason = (f"the per-head position bias (ALiBi) is corrected once, when {type(policy).__name__} "
                            "compresses the prompt; " + ("a latent cache is not per head" if site.latent else
                                                         "a continuous policy moves slots at every decode step"))
+            continue
+        if site.cache == "buffer":
+            if continuous:
+                site.reason = (f"{type(policy).__name__} ranks slots at every decode step; kvfx runs continuous "
+                               "policies on returned caches and slot stores, not on module buffers yet")
+                continue
+            index = placeholders.index
+            if site.phase == "prefill":
+                reuse = _reused_index(site, policy, layer, kept_index)
+                with graph.inserting_after(site.node):
+                    new_len = graph.call_method("size", (site.k_new, -2))
+                q, mask, ready = _queries_and_mask(graph, site, new_len)
+                k_c, v_c, bias, _score, kept = call(
+                    torch.ops.kvfx.compress.default,
+                    (q if policy.needs_queries else None, site.k_new, site.v_new, mask, reuse, spec, layer,
+                     n_layers, float(site.scale), None), ready)
+                kept_index[layer] = kept
+                with graph.inserting_after(kept):
+                    seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
+                buffer_outputs += [k_c, v_c, bias, seen]
+                plan_buffers_prefill.append((index(site.k), index(site.v)))
+                continue
+            new_tokens = site.k_new.meta["example_value"].shape[2]
+            if not isinstance(new_tokens, int):
+                site.reason = ("the tokens each decode call writes into the buffer are a symbolic count: kvfx sizes "
+                               "the buffer's store on the host from a fixed count")
+                continue
+            store_inputs = []
+            for name in ("k", "v", "slot_bias", "fill"):
+                with graph.inserting_after(last_placeholder):
+                    last_placeholder = graph.placeholder(f"kvfx_buffer_{name}_{site.index}")
+                store_inputs.append(last_placeholder)
+            k_new, v_new = (w.args[2] for w in site.writes)
+            for write in site.writes:  # the phantom is never written: the store takes the tokens
+                graph.erase_node(write)
+            q, _mask, ready = _queries_and_mask(graph, site, site.node)
+            with graph.inserting_after(ready):
+                out = graph.call_function(buffer_attend, (q, k_new, v_new, *store_inputs, float(site.scale),
+                                                          float(site.softcap)))
+            out = _replace_output(graph, site, out)
+            outputs = [out if node is site.node else node for node in outputs]
+            plan_buffers_decode.append((index(site.k), index(site.v), new_tokens))
+            with fake_mode:  # sized 1 slot here: the runtime compiles the graph for its stores' capacities
+                k_val, v_val = site.k_new.meta["example_value"], site.v_new.meta["example_value"]
+                b, h, device = k_val.shape[0], k_val.shape[1], k_val.device
+                fakes = [torch.empty(b, h, 1, k_val.shape[3], dtype=k_val.dtype, device=device),
+                         torch.empty(b, h, 1, v_val.shape[3], dtype=v_val.dtype, device=device),
+                         torch.empty(b, h, 1, dtype=torch.float32, device=device),
+                         torch.empty((), dtype=torch.int64, device=device)]
+            for node, fake in zip(store_inputs, fakes):
+                node.meta["example_value"] = fake
+            example_inputs.extend(fakes)
+            input_kinds.append("buffer")
             continue
         if site.cache == "store":
             replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call)
@@ -152,6 +216,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             for node, fake in zip(new_inputs, fakes):
                 node.meta["example_value"] = fake
             example_inputs.extend(fakes)
+            input_kinds.append("state")
             decode_args.append(placeholders.index(site.k_past))
             bias_in, seen_in, score_in = new_inputs
             keys, values = site.k, site.v
@@ -182,7 +247,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 outputs[site.k_out], outputs[site.v_out] = k_c, v_c
         extra_outputs += [bias, seen, score]
 
-    out_node.args = (tuple(outputs + extra_outputs),)
+    out_node.args = (tuple(outputs + extra_outputs + buffer_outputs),)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
     gm.recompile()
@@ -195,6 +260,9 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         # ALiBi models take no positions: the bias kvfx corrects is their only use of the cache length
         positions_from_cache=bool(decode_args) and not any(POSITION_INPUT.search(n) for n in names)
         and not all(s.bias_from == "positions" for s in sites if s.compressible and s.phase == "decode"),
+        input_kinds=input_kinds,
+        buffer_prefill=plan_buffers_prefill,
+        buffer_decode=plan_buffers_decode,
     )
     return plan, example_inputs
 

@@ -39,7 +39,7 @@ class Site:
     layer: Optional[int]            # from the module path (``...layers.3.self_attn`` -> 3)
     module: str                     # module path of the attention call, from the compiled frame's root module
     attention: str                  # "sdpa" | "eager"
-    cache: str                      # "store" | "dynamic" | "sliding" | "static" | "latent" | "none" | "unknown"
+    cache: str                      # store | dynamic | buffer | sliding | static | latent | none | unknown
     phase: str = "-"                # "prefill" (cache starts empty) | "decode" (cache from an input)
     heads: Optional[int] = None
     kv_heads: Optional[int] = None
@@ -66,6 +66,8 @@ class Site:
     head_bias: Any = dataclasses.field(default=None, repr=False)    # the model's per-head score bias (ALiBi, Doge)
     bias_from: str = ""             # what head_bias is computed from: "positions" (ALiBi) | "cache" (Doge)
     k_new: Any = dataclasses.field(default=None, repr=False)
+    v_new: Any = dataclasses.field(default=None, repr=False)       # (buffer caches) the values written this call
+    writes: tuple = dataclasses.field(default=(), repr=False)      # (buffer caches) the in-place writes of k and v
     k_past: Any = dataclasses.field(default=None, repr=False)      # placeholder of the incoming cache (decode)
     v_past: Any = dataclasses.field(default=None, repr=False)
     k_out: Optional[int] = None     # index of the key write-back among the graph outputs
@@ -500,9 +502,36 @@ def _form_buffer(gm, k_attn, root, outputs) -> Optional[dict]:
                                             "neither extends nor writes back: kvfx cannot tell what owns them")
     val = _value(buffer)
     shape = list(val.shape) if val is not None else "?"
-    return dict(cache="static", reason=f"preallocated cache buffer {shape} written in place by {how}: a buffer "
-                                       "cannot shrink in place, and kvfx's slot store owns only transformers cache "
-                                       "layers so far (kvfx.compile on a transformers model)")
+    write = _index_write(buffer)
+    if write is not None and buffer.op == "placeholder" and root is buffer:
+        phantom = all(stride == 0 for stride in val.stride())  # emptied by kvfx after the prompt (kvfx.buffers)
+        return dict(cache="buffer", phase="decode" if phantom else "prefill", k=buffer, k_new=write.args[2],
+                    write=write)
+    if how.startswith("slice assignment"):
+        why = ("the model slices it with integer bounds, so it must keep its length for dynamo to trace the "
+               "model's code: kvfx cannot free its slots")
+    elif "index_copy" in how:
+        why = ("kvfx.compile puts kvfx's slot store in place of transformers' cache layers; under the bare backend "
+               "the buffer stays as it is")
+    else:
+        why = ("kvfx takes over a buffer written once per call by index assignment buffer[:, :, positions] = k "
+               "and read whole by attention")
+    return dict(cache="static", reason=f"preallocated cache buffer {shape} written in place by {how}: {why}")
+
+
+def _index_write(buffer: fx.Node) -> Optional[fx.Node]:
+    """The one write ``buffer[:, :, positions] = x`` into a 4-D [B, H, S, D]
+    buffer (gpt-fast, torchtune), positions a 1-D tensor."""
+    writes = _in_place_writes(buffer)
+    if len(writes) != 1 or not _is_call(writes[0], {operator.setitem}) or _value(buffer).dim() != 4:
+        return None
+    index, value = writes[0].args[1], writes[0].args[2]
+    if not (isinstance(index, tuple) and len(index) == 3 and index[0] == slice(None) and index[1] == slice(None)):
+        return None
+    positions, new = _value(index[2]), _value(value)
+    if positions is None or positions.dim() != 1 or positions.dtype.is_floating_point or new is None or new.dim() != 4:
+        return None
+    return writes[0]
 
 
 def _sources(node: fx.Node, limit: int = 160):
@@ -705,6 +734,13 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             site.score_k, site.v_attn = strip_layout(found["k_attn"]), strip_layout(found["v_attn"])
             site.k_past, site.k_new, site.k_out = cache["k_past"], cache["k_new"], cache["out"]
             site.v_past, site.v_out = cache["v_past"], cache["v_out"]
+        elif cache["cache"] == "buffer":
+            v_cache = _classify_cache(gm, found["v_attn"])
+            if v_cache.get("cache") != "buffer" or v_cache["phase"] != cache["phase"]:
+                site.reason = "the values attention reads are not kept in a buffer as the keys are"
+            else:
+                site.v, site.k_new, site.v_new = v_cache["k"], cache["k_new"], v_cache["k_new"]
+                site.writes = (cache["write"], v_cache["write"])
         elif not site.reason:
             v_cache = _classify_cache(gm, found["v_attn"])
             if v_cache.get("cache") != "dynamic" or (v_cache["k_past"] is None) != (cache["k_past"] is None):

@@ -10,12 +10,11 @@ import torch
 import kvfx
 from kvfx.testing import no_compression
 from kvfx.testing.gallery import DIM, GALLERY, HEAD_DIM, HEADS, AlibiAttention, BmmAttention, NanoGPTAttention, \
-    TupleCacheLM
+    TupleCacheLM, gpt_fast_loop
 
 PROMPT, STEPS = 24, 8
-COMPRESSED = ["nanogpt", "bmm", "sinks", "latent", "alibi"]
+COMPRESSED = ["nanogpt", "bmm", "sinks", "latent", "alibi", "gpt-fast"]
 LEFT_ALONE = {  # entry -> what the reason must name
-    "gpt-fast": "index assignment cache[..., input_pos] = k (gpt-fast's KVCache)",
     "meta-llama": "slice assignment cache[:b, start:start+n] = k (Meta's reference Llama)",
 }
 
@@ -83,6 +82,13 @@ def test_half_budget_shrinks_the_cache_and_equals_the_eager_reference(name, how)
     model = entry.model()
     keep = list(range(4)) + list(range(PROMPT - 8, PROMPT))
     prompt = ids()
+    if name == "gpt-fast":  # its buffers keep every slot: the mask hides the evicted ones from later tokens
+        model.setup_caches(1, PROMPT + STEPS + 1)
+        evicted = [p for p in range(PROMPT) if p not in keep]
+        model.causal_mask[PROMPT:, evicted] = False
+        reference = gpt_fast_loop(model, prompt, STEPS)
+        assert_same(compiled, reference)
+        return
     if name == "alibi":  # the bias must follow each kept key's original position
         for block in model.blocks:
             block.attn.__class__ = _PositionedAlibi
@@ -256,3 +262,47 @@ def test_tiled_kv_heads_read_the_right_head():
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     sites = [s for r in be.records for s in r.sites]
     assert sites and all(s.compressible and s.gqa == "tile" for s in sites), [(s.gqa, s.reason) for s in sites]
+
+
+def compiled_capacities(model) -> set:
+    """The store capacities the model's decode graphs were compiled for."""
+    from kvfx.runtime import StatefulGraph
+
+    return {caps for entry in model._kvfx_backend._rewritable if isinstance(entry.runner, StatefulGraph)
+            for caps in entry.runner._by_capacity}
+
+
+def test_gpt_fast_buffers_become_phantoms_whose_store_grows_a_few_times():
+    """After the prompt the module's buffers hold one element each; the store
+    behind them holds the kept slots plus an eighth, grows by doubling (one
+    decode graph per capacity), and refuses to write past the positions the
+    model's own buffer planned (and a multi-token write into it, which dynamo
+    cannot trace, with kvfx's reason). A second generation on new buffers
+    starts again from the prompt."""
+    from kvfx import buffers
+
+    entry = GALLERY["gpt-fast"]
+    model = entry.model()
+    torch._dynamo.reset()
+    kvfx.compile(model, kvfx.StreamingLLM(budget=0.5, sinks=4), inner="aot_eager")
+    runner_calls = []
+    with torch.no_grad():
+        for prompt_len, steps in ((24, 8), (40, 3)):
+            prompt = torch.randint(2, 128, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+            model.setup_caches(1, prompt_len + steps)
+            gpt_fast_loop(model, prompt, steps - 1)
+            cache = model.layers[0].attn.kv_cache
+            assert buffers.is_phantom(cache.k_cache) and cache.k_cache.untyped_storage().nbytes() == 4
+            state = buffers.state_of(cache.k_cache)
+            kept = prompt_len // 2
+            assert state.used == kept + steps - 1 and state.limit == kept + steps
+            assert len(compiled_capacities(model)) <= 3
+            model(torch.tensor([[5]]), torch.arange(prompt_len + steps - 1, prompt_len + steps))  # the last slot
+            runner_calls.append(buffers.state_of(cache.k_cache).capacity)
+            with pytest.raises(ValueError, match=r"is full: it planned .* setup_caches"):
+                buffers.grow(cache.k_cache, 1)  # (the model's own mask stops a call past its buffer first)
+    assert runner_calls == [12 + 8, 20 + 3]  # kept + an eighth at first, then doubled up to the limit
+    sites = [s for r in model._kvfx_backend.records for s in r.sites]
+    assert all(s.cache == "buffer" and s.compressible for s in sites), {(s.cache, s.reason) for s in sites}
+    with pytest.raises(RuntimeError, match="writes several tokens into a cache buffer kvfx took over"):
+        model(torch.tensor([[5, 6]]), torch.arange(10, 12))

@@ -37,12 +37,17 @@ class Run:
 
 
 def _bytes(tensors) -> int:
-    """Bytes of cache tensors and of any kvfx state riding on them."""
+    """Bytes of cache tensors (the memory each holds: a buffer kvfx emptied
+    holds one element) and of any kvfx state riding on them."""
+    from kvfx import buffers
     from kvfx.runtime import state_of
 
     total = 0
     for t in tensors:
-        total += t.numel() * t.element_size()
+        total += t.untyped_storage().nbytes() if buffers.is_phantom(t) else t.numel() * t.element_size()
+        held = buffers.state_of(t)
+        if held is not None:
+            total += held.nbytes()
         state = state_of(t)
         if state is not None:
             total += sum(x.numel() * x.element_size() for x in (state.slot_bias, state.slot_score, state.seen))
@@ -329,6 +334,11 @@ class GptFast(nn.Module):
 
 def _gptfast_generate(model, ids, steps):
     model.setup_caches(ids.shape[0], ids.shape[1] + steps + 1)
+    return gpt_fast_loop(model, ids, steps)
+
+
+def gpt_fast_loop(model, ids, steps):
+    """gpt-fast's prefill + decode loop over caches already set up."""
 
     def step(tokens, start):
         return model(tokens, torch.arange(start, start + tokens.shape[1]))
