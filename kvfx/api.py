@@ -171,6 +171,8 @@ class Backend:
         plan, rewritten_inputs = rewrite(gm, example_inputs, sites, self.policy)
         record.code_after = gm.code
         self._log(record)
+        if not any(s.compressible for s in sites):  # the rewrite found each site a reason (a policy's limits)
+            self._warn_untouched(sites)
         try:
             compiled, recompile = self._compiled_parts(gm, rewritten_inputs, plan)
         except Exception as err:  # never a crash deep in the inner compiler: leave the graph as the model wrote it

@@ -1,18 +1,19 @@
-"""kvfx's storage for a preallocated cache buffer a module writes in place by
-index (gpt-fast's ``KVCache``, torchtune's: ``k_cache[:, :, input_pos] = k``).
+"""kvfx's storage for a preallocated cache buffer a module writes in place at
+the positions of each call (gpt-fast's and torchtune's ``KVCache``:
+``k_cache[:, :, input_pos] = k``; Meta's ``cache_k[:b, start:end] = xk``).
 
 After the prompt, kvfx owns the layer's cache: the kept slots go to a
 compact store (``BufferState``: keys, values and each slot's bias, with room
 for a few more tokens), and the module's buffers are emptied in place into
-*phantoms*: the same tensor objects, the same shape, every element one
-shared zero (stride 0, one element of memory). The module's own code still
-traces against the phantom -- its index write and its mask keep their shapes
--- and the decode rewrite (``passes/rewrite.py``) drops that write and reads
-the store instead. The state rides on the key phantom, so nothing outside the
-module is needed to find it. A buffer written by slice assignment with
-integer bounds (Meta's reference Llama) cannot become a phantom: dynamo
-refuses a slice write into a tensor whose elements share memory, and a
-shorter buffer makes the model's own slice empty.
+*phantoms*: the same tensor objects, the same shape, every position sharing
+one token's worth of zeros (stride 0 along the sequence). The module's own
+code still traces against the phantom -- its write and its mask keep their
+shapes -- and the decode rewrite (``passes/rewrite.py``) drops that write and
+reads the store instead. The state rides on the key phantom, so nothing
+outside the module is needed to find it. Also ``buffer[:b, start:end] = k``
+into [B, S, H, D] (Meta's reference Llama). One token per call after the
+prompt: dynamo refuses to trace a write of several positions into memory
+they would share.
 """
 
 from __future__ import annotations
@@ -49,18 +50,26 @@ class BufferState:
 
 
 def is_phantom(buffer: torch.Tensor) -> bool:
-    """A buffer kvfx emptied (every stride 0) and owns the store of."""
-    return buffer.dim() > 0 and buffer.numel() > 1 and all(s == 0 for s in buffer.stride())
+    """A buffer kvfx emptied (no memory along its sequence: stride 0); the
+    store rides on the key buffer of the pair."""
+    return any(st == 0 and n > 1 for st, n in zip(buffer.stride(), buffer.shape))
 
 
 def state_of(buffer) -> Optional[BufferState]:
     return getattr(buffer, BUFFER_ATTR, None) if isinstance(buffer, torch.Tensor) else None
 
 
-def _empty_in_place(buffer: torch.Tensor) -> None:
-    """Free a buffer's memory, keeping the object and its shape: one zero, shared."""
-    zero = torch.zeros(1, dtype=buffer.dtype, device=buffer.device)
-    buffer.set_(zero.untyped_storage(), 0, buffer.shape, (0,) * buffer.dim())
+def _empty_in_place(buffer: torch.Tensor, seq_dim: int) -> None:
+    """Free a buffer's memory along its sequence, keeping the object and its
+    shape: every position shares one token's worth of zeros. (Only the
+    sequence: a slice write of one token into it must not overlap itself,
+    which dynamo checks when it traces Meta's ``cache[:b, p:p+1] = k``.)"""
+    one = list(buffer.shape)
+    one[seq_dim] = 1
+    zeros = torch.zeros(one, dtype=buffer.dtype, device=buffer.device)
+    stride = list(zeros.stride())
+    stride[seq_dim] = 0
+    buffer.set_(zeros.untyped_storage(), 0, buffer.shape, stride)
 
 
 def headroom(kept: int) -> int:
@@ -69,18 +78,19 @@ def headroom(kept: int) -> int:
     return max(1, kept // 8)
 
 
-def adopt(k_buffer: torch.Tensor, v_buffer: torch.Tensor, k, v, slot_bias, seen: torch.Tensor) -> BufferState:
+def adopt(k_buffer: torch.Tensor, v_buffer: torch.Tensor, k, v, slot_bias, seen: torch.Tensor,
+          seq_dim: int = 2) -> BufferState:
     """Take over a module's buffers after its prompt: the compressed k, v
     [B, Hkv, n, D] and their bias go to a store with a little room, and both
-    buffers become phantoms. The model planned ``k_buffer.shape[2]`` positions;
-    the prompt used ``seen`` of them (one host read, once per prompt)."""
+    buffers become phantoms. The model planned ``k_buffer.shape[seq_dim]``
+    positions; the prompt used ``seen`` of them (one host read, once per prompt)."""
     n, prompt = k.shape[2], int(seen)
-    limit = n + max(0, k_buffer.shape[2] - prompt)
+    limit = n + max(0, k_buffer.shape[seq_dim] - prompt)
     capacity = min(limit, n + headroom(n))
     state = _allocate(k, v, slot_bias, n, capacity, limit)
-    _empty_in_place(k_buffer)
+    _empty_in_place(k_buffer, seq_dim)
     if v_buffer is not k_buffer:
-        _empty_in_place(v_buffer)
+        _empty_in_place(v_buffer, seq_dim)
     setattr(k_buffer, BUFFER_ATTR, state)
     return state
 
@@ -105,9 +115,9 @@ def grow(buffer: torch.Tensor, new_tokens: int) -> BufferState:
     need = state.used + new_tokens
     if need > state.limit:
         raise ValueError(
-            f"kvfx: the cache buffer {list(buffer.shape)} is full: it planned {buffer.shape[2]} positions and "
-            f"this call writes past them (kvfx holds {state.used} slots, room for {state.limit}). Allocate a "
-            "longer buffer (gpt-fast: setup_caches(max_seq_length=...))")
+            f"kvfx: the cache buffer {list(buffer.shape)} is full: it planned its positions and this call writes "
+            f"past them (kvfx holds {state.used} slots, room for {state.limit}). Allocate a longer buffer "
+            "(gpt-fast: setup_caches(max_seq_length=...))")
     if need <= state.capacity:
         return state
     capacity = min(state.limit, max(need, 2 * state.capacity))

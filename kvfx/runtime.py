@@ -100,8 +100,8 @@ class StatefulGraph:
         for i, out_index in enumerate(plan.state_outputs):
             setattr(model_outs[out_index], STATE_ATTR, SlotState(*rest[3 * i: 3 * i + 3]))
         rest = rest[3 * len(plan.state_outputs):]
-        for i, (k_arg, v_arg) in enumerate(plan.buffer_prefill):  # kvfx takes the prompt's buffers over
-            buffers.adopt(args[k_arg], args[v_arg], *rest[4 * i: 4 * i + 4])
+        for i, (k_arg, v_arg, seq_dim) in enumerate(plan.buffer_prefill):  # kvfx takes the prompt's buffers over
+            buffers.adopt(args[k_arg], args[v_arg], *rest[4 * i: 4 * i + 4], seq_dim)
         if not plan.output_is_sequence:
             return model_outs[0]
         return tuple(model_outs)

@@ -64,7 +64,7 @@ class StatePlan:
     decode_args: list[int]              # arg index of each decode site's incoming key cache
     state_outputs: list[int]            # output index of each compressible site's key write-back
     positions_from_cache: bool          # the graph has no position input: it derives positions from cache length
-    # Buffer caches (kvfx.buffers): (key, value) buffer arg indices of each prefill site, whose compressed
+    # Buffer caches (kvfx.buffers): (key, value) buffer arg indices and sequence dim of each prefill site, whose compressed
     # k, v, bias and tokens seen follow the other state outputs; of each decode site, with its store's four
     # inputs added in site order (``input_kinds``) and the tokens each call writes.
     input_kinds: list = dataclasses.field(default_factory=list)   # "state" | "buffer" per decode site, in order
@@ -128,22 +128,28 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                                "policies on returned caches and slot stores, not on module buffers yet")
                 continue
             index = placeholders.index
+            k_new, v_new, ready = site.k_new, site.v_new, site.node
+            if site.seq_dim == 1:  # [B, S, Hkv, D] (Meta): kvfx's ops read [B, Hkv, S, D]
+                with graph.inserting_after(ready):
+                    k_new = graph.call_method("transpose", (k_new, 1, 2))
+                with graph.inserting_after(k_new):
+                    v_new = ready = graph.call_method("transpose", (v_new, 1, 2))
             if site.phase == "prefill":
                 reuse = _reused_index(site, policy, layer, kept_index)
-                with graph.inserting_after(site.node):
-                    new_len = graph.call_method("size", (site.k_new, -2))
+                with graph.inserting_after(ready):
+                    new_len = graph.call_method("size", (k_new, -2))
                 q, mask, ready = _queries_and_mask(graph, site, new_len)
                 k_c, v_c, bias, _score, kept = call(
                     torch.ops.kvfx.compress.default,
-                    (q if policy.needs_queries else None, site.k_new, site.v_new, mask, reuse, spec, layer,
+                    (q if policy.needs_queries else None, k_new, v_new, mask, reuse, spec, layer,
                      n_layers, float(site.scale), None), ready)
                 kept_index[layer] = kept
                 with graph.inserting_after(kept):
                     seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
                 buffer_outputs += [k_c, v_c, bias, seen]
-                plan_buffers_prefill.append((index(site.k), index(site.v)))
+                plan_buffers_prefill.append((index(site.k), index(site.v), site.seq_dim))
                 continue
-            new_tokens = site.k_new.meta["example_value"].shape[2]
+            new_tokens = site.k_new.meta["example_value"].shape[site.seq_dim]
             if not isinstance(new_tokens, int):
                 site.reason = ("the tokens each decode call writes into the buffer are a symbolic count: kvfx sizes "
                                "the buffer's store on the host from a fixed count")
@@ -153,10 +159,9 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 with graph.inserting_after(last_placeholder):
                     last_placeholder = graph.placeholder(f"kvfx_buffer_{name}_{site.index}")
                 store_inputs.append(last_placeholder)
-            k_new, v_new = (w.args[2] for w in site.writes)
             for write in site.writes:  # the phantom is never written: the store takes the tokens
                 graph.erase_node(write)
-            q, _mask, ready = _queries_and_mask(graph, site, site.node)
+            q, _mask, ready = _queries_and_mask(graph, site, ready)
             with graph.inserting_after(ready):
                 out = graph.call_function(buffer_attend, (q, k_new, v_new, *store_inputs, float(site.scale),
                                                           float(site.softcap)))
@@ -165,7 +170,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             plan_buffers_decode.append((index(site.k), index(site.v), new_tokens))
             with fake_mode:  # sized 1 slot here: the runtime compiles the graph for its stores' capacities
                 k_val, v_val = site.k_new.meta["example_value"], site.v_new.meta["example_value"]
-                b, h, device = k_val.shape[0], k_val.shape[1], k_val.device
+                b, h, device = k_val.shape[0], k_val.shape[3 - site.seq_dim], k_val.device
                 fakes = [torch.empty(b, h, 1, k_val.shape[3], dtype=k_val.dtype, device=device),
                          torch.empty(b, h, 1, v_val.shape[3], dtype=v_val.dtype, device=device),
                          torch.empty(b, h, 1, dtype=torch.float32, device=device),
@@ -272,6 +277,9 @@ def _queries_and_mask(graph: fx.Graph, site: Site, after: fx.Node) -> tuple[fx.N
     mask kvfx's ops read (a masked_fill condition turned into a 4-D keep
     mask), inserted after ``after``; returns them and the last node inserted."""
     q, mask = site.q, site.mask
+    if isinstance(mask, fx.Node) and mask.meta["example_value"].dim() == 2:  # Meta's [Sq, S]: kvfx reads 4-D
+        with graph.inserting_after(after):
+            mask = after = graph.call_function(operator.getitem, (mask, (None, None, Ellipsis)))
     if site.fold:
         with graph.inserting_after(after):
             q = after = graph.call_method("unflatten", (site.q, 0, (-1, site.heads)))

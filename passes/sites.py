@@ -68,6 +68,7 @@ class Site:
     k_new: Any = dataclasses.field(default=None, repr=False)
     v_new: Any = dataclasses.field(default=None, repr=False)       # (buffer caches) the values written this call
     writes: tuple = dataclasses.field(default=(), repr=False)      # (buffer caches) the in-place writes of k and v
+    seq_dim: int = 2                # (buffer caches) the sequence dim: 2 of [B, H, S, D], 1 of [B, S, H, D]
     k_past: Any = dataclasses.field(default=None, repr=False)      # placeholder of the incoming cache (decode)
     v_past: Any = dataclasses.field(default=None, repr=False)
     k_out: Optional[int] = None     # index of the key write-back among the graph outputs
@@ -502,36 +503,47 @@ def _form_buffer(gm, k_attn, root, outputs) -> Optional[dict]:
                                             "neither extends nor writes back: kvfx cannot tell what owns them")
     val = _value(buffer)
     shape = list(val.shape) if val is not None else "?"
-    write = _index_write(buffer)
-    if write is not None and buffer.op == "placeholder" and root is buffer:
-        phantom = all(stride == 0 for stride in val.stride())  # emptied by kvfx after the prompt (kvfx.buffers)
+    write, seq_dim = _append_write(buffer)
+    if write is not None and buffer.op == "placeholder" and (root is buffer or _reads_prefix(root, buffer, seq_dim)):
+        # a buffer kvfx emptied after the prompt has no memory along the sequence (kvfx.buffers)
+        phantom = val.shape[seq_dim] > 1 and val.stride(seq_dim) == 0
         return dict(cache="buffer", phase="decode" if phantom else "prefill", k=buffer, k_new=write.args[2],
-                    write=write)
-    if how.startswith("slice assignment"):
-        why = ("the model slices it with integer bounds, so it must keep its length for dynamo to trace the "
-               "model's code: kvfx cannot free its slots")
-    elif "index_copy" in how:
+                    write=write, seq_dim=seq_dim)
+    if "index_copy" in how:
         why = ("kvfx.compile puts kvfx's slot store in place of transformers' cache layers; under the bare backend "
                "the buffer stays as it is")
     else:
-        why = ("kvfx takes over a buffer written once per call by index assignment buffer[:, :, positions] = k "
-               "and read whole by attention")
+        why = ("kvfx takes over a buffer written once per call at the sequence positions of [B, H, S, D] or "
+               "[B, S, H, D], all heads and the whole head_dim, and read whole or up to the tokens written")
     return dict(cache="static", reason=f"preallocated cache buffer {shape} written in place by {how}: {why}")
 
 
-def _index_write(buffer: fx.Node) -> Optional[fx.Node]:
-    """The one write ``buffer[:, :, positions] = x`` into a 4-D [B, H, S, D]
-    buffer (gpt-fast, torchtune), positions a 1-D tensor."""
+def _append_write(buffer: fx.Node) -> tuple[Optional[fx.Node], int]:
+    """The one write of a call into a 4-D cache buffer, and the buffer's
+    sequence dim: ``buffer[:, :, positions] = k`` into [B, H, S, D]
+    (gpt-fast, torchtune: positions a 1-D tensor) or ``buffer[:b, start:end]
+    = k`` into [B, S, H, D] (Meta's reference Llama)."""
     writes = _in_place_writes(buffer)
     if len(writes) != 1 or not _is_call(writes[0], {operator.setitem}) or _value(buffer).dim() != 4:
-        return None
-    index, value = writes[0].args[1], writes[0].args[2]
-    if not (isinstance(index, tuple) and len(index) == 3 and index[0] == slice(None) and index[1] == slice(None)):
-        return None
-    positions, new = _value(index[2]), _value(value)
-    if positions is None or positions.dim() != 1 or positions.dtype.is_floating_point or new is None or new.dim() != 4:
-        return None
-    return writes[0]
+        return None, -1
+    index, new = writes[0].args[1], _value(writes[0].args[2])
+    if not isinstance(index, tuple) or new is None or new.dim() != 4:
+        return None, -1
+    if len(index) == 3 and index[0] == slice(None) and index[1] == slice(None):
+        positions = _value(index[2])
+        if positions is not None and positions.dim() == 1 and not positions.dtype.is_floating_point:
+            return writes[0], 2
+    if len(index) == 2 and all(isinstance(part, slice) and part.step is None for part in index) and \
+            index[0].start is None:
+        return writes[0], 1
+    return None, -1
+
+
+def _reads_prefix(read: fx.Node, buffer: fx.Node, seq_dim: int) -> bool:
+    """``read`` is ``buffer[:b, :end]`` (Meta: the slots written so far)."""
+    index = read.args[1] if _is_call(read, {operator.getitem}) and read.args[0] is buffer else None
+    return (seq_dim == 1 and isinstance(index, tuple) and len(index) == 2
+            and all(isinstance(part, slice) and part.start is None and part.step is None for part in index))
 
 
 def _sources(node: fx.Node, limit: int = 160):
@@ -740,7 +752,10 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
                 site.reason = "the values attention reads are not kept in a buffer as the keys are"
             else:
                 site.v, site.k_new, site.v_new = v_cache["k"], cache["k_new"], v_cache["k_new"]
-                site.writes = (cache["write"], v_cache["write"])
+                site.writes, site.seq_dim = (cache["write"], v_cache["write"]), cache["seq_dim"]
+                if site.seq_dim == 1 and site.heads:  # [B, S, Hkv, D]: the KV heads are dim 2
+                    site.kv_heads = _static(_value(site.k).shape[2])
+                    site.gqa = "repeat" if site.kv_heads != site.heads else "none"
         elif not site.reason:
             v_cache = _classify_cache(gm, found["v_attn"])
             if v_cache.get("cache") != "dynamic" or (v_cache["k_past"] is None) != (cache["k_past"] is None):

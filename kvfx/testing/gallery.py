@@ -38,7 +38,7 @@ class Run:
 
 def _bytes(tensors) -> int:
     """Bytes of cache tensors (the memory each holds: a buffer kvfx emptied
-    holds one element) and of any kvfx state riding on them."""
+    holds one position) and of any kvfx state riding on them."""
     from kvfx import buffers
     from kvfx.runtime import state_of
 
