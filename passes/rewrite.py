@@ -64,9 +64,9 @@ class StatePlan:
     decode_args: list[int]              # arg index of each decode site's incoming key cache
     state_outputs: list[int]            # output index of each compressible site's key write-back
     positions_from_cache: bool          # the graph has no position input: it derives positions from cache length
-    # Buffer caches (kvfx.buffers): (key, value) buffer arg indices and sequence dim of each prefill site, whose compressed
-    # k, v, bias and tokens seen follow the other state outputs; of each decode site, with its store's four
-    # inputs added in site order (``input_kinds``) and the tokens each call writes.
+    # Buffer caches (kvfx.buffers): each prefill site's (key, value) buffer arg indices and sequence dim,
+    # its compressed k, v, bias and tokens seen following the other state outputs; each decode site's
+    # buffer arg indices and tokens per call, its store's four inputs added in site order (input_kinds).
     input_kinds: list = dataclasses.field(default_factory=list)   # "state" | "buffer" per decode site, in order
     buffer_prefill: list = dataclasses.field(default_factory=list)
     buffer_decode: list = dataclasses.field(default_factory=list)
@@ -127,58 +127,27 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 site.reason = (f"{type(policy).__name__} ranks slots at every decode step; kvfx runs continuous "
                                "policies on returned caches and slot stores, not on module buffers yet")
                 continue
-            index = placeholders.index
-            k_new, v_new, ready = site.k_new, site.v_new, site.node
-            if site.seq_dim == 1:  # [B, S, Hkv, D] (Meta): kvfx's ops read [B, Hkv, S, D]
-                with graph.inserting_after(ready):
-                    k_new = graph.call_method("transpose", (k_new, 1, 2))
-                with graph.inserting_after(k_new):
-                    v_new = ready = graph.call_method("transpose", (v_new, 1, 2))
-            if site.phase == "prefill":
-                reuse = _reused_index(site, policy, layer, kept_index)
-                with graph.inserting_after(ready):
-                    new_len = graph.call_method("size", (k_new, -2))
-                q, mask, ready = _queries_and_mask(graph, site, new_len)
-                k_c, v_c, bias, _score, kept = call(
-                    torch.ops.kvfx.compress.default,
-                    (q if policy.needs_queries else None, k_new, v_new, mask, reuse, spec, layer,
-                     n_layers, float(site.scale), None), ready)
-                kept_index[layer] = kept
-                with graph.inserting_after(kept):
-                    seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
-                buffer_outputs += [k_c, v_c, bias, seen]
-                plan_buffers_prefill.append((index(site.k), index(site.v), site.seq_dim))
-                continue
-            new_tokens = site.k_new.meta["example_value"].shape[site.seq_dim]
-            if not isinstance(new_tokens, int):
-                site.reason = ("the tokens each decode call writes into the buffer are a symbolic count: kvfx sizes "
-                               "the buffer's store on the host from a fixed count")
-                continue
-            store_inputs = []
-            for name in ("k", "v", "slot_bias", "fill"):
+
+            def placeholder(name):
+                nonlocal last_placeholder
                 with graph.inserting_after(last_placeholder):
                     last_placeholder = graph.placeholder(f"kvfx_buffer_{name}_{site.index}")
-                store_inputs.append(last_placeholder)
-            for write in site.writes:  # the phantom is never written: the store takes the tokens
-                graph.erase_node(write)
-            q, _mask, ready = _queries_and_mask(graph, site, ready)
-            with graph.inserting_after(ready):
-                out = graph.call_function(buffer_attend, (q, k_new, v_new, *store_inputs, float(site.scale),
-                                                          float(site.softcap)))
-            out = _replace_output(graph, site, out)
-            outputs = [out if node is site.node else node for node in outputs]
-            plan_buffers_decode.append((index(site.k), index(site.v), new_tokens))
-            with fake_mode:  # sized 1 slot here: the runtime compiles the graph for its stores' capacities
-                k_val, v_val = site.k_new.meta["example_value"], site.v_new.meta["example_value"]
-                b, h, device = k_val.shape[0], k_val.shape[3 - site.seq_dim], k_val.device
-                fakes = [torch.empty(b, h, 1, k_val.shape[3], dtype=k_val.dtype, device=device),
-                         torch.empty(b, h, 1, v_val.shape[3], dtype=v_val.dtype, device=device),
-                         torch.empty(b, h, 1, dtype=torch.float32, device=device),
-                         torch.empty((), dtype=torch.int64, device=device)]
-            for node, fake in zip(store_inputs, fakes):
-                node.meta["example_value"] = fake
-            example_inputs.extend(fakes)
-            input_kinds.append("buffer")
+                return last_placeholder
+
+            done = _rewrite_buffer(graph, site, policy, spec, layer, n_layers, kept_index, call, placeholder,
+                                   fake_mode)
+            if done is None:
+                continue
+            if site.phase == "prefill":
+                buffer_outputs += done
+                plan_buffers_prefill.append((placeholders.index(site.k), placeholders.index(site.v), site.seq_dim))
+            else:
+                out, fakes = done
+                outputs = [out if node is site.node else node for node in outputs]
+                plan_buffers_decode.append((placeholders.index(site.k), placeholders.index(site.v),
+                                            site.k_new.meta["example_value"].shape[site.seq_dim]))
+                example_inputs.extend(fakes)
+                input_kinds.append("buffer")
             continue
         if site.cache == "store":
             replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call)
@@ -400,6 +369,57 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
             graph.call_function(torch.ops.kvfx.store_step.default,
                                 (q, *store.args[2:11], spec, layer, n_layers, float(site.scale)))
     return replaced
+
+
+def _rewrite_buffer(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int, kept_index: dict,
+                    call, placeholder, fake_mode):
+    """Rewrite one site over a module buffer kvfx takes over (kvfx.buffers).
+    Prefill: compress the prompt's k, v after the model's attention; returns
+    the outputs the runtime adopts (k, v, bias, tokens seen). Decode (the
+    buffers are phantoms): drop the model's writes, attend over the store's
+    four new inputs (``placeholder(name)`` makes each); returns the output
+    node and the inputs' fakes. None when the site is left alone."""
+    k_new, v_new, ready = site.k_new, site.v_new, site.node
+    if site.seq_dim == 1:  # [B, S, Hkv, D] (Meta): kvfx's ops read [B, Hkv, S, D]
+        with graph.inserting_after(ready):
+            k_new = graph.call_method("transpose", (k_new, 1, 2))
+        with graph.inserting_after(k_new):
+            v_new = ready = graph.call_method("transpose", (v_new, 1, 2))
+    if site.phase == "prefill":
+        reuse = _reused_index(site, policy, layer, kept_index)
+        with graph.inserting_after(ready):
+            new_len = graph.call_method("size", (k_new, -2))
+        q, mask, ready = _queries_and_mask(graph, site, new_len)
+        k_c, v_c, bias, _score, kept = call(
+            torch.ops.kvfx.compress.default,
+            (q if policy.needs_queries else None, k_new, v_new, mask, reuse, spec, layer, n_layers,
+             float(site.scale), None), ready)
+        kept_index[layer] = kept
+        with graph.inserting_after(kept):
+            seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
+        return [k_c, v_c, bias, seen]
+    if not isinstance(site.k_new.meta["example_value"].shape[site.seq_dim], int):
+        site.reason = ("the tokens each decode call writes into the buffer are a symbolic count: kvfx sizes the "
+                       "buffer's store on the host from a fixed count")
+        return None
+    store_inputs = [placeholder(name) for name in ("k", "v", "slot_bias", "fill")]
+    for write in site.writes:  # the phantom is never written: the store takes the tokens
+        graph.erase_node(write)
+    q, _mask, ready = _queries_and_mask(graph, site, ready)
+    with graph.inserting_after(ready):
+        out = graph.call_function(buffer_attend, (q, k_new, v_new, *store_inputs, float(site.scale),
+                                                  float(site.softcap)))
+    out = _replace_output(graph, site, out)
+    with fake_mode:  # one slot here: the runtime compiles the graph for its stores' capacities
+        k_val, v_val = site.k_new.meta["example_value"], site.v_new.meta["example_value"]
+        b, h, device = k_val.shape[0], k_val.shape[3 - site.seq_dim], k_val.device
+        fakes = [torch.empty(b, h, 1, k_val.shape[3], dtype=k_val.dtype, device=device),
+                 torch.empty(b, h, 1, v_val.shape[3], dtype=v_val.dtype, device=device),
+                 torch.empty(b, h, 1, dtype=torch.float32, device=device),
+                 torch.empty((), dtype=torch.int64, device=device)]
+    for node, fake in zip(store_inputs, fakes):
+        node.meta["example_value"] = fake
+    return out, fakes
 
 
 def _is_impure(node: fx.Node) -> bool:

@@ -48,7 +48,8 @@ Attention forms: `scaled_dot_product_attention` (GQA native or repeated), and ea
 `softmax(q @ k^T * scale [softcap] [+ mask | masked_fill(cond, -inf) | where(keep, s, lowest)]) @ v` over
 `[B, H, S, D]` or, with `torch.bmm`/`baddbmm`, over heads folded into the batch `[B*H, S, D]`; learned
 sink logits joined before the softmax and dropped after (gpt-oss) or applied as
-`out * sigmoid(logsumexp - sink)` (Granite-SWA) -- kvfx's attention takes the sinks too.
+`out * sigmoid(logsumexp - sink)` (Granite-SWA) -- kvfx's attention takes the sinks too -- and one
+per-head additive bias beside the attention mask (below).
 
 | cache form | seen in | what kvfx does |
 |---|---|---|
@@ -58,7 +59,9 @@ sink logits joined before the softmax and dropped after (gpt-oss) or applied as
 | `torch.cat([past, new], -2)` written back (tuple, list, dict or module-attribute cache) | HF under the bare backend, hand-written decode | compressed on the rectangular path (state rides on the key tensor) |
 | the prompt's keys returned as they are (`present = (k, v)`) | nanoGPT/minGPT, fairseq | compressed at the prompt |
 | latent `[B, 1, S, r]` + rotary key `[B, 1, S, dr]`, re-expanded every call | DeepSeek-V2/V3 and other MLA models in transformers, hand-written MLA | compressed on the rectangular path: slots scored on the expanded keys, one selection for every head |
-| keys computed every call from another cache shape | JetMoE-style head tiling | left alone, naming the cache shape |
+| KV heads tiled over the query heads (`k.repeat(1, r, 1, 1)`: head h reads KV head h % Hkv) | JetMoE | compressed: kvfx reorders the query heads for its ops and the output back |
+| keys computed every call from another cache shape | DiffLlama's value halves | left alone, naming the cache shape |
+| an attention mask computed from, or shared with, a cache kvfx leaves whole | HY-V4's sparse-attention indexer | left alone: a compressed layer would shorten a mask the whole cache needs |
 | preallocated buffer written at each call's positions: `buf[:, :, positions] = k` read whole, or `buf[:b, start:end] = k` read up to `end` | gpt-fast and torchtune `KVCache`, Meta reference Llama | compressed: after the prompt kvfx holds the kept slots (plus room that grows by doubling) and empties the module's buffers in place into placeholders of the same shape that hold one position; decode writes and reads kvfx's store. One token per call after the prompt |
 | `index_copy_` into a transformers `StaticCache` buffer | HF under the bare backend | left alone; `kvfx.compile` replaces the layers with its slot store |
 | per-head linear position bias (ALiBi) built from the cache length | BLOOM, MPT, hand-written ALiBi | compressed on the rectangular path by one-shot policies: each kept slot's bias gains slope x (its original position - its slot - the tokens evicted), so the model's own bias reads original positions; the slope is read off the model's bias |
