@@ -695,8 +695,8 @@ def _bias_reason(site: "Site", bias: fx.Node) -> tuple[str, str]:
         return "", (f"the additive score bias {shape} differs per head and per query (a relative position bias): "
                     "after compression it would need each slot's original position")
     if site.heads != site.kv_heads:
-        return "", (f"the additive score bias {shape} differs per head (ALiBi) over grouped KV heads: kvfx corrects "
-                    "a position bias per KV head, and here one KV head serves query heads of different slopes")
+        return "", (f"the additive score bias {shape} differs per head over grouped KV heads: kvfx corrects a bias "
+                    "built from positions per KV head, and here one KV head serves query heads with different biases")
     return "positions", ""
 
 

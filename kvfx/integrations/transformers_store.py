@@ -86,10 +86,12 @@ class KvfxLayer(CacheLayerMixin):
                 raise StoreUnreadable("the cache is written outside any compiled graph (dynamo ran that part of "
                                       "the model eagerly)")
             raise RuntimeError(
-                "kvfx: a kvfx cache layer was called outside the kvfx-compiled graph (the model's own forward ran: "
-                "dynamo may have reached its recompile_limit, or the model was called without kvfx.compile). Its "
-                "store can only be read by kvfx's attention. Raise torch._dynamo.config.recompile_limit "
-                "(TORCH_LOGS=recompiles shows why it recompiled), or use a fresh cache without kvfx.")
+                "kvfx: a kvfx cache layer was called outside the kvfx-compiled graph (the model's own code ran "
+                "eagerly: dynamo may have reached its recompile_limit, broken the graph before this layer's cache "
+                "write on a decode step -- XLM slices its input by the cache length, a .item() --, or the model was "
+                "called without kvfx.compile). Its store can only be read by kvfx's attention. Raise "
+                "torch._dynamo.config.recompile_limit (TORCH_LOGS=recompiles,graph_breaks shows why), or use a fresh "
+                "cache without kvfx.")
         if not self.is_initialized:
             (self.k_pages, self.v_pages, self.slot_bias, self.slot_score, self.page_table, self.lengths, self.pages,
              self.seen) = torch.ops.kvfx.store_mark(key_states, value_states, self.page)
