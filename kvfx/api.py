@@ -248,7 +248,10 @@ class Backend:
         """Rewrite every graph compiled so far for ``policy``, without tracing the
         model again (dynamo's guards do not depend on the policy), so sweeping
         policies or budgets costs one trace. Caches compressed before the switch
-        should not be continued: start a new generation."""
+        should not be continued: start a new generation. Graphs compiled for a
+        policy keeping equal rows decode in plain tensor code on the CPU (a
+        view guarded on the store's page count); another policy's store can
+        fail that guard and trace once more."""
         if not isinstance(policy, Policy):
             raise TypeError(f"kvfx.set_policy: policy must be a kvfx policy (e.g. kvfx.SnapKV(budget=0.5)), got {policy!r}")
         self.policy = policy
@@ -257,7 +260,8 @@ class Backend:
             sites = find_sites(gm)
             for site, depth in zip(sites, entry.depths):
                 site.depth = depth
-            plan, rewritten_inputs = rewrite(gm, entry.fake_inputs, sites, policy)
+            # the traced shapes are another policy's: no in-graph decode attention (its view needs them)
+            plan, rewritten_inputs = rewrite(gm, entry.fake_inputs, sites, policy, inline_decode=False)
             with torch._guards.tracing(entry.context), torch.set_grad_enabled(entry.grad_enabled):
                 compiled, recompile = self._compiled_parts(gm, rewritten_inputs, plan)
             entry.runner.__init__(compiled, plan, recompile)

@@ -24,6 +24,7 @@ from kvfx.kernels.attention.reference import head_biased_attention, sink_weight
 from kvfx.kernels.paged_attention import paged_attention
 from kvfx.kernels.paged_attention.reference import paged_sink_weight
 from kvfx.policies import bias_of, policy_of
+from kvfx.policies.base import Policy
 from kvfx.policies.budgets import cdiv
 
 
@@ -288,8 +289,15 @@ def store_step(
     whose rows all hold ``extent.shape[1]`` slots (the new tokens included):
     the policy's step on those rows, written back in place."""
     store = slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
-    k, v, bias, score = slot_store.gather(store, extent.shape[1])
-    slot_store.scatter(store, *policy_of(policy).step(q, k, v, bias, score, scale, layer, n_layers))
+    width, pol = extent.shape[1], policy_of(policy)
+    views = slot_store.row_views(store, width) if q.shape[-2] == 1 and type(pol).step is Policy.step else None
+    if views is not None:  # the fold's step on the pages themselves (CPU, equal full rows)
+        kept = pol.fold().step_in_place(pol, q, *views, scale)
+        if kept is not None:
+            lengths.fill_(kept)
+            return
+    k, v, bias, score = slot_store.gather(store, width)
+    slot_store.scatter(store, *pol.step(q, k, v, bias, score, scale, layer, n_layers), width)
 
 
 @store_step.register_fake

@@ -16,7 +16,8 @@ equal rows in place; kernels read any page table.
 
 Tensors of a store (``Store``), with R = B * Hkv rows and N pages:
   k_pages [N, P, D], v_pages [N, P, Dv]   keys and values
-  slot_bias [N, P] float32                added to the attention logit (-inf: invalid, log(count): merged)
+  slot_bias [N, P] float32                added to the attention logit (-inf: invalid, log(count): merged);
+                                          -inf at every slot past its row's length (an invariant every writer keeps)
   slot_score [N, P] float32               running score, for continuous policies only ([0, P] for the others)
   page_table [B, Hkv, M] int64            page ids of each row, in slot order (unused entries: 0)
   lengths [B, Hkv] int64                  slots each row holds
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from kvfx.kernels.paged_attention.reference import page_rows
+from kvfx.kernels.paged_attention.reference import canonical, page_rows
 from kvfx.policies.budgets import cdiv
 
 #: slots per page: small enough that a row wastes little (< one page), large
@@ -168,12 +169,33 @@ def gather(store: Store, width: int):
     return rows[0], rows[1], bias, rows[3] if len(rows) > 3 else torch.zeros_like(bias)
 
 
-def scatter(store: Store, k, v, slot_bias, slot_score) -> None:
+def row_views(store: Store, width: int):
+    """k, v [B, Hkv, width, D], slot_bias, slot_score [B, Hkv, width]: views
+    of the pages (writes land in the store) when the store is in the
+    canonical layout, every row holds exactly ``width`` slots and keeps a
+    score; else None. Reads the page table and lengths on the host: for CPU
+    stores only, where that costs nothing."""
+    if not store.slot_score.numel() or store.k_pages.device.type != "cpu":
+        return None
+    n = cdiv(width, store.page)
+    if not bool((store.lengths == width).all()) or not canonical(store.page_table, store.k_pages.shape[0], n):
+        return None
+    pages = (store.k_pages, store.v_pages, store.slot_bias, store.slot_score)
+    return tuple(x[:, :, :width] for x in page_rows(store.page_table, n, *pages))
+
+
+def scatter(store: Store, k, v, slot_bias, slot_score, width: int = 0) -> None:
     """Overwrite every row with the rectangles k, v [B, Hkv, n, D], slot_bias,
-    slot_score [B, Hkv, n] (n slots each, within the rows' pages), in place."""
+    slot_score [B, Hkv, n] (n slots each, within the rows' pages), in place.
+    Rows held ``width`` slots before: the slots n .. width - 1 they give up get
+    bias -inf, so that every slot past a row's length stays -inf (what
+    ``paged_attention_uniform`` reads as the whole mask)."""
     n = k.shape[2]
     slots = torch.arange(n, device=k.device).expand(*k.shape[:2], n)
     _write(store, _flat_slots(store, slots).reshape(-1), k, v, slot_bias, slot_score)
+    if width > n:
+        freed = torch.arange(n, width, device=k.device).expand(*k.shape[:2], width - n)
+        store.slot_bias.view(-1).index_fill_(0, _flat_slots(store, freed).reshape(-1), NEG_INF)
     store.lengths.fill_(n)
 
 

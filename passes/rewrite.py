@@ -46,6 +46,8 @@ import torch
 from torch import fx
 
 from kvfx.buffers import buffer_attend
+from kvfx.kernels.dispatch import kernel_mode
+from kvfx.kernels.paged_attention.reference import paged_attention_uniform
 from kvfx.passes.sites import Site
 from kvfx.policies import key_of
 
@@ -72,10 +74,13 @@ class StatePlan:
     buffer_decode: list = dataclasses.field(default_factory=list)
 
 
-def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site], policy) -> tuple[StatePlan, list]:
+def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site], policy,
+            inline_decode: bool = True) -> tuple[StatePlan, list]:
     """Rewrite ``gm`` in place for ``policy``; returns the runtime's plan and
     the example inputs of the rewritten graph (the state inputs added). The
-    plan holds no tensor: the first call's inputs must not outlive it."""
+    plan holds no tensor: the first call's inputs must not outlive it.
+    ``inline_decode=False`` keeps every store's decode attention in
+    ``kvfx::store_attend`` (see ``_inline_decode``)."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     out_node = graph.output_node()
@@ -150,7 +155,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 input_kinds.append("buffer")
             continue
         if site.cache == "store":
-            replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call)
+            replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call,
+                                          inline_decode)
             outputs = [replaced.get(node, node) for node in outputs]
             continue
         state_outputs.append(site.k_out)
@@ -339,7 +345,7 @@ def _reused_index(site: Site, policy, layer: int, kept_index: dict):
 
 
 def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int,
-                   kept_index: dict, call) -> dict:
+                   kept_index: dict, call, inline_decode: bool = True) -> dict:
     """Rewrite one store site; returns the graph-output nodes it replaced."""
     store = site.store
     replaced = {}
@@ -360,15 +366,40 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
         graph.erase_node(store)
         return replaced
     k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, extent = store.args[2:11]
-    (out,) = call(torch.ops.kvfx.store_attend.default,
-                  (q, k_pages, v_pages, slot_bias, page_table, lengths, float(site.scale), float(site.softcap),
-                   site.sinks), ready)
+    if inline_decode and _inline_decode(site, policy, layer, k_pages):
+        with graph.inserting_after(ready):
+            out = graph.call_function(paged_attention_uniform,
+                                      (q, k_pages, v_pages, slot_bias, site.kv_heads, float(site.scale)))
+        site.note = "decode attention in the graph (equal rows, CPU)"
+    else:
+        (out,) = call(torch.ops.kvfx.store_attend.default,
+                      (q, k_pages, v_pages, slot_bias, page_table, lengths, float(site.scale), float(site.softcap),
+                       site.sinks), ready)
     replaced[site.node] = _replace_output(graph, site, out)  # (an attention output the graph returns)
     if policy.schedule == "continuous":
         with graph.inserting_after(out):
             graph.call_function(torch.ops.kvfx.store_step.default,
                                 (q, *store.args[2:11], spec, layer, n_layers, float(site.scale)))
     return replaced
+
+
+def _inline_decode(site: Site, policy, layer: int, k_pages: fx.Node) -> bool:
+    """Whether a store's decode attention can be plain tensor code in the
+    graph (``paged_attention_uniform``) rather than ``kvfx::store_attend``:
+    one new token, on the CPU (where the op would run the same torch code
+    behind a Python dispatch), without soft-capping or sinks, over rows that
+    all own the same pages -- which a policy keeping as many slots in every
+    head of the layer guarantees. ``KVFX_KERNELS`` set when the graph is
+    rewritten keeps the op. Viewing the pages per row adds a shape guard (the
+    page count divides by batch x KV heads), so ``kvfx.set_policy``, which
+    rewrites graphs traced under another policy's store, keeps the op."""
+    value = site.node.meta.get("example_value")
+    pages = k_pages.meta.get("example_value")
+    if value is None or pages is None or value.shape[-2] != 1 or pages.device.type != "cpu" or kernel_mode():
+        return False
+    if site.softcap or site.sinks is not None or site.kv_heads is None:
+        return False
+    return not policy.keep().shared_across_heads and not policy.full_heads(layer)
 
 
 def _rewrite_buffer(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int, kept_index: dict,

@@ -485,3 +485,20 @@ def test_paged_attention_of_a_long_row_matches_reference(device):
     expected = paged_attention.paged_attention_reference(q, k, v, bias, table, lengths, 80**-0.5, 30.0)
     actual = paged_attention.paged_attention(q, k, v, bias, table, lengths, 80**-0.5, 30.0)
     assert_close(actual, expected, **OUT_TOL[F16])
+
+
+def test_a_checkout_on_sys_path_does_not_shadow_the_pypi_kernels_package():
+    # `python -m pytest` from the checkout puts its root on sys.path, where the kernels/ folder
+    # (installed as kvfx.kernels) would shadow the PyPI package `kernels` that transformers imports.
+    from importlib import metadata
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import kernels, kvfx.kernels.attention, transformers.integrations.hub_kernels; "
+            "print(kernels.__file__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    try:
+        metadata.version("kernels")
+    except metadata.PackageNotFoundError:
+        return   # nothing to shadow: the folder itself answers `import kernels`
+    assert os.path.abspath(run.stdout.strip().splitlines()[-1]) != os.path.join(root, "kernels", "__init__.py")

@@ -299,9 +299,106 @@ def test_decode_attention_reads_the_store_without_the_models_mask():
     model = tiny_model("llama")
     run = generate(model, torch.randint(2, 100, (1, 24)), policy=kvfx.SnapKV(budget=0.5, window=4), steps=2)
     decode = run.records[1].code_after
-    assert "kvfx.store_attend" in decode and "index_copy_" in decode       # the append is plain tensor code
-    assert "scaled_dot_product_attention" not in decode and "store_read" not in decode
+    # Equal rows on the CPU: the attention over the store is plain tensor code in the graph, as is the append.
+    assert "paged_attention_uniform" in decode and "index_copy_" in decode
+    assert "torch._C._nn.scaled_dot_product_attention" not in decode and "store_read" not in decode
     assert "kvfx.store_compress" in run.records[0].code_after and "store_mark" not in run.records[0].code_after
+    # Rows of different lengths (AdaKV) read the store through kvfx's op.
+    torch._dynamo.reset()
+    run = generate(model, torch.randint(2, 100, (1, 24)), policy=kvfx.AdaKV(budget=0.5, window=4), steps=2)
+    assert "kvfx.store_attend" in run.records[1].code_after
+    assert "paged_attention_uniform" not in run.records[1].code_after
+
+
+def test_in_graph_decode_attention_equals_the_paged_reference():
+    from kvfx.kernels.paged_attention.reference import paged_attention_reference, paged_attention_uniform
+    from kvfx import store as slot_store
+
+    torch.manual_seed(0)
+    b, hkv, groups, d, page = 2, 2, 3, 8, 4
+    k, v = torch.randn(b, hkv, 10, d), torch.randn(b, hkv, 10, d)
+    bias = torch.zeros(b, hkv, 10).masked_fill(torch.rand(b, hkv, 10) < 0.2, float("-inf"))
+    store = slot_store.pack(k, v, bias, None, torch.full((b, hkv), 10), b * hkv * 3, 3, page)
+    store = slot_store.grow(store, 1)   # room past the rows' length: bias -inf, never attended
+    slot_store.append(store, torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d))
+    q = torch.randn(b, hkv * groups, 1, d)
+    want = paged_attention_reference(q, store.k_pages, store.v_pages, store.slot_bias, store.page_table,
+                                     store.lengths, 0.3)
+    got = paged_attention_uniform(q, store.k_pages, store.v_pages, store.slot_bias, hkv, 0.3)
+    torch.testing.assert_close(got, want)
+    # A continuous step that shrinks the rows leaves -inf behind them, so the bias stays the whole mask.
+    kept = slot_store.gather(store, 11)
+    slot_store.scatter(store, *(x[:, :, :9] for x in kept), width=11)
+    assert torch.isinf(slot_store.gather(store, 11)[2][:, :, 9:]).all()
+    slot_store.append(store, torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d))   # the next step's token
+    torch.testing.assert_close(
+        paged_attention_uniform(q, store.k_pages, store.v_pages, store.slot_bias, hkv, 0.3),
+        paged_attention_reference(q, store.k_pages, store.v_pages, store.slot_bias, store.page_table, store.lengths,
+                                  0.3))
+
+
+def _full_rows(policy, s=13, b=2, hkv=2, groups=2, d=8, seed=0):
+    """Rows of s real slots after a decode step's append (the new token last, bias 0)."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    bias = torch.zeros(b, hkv, s)
+    if isinstance(policy, kvfx.ZeroMerge):   # residual slots hold merged tokens: bias ln(count)
+        bias[:, :, :policy.residual] = torch.randint(1, 6, (b, hkv, policy.residual), generator=g).float().log()
+    score = torch.rand(b, hkv, s, generator=g)
+    score[:, :, -1] = 0
+    return torch.randn(b, hkv * groups, 1, d, generator=g), k, v, bias, score
+
+
+@pytest.mark.parametrize("policy", [kvfx.TOVA(budget=12), kvfx.ZeroMerge(budget=12, residual=2, window=3)],
+                         ids=["TOVA", "ZeroMerge"])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "all-tied"])
+def test_a_decode_step_in_place_equals_the_step_over_copies(policy, ties):
+    q, k, v, bias, score = _full_rows(policy)
+    if ties:   # a zero query attends uniformly: every slot ties, and the tie-break must match the sort's
+        q.zero_()
+        score.zero_()
+    want = policy.step(q, k.clone(), v.clone(), bias.clone(), score.clone(), 0.35)
+    rows = [x.clone() for x in (k, v, bias, score)]
+    kept = policy.fold().step_in_place(policy, q, *rows, 0.35)
+    assert kept == 12 == want[0].shape[2]
+    for got, expected in zip(rows, want):
+        assert torch.equal(got[:, :, :kept], expected)
+    assert (rows[2][:, :, kept:] == NEG_INF).all()   # the freed slot is masked: the store's invariant
+    if ties and isinstance(policy, kvfx.TOVA):       # the stable sort drops the last of equals: the new token
+        assert torch.equal(rows[0][:, :, :kept], k[:, :, :kept])
+
+
+@pytest.mark.parametrize("policy", [kvfx.TOVA(budget=12), kvfx.ZeroMerge(budget=12, residual=2, window=3)],
+                         ids=["TOVA", "ZeroMerge"])
+def test_the_store_step_runs_in_place_on_full_rows_and_over_copies_otherwise(policy):
+    from kvfx.ops import store_step
+    from kvfx.policies import key_of
+
+    q, k, v, bias, score = _full_rows(policy)
+    b, hkv, s, d = k.shape
+
+    def run(bias):
+        store = slot_store.pack(k, v, bias, score, torch.full((b, hkv), s), b * hkv * 4, 4, 4)
+        store_step(q, store.k_pages, store.v_pages, store.slot_bias, store.slot_score, store.page_table,
+                   store.lengths, store.pages, store.seen, torch.empty(b, s), key_of(policy), 0, 1, 0.35)
+        return store
+
+    want = policy.step(q, k, v, bias, score, 0.35)
+    store = run(bias)
+    assert (store.lengths == 12).all()
+    got = slot_store.gather(store, s)
+    for x, expected in zip(got, want):
+        assert torch.equal(x[:, :, :12], expected)
+    assert (got[2][:, :, 12:] == NEG_INF).all()
+    # A left-padded row holds a filler (bias -inf): the step over copies, which handles it per row.
+    padded = bias.clone()
+    padded[0, 1, policy.residual if isinstance(policy, kvfx.ZeroMerge) else 0] = NEG_INF
+    store = run(padded)
+    rows = slot_store.gather(slot_store.pack(k, v, padded, score, torch.full((b, hkv), s), b * hkv * 4, 4, 4), s)
+    for x, expected in zip(slot_store.gather(store, 12), policy.step(q, *rows, 0.35)):
+        assert torch.equal(x, expected)
+    if isinstance(policy, kvfx.TOVA):   # that row drops its filler and keeps every real slot
+        assert torch.equal(slot_store.gather(store, 12)[0][0, 1], k[0, 1, 1:])
 
 
 # -- edits, limits, bad input ------------------------------------------------------------

@@ -74,6 +74,16 @@ def _rows(q, k_pages, v_pages, slot_bias, page_table, lengths) -> tuple:
     return q.float().reshape(b, hkv, groups * sq, d), k, v, mask
 
 
+def canonical(page_table: torch.Tensor, count: int, n: int) -> bool:
+    """Whether every row's first ``n`` pages are the row's own consecutive run
+    of a pool of ``count`` pages split evenly in row order (reads the table)."""
+    rows = page_table.shape[0] * page_table.shape[1]
+    per_row = count // rows
+    starts = torch.arange(rows, device=page_table.device)[:, None] * per_row
+    return count == rows * per_row and n <= per_row and torch.equal(
+        page_table[:, :, :n].reshape(rows, n), starts + torch.arange(n, device=page_table.device))
+
+
 def page_rows(page_table: torch.Tensor, n: int, *pages: torch.Tensor, in_place: bool = True) -> tuple:
     """Each row's first ``n`` pages of every tensor in ``pages`` ([N, P, ...])
     as [B, Hkv, n * P, ...]: with ``in_place``, a view of the pages when every
@@ -82,9 +92,31 @@ def page_rows(page_table: torch.Tensor, n: int, *pages: torch.Tensor, in_place: 
     b, hkv = page_table.shape[:2]
     rows, count, page = b * hkv, pages[0].shape[0], pages[0].shape[1]
     per_row = count // rows
-    starts = torch.arange(rows, device=page_table.device)[:, None] * per_row
-    if in_place and count == rows * per_row and n <= per_row and torch.equal(
-            page_table[:, :, :n].reshape(rows, n), starts + torch.arange(n, device=page_table.device)):
+    if in_place and canonical(page_table, count, n):
         return tuple(x.view(b, hkv, per_row * page, *x.shape[2:])[:, :, :n * page] for x in pages)
     ids = page_table[:, :, :n].reshape(-1)
     return tuple(x.index_select(0, ids).view(b, hkv, n * page, *x.shape[2:]) for x in pages)
+
+
+def paged_attention_uniform(
+    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, slot_bias: torch.Tensor, kv_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """``paged_attention_reference`` for one new token per row over a store
+    whose rows all own the same pages in the canonical layout (a policy that
+    keeps as many slots in every head), written as plain tensor code so the
+    rewrite can put it in the graph itself: the inner compiler fuses it, and a
+    CPU decode step pays no custom-op dispatch and no mask building.
+
+    It reads each row's whole capacity as a view of the pages (no copy) and
+    relies on the store's invariant that every slot at or past a row's length
+    has bias -inf (``kvfx.store``): the bias then is the whole mask. The new
+    token's own slot has bias 0 (``store.append``). Computed in q's dtype
+    (SDPA accumulates in float32). q: [B, H, 1, D]; returns [B, H, 1, Dv]."""
+    b, h, sq, d = q.shape
+    k = k_pages.view(b, kv_heads, -1, k_pages.shape[-1])
+    v = v_pages.view(b, kv_heads, -1, v_pages.shape[-1])
+    mask = slot_bias.view(b, kv_heads, 1, -1).to(q.dtype)
+    rows = q.reshape(b, kv_heads, (h // kv_heads) * sq, d)  # a GQA group's heads share their KV head's row
+    out = torch.nn.functional.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, sq, -1)

@@ -18,6 +18,7 @@ import functools
 import inspect
 import sys
 import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -168,6 +169,8 @@ class TransformersForward:
         self.max_cache_bytes = max_cache_bytes
         self.cache_argument = cache_argument(model)
         self.disabled = ""   # why the store cannot serve this model, once a trace showed it
+        self.n_layers = getattr(model.config, "num_hidden_layers", None)
+        self._installed: tuple = (None, 0, [])   # (weakref to a cache, its layer count, its kvfx layers' indices)
 
     def prepare_cache(self, original: Callable) -> Callable:
         """``generate``'s cache set-up, then kvfx's store put in the cache it made
@@ -206,12 +209,18 @@ class TransformersForward:
         policy, new = self.backend.policy, _new_tokens(args, kwargs)
         if fresh and self.max_cache_bytes is not None:
             self._check_prefill_bytes(args, kwargs, fresh, new)
-        used = sum(layer.nbytes() for _, layer in layers)
-        for _, layer in layers:
-            used -= layer.nbytes()
-            layer.reserve(new, policy, self.max_cache_bytes, used)
-            used += layer.nbytes()
-            layer.prepare_step(new, policy)
+        if self.max_cache_bytes is not None:
+            used = sum(layer.nbytes() for _, layer in layers)
+            for _, layer in layers:
+                used -= layer.nbytes()
+                layer.reserve(new, policy, self.max_cache_bytes, used)
+                used += layer.nbytes()
+        else:  # most steps: every layer has room already (a check on host integers)
+            for _, layer in layers:
+                layer.reserve(new, policy)
+        if policy.schedule == "continuous":
+            for _, layer in layers:
+                layer.prepare_step(new, policy)
         try:
             out = run(*args, **kwargs)
         except Exception as err:
@@ -219,8 +228,7 @@ class TransformersForward:
             if why is None or len(fresh) != len(layers):
                 raise
             return self._without_store(run, args, kwargs, why, fresh)
-        n_layers = len(layers) if not hasattr(self.model.config, "num_hidden_layers") else \
-            self.model.config.num_hidden_layers
+        n_layers = self.n_layers or len(layers)
         for i, layer in layers:
             if not layer.is_initialized:
                 continue  # a layer this call did not reach
@@ -295,13 +303,23 @@ class TransformersForward:
 
         if not self._recognised():
             return []
+        known, count, indices = self._installed
         layers = getattr(cache, "layers", None)
+        if known is not None and cache is known() and isinstance(layers, list) and len(layers) == count and indices:
+            found = [(i, layers[i]) for i in indices]
+            if all(type(layer) is transformers_store.KvfxLayer and layer.is_initialized for _, layer in found):
+                return found   # a decode step on the cache of the call before: its layers are kvfx's already
         if isinstance(layers, list) and not layers and getattr(cache, "layer_class_to_replicate", None) is not None \
                 and _all_full_attention(self.model.config):
             # A cache made without a config adds layers as they are first written: add them now.
             layers.extend(transformers_store.KvfxLayer(self.page, planned)
                           for _ in range(self.model.config.num_hidden_layers))
-        return transformers_store.install(cache, self.page, planned)
+        found = transformers_store.install(cache, self.page, planned)
+        try:  # (weakly: a finished generation's cache must not stay alive here)
+            self._installed = (weakref.ref(cache), len(layers) if isinstance(layers, list) else 0, [i for i, _ in found])
+        except TypeError:
+            self._installed = (None, 0, [])
+        return found
 
     def _check_padding(self, kwargs) -> None:
         from kvfx.ops import valid_slots

@@ -117,6 +117,9 @@ class KvfxLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.max_length
 
+    # transformers <= 5.2 names the abstract method get_max_cache_shape; later ones get_max_length.
+    get_max_cache_shape = get_max_length
+
     # -- the host side, between calls ----------------------------------------------
     @property
     def store(self) -> slot_store.Store:

@@ -127,6 +127,31 @@ class Fold:
         tokens: returns (k, v, slot_bias, slot_score)."""
         raise NotImplementedError(f"{type(self).__name__} has no decode-time fold (schedule 'continuous')")
 
+    def step_in_place(self, policy, q, k, v, slot_bias, slot_score, scale) -> Optional[int]:
+        """``step`` written into k, v [B, Hkv, S, D], slot_bias, slot_score
+        [B, Hkv, S] themselves (views of a store's full rows of S real slots,
+        one new token the last): fewer and smaller operations than ``step``
+        over copies. Returns the slots each row keeps, or None (nothing
+        written) where it does not apply; equals ``step`` exactly otherwise."""
+        return None
+
+
+def remove_slot(index: torch.Tensor, k, v, slot_bias, slot_score, score: torch.Tensor) -> None:
+    """Drop slot ``index`` [B, Hkv, 1] of each row in place, the later slots
+    moving down one (order kept, as ``gather_slots`` after ``top_sorted``):
+    k, v [B, Hkv, S, D], slot_bias, slot_score [B, Hkv, S] hold S - 1 slots
+    after it, the freed last slot bias -inf; slot_score takes ``score``'s.
+    One short copy per row and tensor (reads ``index`` on the host: CPU),
+    where a gather would copy every slot of every row."""
+    s = k.shape[2]
+    slot_score.copy_(score)
+    rows = [x.flatten(0, 1) for x in (k, v, slot_bias, slot_score)]   # [B * Hkv, S, ...] views
+    for row, at in enumerate(index.flatten().tolist()):
+        for x in rows:
+            x[row, at:s - 1] = x[row, at + 1:s].clone()   # (overlapping ranges: copy through a temporary)
+    slot_bias[:, :, s - 1] = NEG_INF
+    slot_score[:, :, s - 1] = 0
+
 
 @dataclasses.dataclass(frozen=True)
 class Evict(Fold):
@@ -149,6 +174,20 @@ class Evict(Fold):
         real = (~invalid).sum(-1, keepdim=True)
         bias = slot_bias.gather(2, index).masked_fill(rank >= policy.decode_length(real, new), NEG_INF)
         return gather_slots(k, index), gather_slots(v, index), bias, score.gather(2, index)
+
+    def step_in_place(self, policy, q, k, v, slot_bias, slot_score, scale) -> Optional[int]:
+        s = k.shape[2]
+        n = policy.decode_length(s, 1)
+        if q.shape[-2] != 1 or n < s - 1 or bool((slot_bias == NEG_INF).any()):
+            return None  # fillers or more than one eviction: ``step``
+        score = policy.step_score(q, k, slot_bias, slot_score, scale)
+        if n == s:
+            slot_score.copy_(score)
+            return n
+        # ``step``'s stable descending sort drops the last of the lowest slots
+        victim = (s - 1) - score.flip(-1).argmin(-1, keepdim=True)
+        remove_slot(victim, k, v, slot_bias, slot_score, score=score)
+        return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +271,34 @@ class ResidualMerge(Fold):
         for i in range(total - policy.decode_length(total, new)):
             k, v, slot_bias, score = self._merge_one(policy.window, k, v, slot_bias, score, need > i)
         return k.contiguous(), v.contiguous(), slot_bias.contiguous(), score.contiguous()
+
+    def step_in_place(self, policy, q, k, v, slot_bias, slot_score, scale) -> Optional[int]:
+        s, r, d = k.shape[2], self.slots, k.shape[3]
+        n = policy.decode_length(s, 1)
+        slot = torch.arange(s, device=k.device)
+        in_top = (slot >= r) & (slot < s - policy.window)
+        if q.shape[-2] != 1 or n < s - 1 or bool((slot_bias[:, :, r:] == NEG_INF).any()):
+            return None  # fillers or more than one merge: ``step``
+        score = policy.step_score(q, k, slot_bias, slot_score, scale)
+        if n == s:
+            slot_score.copy_(score)
+            return n
+        # ``_merge_one`` with every row merging: the lowest top slot into its most similar residual slot
+        low = score.masked_fill(~in_top, float("inf")).argmin(-1, keepdim=True)          # [B, Hkv, 1]
+        low_k = k.gather(2, low[..., None].expand(-1, -1, -1, d)).float()
+        low_v = v.gather(2, low[..., None].expand(-1, -1, -1, d)).float()
+        low_count = slot_bias.gather(2, low).exp()
+        j = torch.nn.functional.cosine_similarity(k[:, :, :r].float(), low_k, dim=-1).argmax(-1, keepdim=True)
+        res_count = slot_bias[:, :, :r].gather(2, j).exp()
+        total = (res_count + low_count).clamp_min(1e-30)
+        at = j[..., None].expand(-1, -1, -1, d)
+        for x, low_x in ((k, low_k), (v, low_v)):
+            mean = (res_count[..., None] * x.gather(2, at).float() + low_count[..., None] * low_x) / total[..., None]
+            x.scatter_(2, at, mean.to(x.dtype))
+        slot_bias.scatter_(2, j, log_count(res_count + low_count))
+        score.scatter_(2, j, torch.maximum(score.gather(2, j), score.gather(2, low)))
+        remove_slot(low, k, v, slot_bias, slot_score, score=score)
+        return n
 
     def _merge_one(self, tail, k, v, bias, score, merge):
         """Fold the lowest-scored real top slot into its most similar residual
