@@ -370,7 +370,7 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
         with graph.inserting_after(ready):
             out = graph.call_function(paged_attention_uniform,
                                       (q, k_pages, v_pages, slot_bias, site.kv_heads, float(site.scale)))
-        site.note = "decode attention in the graph (equal rows, CPU)"
+        site.inline, site.note = paged_attention_uniform.__name__, "decode attention in the graph (equal rows, CPU)"
     else:
         (out,) = call(torch.ops.kvfx.store_attend.default,
                       (q, k_pages, v_pages, slot_bias, page_table, lengths, float(site.scale), float(site.softcap),

@@ -51,6 +51,7 @@ class Site:
     causal: bool = False
     reason: str = ""                # why not compressible; empty when it is
     note: str = ""                  # what the rewrite decided beyond the default (e.g. index reuse)
+    inline: str = ""                # the function the rewrite wrote in the graph instead of an op (CPU decode)
     bounded: Optional[int] = None   # slots a sliding-window layer keeps at most
     root: str = ""                  # dynamo's source of the module ``module`` is relative to, e.g. L['self']
     depth: Optional[int] = None     # layers in this site's stack, from the model (set by the backend)
@@ -85,7 +86,10 @@ class Site:
     @property
     def op(self) -> str:
         """The kvfx op the rewrite puts at this site (after the prefill's
-        attention, in place of the decode's)."""
+        attention, in place of the decode's), or the plain function it
+        wrote in the graph instead."""
+        if self.inline:
+            return self.inline
         prefix = "kvfx.store_" if self.cache == "store" else "kvfx."
         return prefix + ("compress" if self.phase == "prefill" else "attend")
 

@@ -1,10 +1,18 @@
 """The restructure into keep/fold primitives kept every preset's kept set:
 each preset on each zoo model keeps the positions (and merges the keys)
-recorded in tests/data/kept_sets.json before it (see tests/kept_sets.py)."""
+recorded in tests/data/kept_sets.json before it (see tests/kept_sets.py).
+
+An entry ``"<model>-<attn>|transformers>=X.Y"`` is a later recording for a
+model whose cache transformers itself changed from that version on (Falcon's
+cache holds its 2 true KV heads from 5.25, its 4 query heads' repeated copies
+before; the model's outputs are the same), made with kvfx after the
+restructure: there it guards against regressions only."""
 
 import json
 
 import pytest
+import transformers
+from packaging.version import Version
 
 from kept_sets import PATH, record_model, models
 
@@ -13,10 +21,21 @@ RECORDED = json.loads(PATH.read_text())
 CASES = [(name, attn, False) for name, attn in models() if f"{name}-{attn}" in RECORDED] + [("llama", "sdpa", True)]
 
 
+def recorded(key: str) -> dict:
+    """The recording of ``key`` for the installed transformers (see the module's docstring)."""
+    installed, best, since = Version(transformers.__version__).release, RECORDED[key], ()
+    for entry, value in RECORDED.items():
+        if entry.startswith(key + "|transformers>="):
+            version = Version(entry.split(">=")[1]).release
+            if since < version <= installed:
+                best, since = value, version
+    return best
+
+
 @pytest.mark.parametrize("name,attn,padded", CASES, ids=[f"{n}-{'padded' if p else a}" for n, a, p in CASES])
 def test_every_preset_keeps_the_recorded_positions(name, attn, padded):
     got = record_model(name, attn, padded)
-    want = RECORDED[f"{name}-{'padded' if padded else attn}"]
+    want = recorded(f"{name}-{'padded' if padded else attn}")
     assert sorted(got) == sorted(want)
     changed = []
     for policy, phases in want.items():

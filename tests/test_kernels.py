@@ -502,3 +502,11 @@ def test_a_checkout_on_sys_path_does_not_shadow_the_pypi_kernels_package():
     except metadata.PackageNotFoundError:
         return   # nothing to shadow: the folder itself answers `import kernels`
     assert os.path.abspath(run.stdout.strip().splitlines()[-1]) != os.path.join(root, "kernels", "__init__.py")
+
+
+def test_no_script_folder_holds_a_module_named_kernels():
+    # `python benchmarks/x.py` puts benchmarks/ first on sys.path: a kernels.py there would
+    # shadow the PyPI `kernels` that transformers imports, and every benchmark would fail.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in ("benchmarks", "tests", "examples"):
+        assert not os.path.exists(os.path.join(root, folder, "kernels.py")), folder

@@ -1,8 +1,8 @@
 """Time each kvfx kernel: Triton against its plain-torch reference, same device,
 same run.
 
-    python benchmarks/kernels.py            # Llama-7B-shaped layer on CUDA (small on CPU)
-    python benchmarks/kernels.py --quick    # tiny shapes, a smoke run
+    python benchmarks/kernel_timings.py            # Llama-7B-shaped layer on CUDA (small on CPU)
+    python benchmarks/kernel_timings.py --quick    # tiny shapes, a smoke run
 
 Defaults on CUDA: 32 query heads, 32 KV heads and a GQA-8 variant (4 KV heads),
 head dim 128, 32k tokens, bf16. Without CUDA the Triton side runs in Triton's
