@@ -142,6 +142,17 @@ def update_doc(section: str, text: str, doc: Path = RESULTS_DOC) -> bool:
     return True
 
 
+def first_number(text: str) -> str:
+    """The first run of digits in ``text`` ("" when none): a retrieval answer."""
+    digits = ""
+    for ch in text:
+        if ch.isdigit():
+            digits += ch
+        elif digits:
+            break
+    return digits
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

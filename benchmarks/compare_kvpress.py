@@ -237,16 +237,6 @@ class Row:
         return self.model(**kwargs)
 
 
-def first_number(text: str) -> str:
-    digits = ""
-    for ch in text:
-        if ch.isdigit():
-            digits += ch
-        elif digits:
-            break
-    return digits
-
-
 def kept_rows(row: Row, cache, layers: int) -> list[list]:
     """Per layer, per KV head: the key rows the cache holds for batch row 0 (a tensor [n, D]),
     or for AdaKVPress a bool mask of kept positions."""
@@ -347,7 +337,7 @@ def measure(row: Row, prompts: list, tokenizer, decode_tokens: int, full_keys: O
             peaks.append(max(m1.peak, m2.base - kept_aside - m1.base + m2.peak))
             said = tokenizer.decode(tokens[:ANSWER_TOKENS], skip_special_tokens=True).strip()
             answers.append({"task": p.task, "length": p.length, "depth": round(p.depth, 3), "answer": p.answer,
-                            "said": said, "correct": first_number(said) == p.answer})
+                            "said": said, "correct": common.first_number(said) == p.answer})
             del cache
             reset_masks(row.model)
     result = {
@@ -639,6 +629,8 @@ def _x(r: Optional[dict], k: str) -> str:
 
 
 def markdown(data: dict) -> str:
+    import common
+
     parts = []
     v = data.get("versions", {})
     parts.append(f"kvpress {v.get('kvpress')}, transformers {v.get('transformers')}, torch {v.get('torch')}, "
@@ -709,7 +701,7 @@ def markdown(data: dict) -> str:
                     continue
                 label = key.split(" ", 1)[1].replace("@", " @ ") if rows[key]["side"] != "baseline" else key
                 atable.append([label, rows[key]["side"]] + [
-                    (first_number(a["said"]) or "no number") + (" ✓" if a["correct"] else "")
+                    (common.first_number(a["said"]) or "no number") + (" ✓" if a["correct"] else "")
                     for a in c["answers"]])
             parts.append("First number of each greedy answer (✓ = right):\n\n| " + " | ".join(ah) + " |\n|"
                          + "---|" * len(ah) + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in atable) + "\n")

@@ -190,16 +190,6 @@ def build_prompts(tokenizer, settings: Settings) -> list[Prompt]:
 
 # -- running ------------------------------------------------------------------
 
-def _first_number(text: str) -> str:
-    digits = ""
-    for ch in text:
-        if ch.isdigit():
-            digits += ch
-        elif digits:
-            break
-    return digits
-
-
 def _last_logits(model) -> dict[str, int]:
     """Only the last position's logits: Gemma's 262k-word head over a whole prompt costs more than the model."""
     forward = getattr(model, "_kvfx_original_forward", None) or model.forward
@@ -239,7 +229,7 @@ def evaluate(model, tokenizer, prompts: list[Prompt], texts: list[torch.Tensor],
     for p in prompts:
         said, nbytes = answer(model, tokenizer, p, settings.max_new_tokens)
         samples.append({"task": p.task, "length": p.length, "depth": round(p.depth, 3), "answer": p.answer,
-                        "said": said, "correct": _first_number(said) == p.answer})
+                        "said": said, "correct": common.first_number(said) == p.answer})
         held.append(nbytes)
     losses = []
     for ids in texts:

@@ -28,16 +28,18 @@ def column_sums_reference(
     score = q.new_zeros(b, h, 1, s, dtype=torch.float32)
     # Query chunks keep the [B, H, rows, S] temporaries small: a whole-prompt
     # matrix (150 MB at 2k tokens) is mmap'd and zero-filled afresh on every call.
+    # A chunk reads only the keys its last query sees (causal): half the work.
     rows = chunk_rows or max(1, (1 << 21) // max(b * h * s, 1))
     for lo in range(0, sq, rows):
         hi = min(lo + rows, sq)
-        query_pos = key_pos[s - sq + lo:s - sq + hi, None]
-        visible = (key_pos[None, :] <= query_pos) & valid[:, None, None, :]
+        end = s - sq + hi                                   # keys the chunk's queries see at most
+        query_pos = key_pos[s - sq + lo:end, None]
+        visible = (key_pos[None, :end] <= query_pos) & valid[:, None, None, :end]
         # A finite floor instead of -inf: a query that sees a real key has a
         # finite max, so the floor's exp is exactly 0 (and no row is all -inf).
         bias = torch.zeros(visible.shape, dtype=torch.float32, device=k.device).masked_fill_(
             ~visible, torch.finfo(torch.float32).min)
-        logits = torch.matmul(q[:, :, lo:hi].float(), keys).mul_(scale).add_(bias)  # [B, H, rows, S]
+        logits = torch.matmul(q[:, :, lo:hi].float(), keys[..., :end]).mul_(scale).add_(bias)  # [B, H, rows, end]
         probs = logits.softmax(-1)
-        score += torch.matmul(weights[:, None, None, lo:hi], probs)
+        score[..., :end] += torch.matmul(weights[:, None, None, lo:hi], probs)
     return score.view(b, hkv, h // hkv, s).sum(dim=2)
