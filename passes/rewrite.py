@@ -155,8 +155,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 input_kinds.append("buffer")
             continue
         if site.cache == "store":
-            replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call,
-                                          inline_decode)
+            replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call, inline_decode)
             outputs = [replaced.get(node, node) for node in outputs]
             continue
         state_outputs.append(site.k_out)

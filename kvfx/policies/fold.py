@@ -275,14 +275,14 @@ class ResidualMerge(Fold):
     def step_in_place(self, policy, q, k, v, slot_bias, slot_score, scale) -> Optional[int]:
         s, r, d = k.shape[2], self.slots, k.shape[3]
         n = policy.decode_length(s, 1)
-        slot = torch.arange(s, device=k.device)
-        in_top = (slot >= r) & (slot < s - policy.window)
         if q.shape[-2] != 1 or n < s - 1 or bool((slot_bias[:, :, r:] == NEG_INF).any()):
             return None  # fillers or more than one merge: ``step``
         score = policy.step_score(q, k, slot_bias, slot_score, scale)
         if n == s:
             slot_score.copy_(score)
             return n
+        slot = torch.arange(s, device=k.device)
+        in_top = (slot >= r) & (slot < s - policy.window)
         # ``_merge_one`` with every row merging: the lowest top slot into its most similar residual slot
         low = score.masked_fill(~in_top, float("inf")).argmin(-1, keepdim=True)          # [B, Hkv, 1]
         low_k = k.gather(2, low[..., None].expand(-1, -1, -1, d)).float()

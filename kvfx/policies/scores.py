@@ -1,10 +1,10 @@
 """Plain-torch slot scores of the policies (the attention-based scores that
 need kernels live in ``kvfx.kernels``: column sums, window scores)."""
 
-
 from __future__ import annotations
 
 import torch
+
 
 def recency(k: torch.Tensor) -> torch.Tensor:
     """Later slots score higher (StreamingLLM keeps the most recent). -> [B, Hkv, S]"""
