@@ -25,6 +25,7 @@ from kvfx.kernels.paged_attention import paged_attention
 from kvfx.kernels.paged_attention.reference import paged_sink_weight
 from kvfx.policies import bias_of, policy_of
 from kvfx.policies.base import Policy
+from kvfx.policies.scores import prompt_lse
 from kvfx.policies.budgets import cdiv
 
 
@@ -47,25 +48,29 @@ def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tens
 def compress(
     q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
     policy: str, layer: int, n_layers: int, scale: float, score_keys: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compress one layer's prompt cache with the policy whose registry key is
     ``policy`` (``kvfx.policies.key_of``). q: [B, H, Sq, D] (None for a policy
     that reads no queries), k/v: [B, Hkv, S, D]. ``reuse_index`` (ChunkKV) are
     kept indices computed by an earlier layer. ``score_keys`` [B, H, S, D]:
     the keys attention reads when k, v are a latent and a rotary key (MLA):
-    slots are scored on them and one selection serves every head.
+    slots are scored on them and one selection serves every head. ``lse``
+    [B, H, S]: the prompt attention's log-sum-exp per query
+    (``kvfx::attention_lse``), lent to a column-sum scorer.
     Returns fresh contiguous (k, v, slot_bias, slot_score, index) with
     n = policy.kept_length(S) slots."""
     pol = policy_of(policy)
     valid = valid_slots(mask, k.shape[0], k.shape[2], k.device)
-    out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index, score_keys)
+    with prompt_lse(q, lse):
+        out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index, score_keys)
     # A custom op's outputs may not alias its inputs (the reused index would).
     index = out.index.clone() if out.index is reuse_index else out.index.contiguous()
     return out.k.contiguous(), out.v.contiguous(), out.slot_bias.contiguous(), out.slot_score.contiguous(), index
 
 
 @compress.register_fake
-def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, score_keys=None):
+def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, score_keys=None, lse=None):
     batch, kv_heads, length, _ = k.shape
     n = policy_of(policy).kept_length(length, layer, n_layers)
     return (
@@ -75,6 +80,45 @@ def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, s
         k.new_empty(batch, kv_heads, n, dtype=torch.float32),
         k.new_empty(batch, kv_heads, n, dtype=torch.int64),
     )
+
+
+def lse_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether ``attention_lse`` gets the log-sum-exp from a fused kernel for
+    these inputs (decided on metadata alone, so the fake agrees): the CPU's
+    flash kernel always; on CUDA the flash kernel's dtypes and head sizes."""
+    if q.device.type == "cpu":
+        return True
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1]
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+@torch.library.custom_op("kvfx::attention_lse", mutates_args=())
+def attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> tuple[Tensor, Tensor]:
+    """The prompt's causal attention (what ``scaled_dot_product_attention(q,
+    k, v, is_causal=True, scale=scale)`` computes; fewer KV heads than query
+    heads are grouped) and each query's log-sum-exp [B, H, Sq] float32, which
+    the fused kernel computes anyway: the column-sum scorers (H2O, KVMerger,
+    ZeroMerge) then need one pass over q.k instead of two. Where no fused
+    kernel returns it (``lse_supported``), the lse is empty."""
+    if not lse_supported(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                               enable_gqa=k.shape[1] != q.shape[1])
+        return out.contiguous(), q.new_empty(0, dtype=torch.float32)
+    if k.shape[1] != q.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
+    return out.contiguous(), lse.contiguous()
+
+
+@attention_lse.register_fake
+def _attention_lse_fake(q, k, v, scale):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    if not lse_supported(q, k, v):
+        return out, q.new_empty(0, dtype=torch.float32)
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("kvfx::attend", mutates_args=())
@@ -206,17 +250,18 @@ def _store_mark_fake(k, v, page):
 @torch.library.custom_op("kvfx::store_compress", mutates_args=())
 def store_compress(
     q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
-    policy: str, layer: int, n_layers: int, scale: float, page: int,
+    policy: str, layer: int, n_layers: int, scale: float, page: int, lse: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compress one layer's prompt k, v [B, Hkv, S, D] with ``policy`` into a
     new slot store of ``page``-slot pages: each (batch, KV head) row holds its
     own kept slots (``Policy.store_pages`` sizes it), a running score only for
     a continuous policy. Returns the store's eight tensors (seen = S) and the
-    kept indices (for ChunkKV's reuse)."""
+    kept indices (for ChunkKV's reuse). ``lse``: as for ``kvfx::compress``."""
     pol = policy_of(policy)
     batch, kv_heads, length = k.shape[:3]
     valid = valid_slots(mask, batch, length, k.device)
-    out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
+    with prompt_lse(q, lse):
+        out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
     # Only a continuous policy reads a running score again: the others keep none.
     score = out.slot_score if pol.schedule == "continuous" else None
@@ -227,7 +272,7 @@ def store_compress(
 
 
 @store_compress.register_fake
-def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, page):
+def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, page, lse=None):
     pol = policy_of(policy)
     batch, kv_heads, length = k.shape[:3]
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
@@ -309,8 +354,9 @@ def _store_step_fake(q, k_pages, v_pages, slot_bias, slot_score, page_table, len
 # kvfx compresses caches for inference: no gradient flows through its ops.
 # Registering that keeps a forward run with grad enabled from failing inside
 # AOTAutograd.
-compress.register_autograd(lambda ctx, *grads: (None,) * 10)
+compress.register_autograd(lambda ctx, *grads: (None,) * 11)
+attention_lse.register_autograd(lambda ctx, *grads: (None,) * 4)
 attend.register_autograd(lambda ctx, *grads: (None,) * 11)
 step.register_autograd(lambda ctx, *grads: (None,) * 9)
-store_compress.register_autograd(lambda ctx, *grads: (None,) * 10)
+store_compress.register_autograd(lambda ctx, *grads: (None,) * 11)
 store_attend.register_autograd(lambda ctx, *grads: (None,) * 9)

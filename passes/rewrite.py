@@ -48,7 +48,7 @@ from torch import fx
 from kvfx.buffers import buffer_attend
 from kvfx.kernels.dispatch import kernel_mode
 from kvfx.kernels.paged_attention.reference import paged_attention_uniform
-from kvfx.passes.sites import Site
+from kvfx.passes.sites import SDPA, Site, _arg
 from kvfx.policies import key_of
 
 import kvfx.ops  # noqa: F401  (registers torch.ops.kvfx)
@@ -127,6 +127,11 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                            "compresses the prompt; " + ("a latent cache is not per head" if site.latent else
                                                         "a continuous policy moves slots at every decode step"))
             continue
+        lse = None
+        if site.phase == "prefill" and policy.sums_attention:
+            old = site.node
+            lse = _prompt_lse(graph, site)
+            outputs = [site.node if node is old else node for node in outputs]
         if site.cache == "buffer":
             if continuous:
                 site.reason = (f"{type(policy).__name__} ranks slots at every decode step; kvfx runs continuous "
@@ -140,7 +145,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 return last_placeholder
 
             done = _rewrite_buffer(graph, site, policy, spec, layer, n_layers, kept_index, call, placeholder,
-                                   fake_mode)
+                                   fake_mode, lse)
             if done is None:
                 continue
             if site.phase == "prefill":
@@ -155,7 +160,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 input_kinds.append("buffer")
             continue
         if site.cache == "store":
-            replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call, inline_decode)
+            replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call, inline_decode, lse)
             outputs = [replaced.get(node, node) for node in outputs]
             continue
         state_outputs.append(site.k_out)
@@ -167,7 +172,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             k_c, v_c, bias, score, index = call(
                 torch.ops.kvfx.compress.default,
                 (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer, n_layers,
-                 float(site.scale), site.score_k), ready)
+                 float(site.scale), site.score_k, lse), ready)
             kept_index[layer] = index
             with graph.inserting_after(index):
                 seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
@@ -344,7 +349,7 @@ def _reused_index(site: Site, policy, layer: int, kept_index: dict):
 
 
 def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int,
-                   kept_index: dict, call, inline_decode: bool = True) -> dict:
+                   kept_index: dict, call, inline_decode: bool = True, lse=None) -> dict:
     """Rewrite one store site; returns the graph-output nodes it replaced."""
     store = site.store
     replaced = {}
@@ -354,7 +359,7 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
         page = store.args[2]
         items = call(torch.ops.kvfx.store_compress.default,
                      (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer,
-                      n_layers, float(site.scale), page), ready)
+                      n_layers, float(site.scale), page, lse), ready)
         kept_index[layer] = items[-1]
         # The mark's outputs are what dynamo writes into the layer: take the
         # compressed store's instead (getitem nodes moved after them).
@@ -382,6 +387,37 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
     return replaced
 
 
+def _prompt_lse(graph: fx.Graph, site: Site):
+    """The prompt's log-sum-exp per query for a column-sum scorer: when the
+    site's attention is a plain causal ``scaled_dot_product_attention`` (no
+    mask, no dropout, the queries kvfx scores), it becomes
+    ``kvfx::attention_lse``, the same attention that also returns each
+    query's log-sum-exp, and ``site.node`` its output. Returns the
+    log-sum-exp node, or None (the scorer then takes two passes over q.k)."""
+    node = site.node
+    if site.attention != "sdpa" or site.fold or site.gqa == "tile" or not (node.op == "call_function"
+                                                                          and node.target in SDPA):
+        return None
+    q, k, v = node.args[:3]
+    q_val, k_val = q.meta.get("example_value"), k.meta.get("example_value")
+    if (q is not site.q or q_val is None or k_val is None or _arg(node, 3, "attn_mask") is not None
+            or _arg(node, 4, "dropout_p", 0.0) != 0.0 or not _arg(node, 5, "is_causal", False)
+            or q_val.shape[-2] != k_val.shape[-2]):
+        return None
+    with graph.inserting_after(node):
+        both = graph.call_function(torch.ops.kvfx.attention_lse.default, (q, k, v, _arg(node, 6, "scale")))
+    # The log-sum-exp first: what the rewrite inserts after site.node may read it.
+    with graph.inserting_after(both):
+        lse = graph.call_function(operator.getitem, (both, 1))
+    with graph.inserting_after(lse):
+        out = graph.call_function(operator.getitem, (both, 0))
+    out.meta = dict(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    site.node = out
+    return lse
+
+
 def _inline_decode(site: Site, policy, layer: int, k_pages: fx.Node) -> bool:
     """Whether a store's decode attention can be plain tensor code in the
     graph (``paged_attention_uniform``) rather than ``kvfx::store_attend``:
@@ -402,7 +438,7 @@ def _inline_decode(site: Site, policy, layer: int, k_pages: fx.Node) -> bool:
 
 
 def _rewrite_buffer(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int, kept_index: dict,
-                    call, placeholder, fake_mode):
+                    call, placeholder, fake_mode, lse=None):
     """Rewrite one site over a module buffer kvfx takes over (kvfx.buffers).
     Prefill: compress the prompt's k, v after the model's attention; returns
     the outputs the runtime adopts (k, v, bias, tokens seen). Decode (the
@@ -423,7 +459,7 @@ def _rewrite_buffer(graph: fx.Graph, site: Site, policy, spec: str, layer: int, 
         k_c, v_c, bias, _score, kept = call(
             torch.ops.kvfx.compress.default,
             (q if policy.needs_queries else None, k_new, v_new, mask, reuse, spec, layer, n_layers,
-             float(site.scale), None), ready)
+             float(site.scale), None, lse), ready)
         kept_index[layer] = kept
         with graph.inserting_after(kept):
             seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})

@@ -196,6 +196,46 @@ def test_column_sums_queries_seeing_only_padding_contribute_nothing(device):
     assert_close(column_sums.column_sums(q, k, valid, 0.125), expected, **SCORE_TOL)
 
 
+def causal_lse(q, k, valid, scale):
+    """Each query's log-sum-exp over the keys it sees (causal, valid), -inf where none."""
+    h, s, sq = q.shape[1], k.shape[2], q.shape[2]
+    logits = q.float() @ k.float().repeat_interleave(h // k.shape[1], 1).transpose(-1, -2) * scale
+    pos = torch.arange(s, device=k.device)
+    visible = (pos[None, :] <= pos[s - sq:, None]) & valid[:, None, None, :]
+    return logits.masked_fill(~visible, float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_column_sums_in_one_pass_from_the_attention_lse_equal_the_two_pass_sums(device, dtype):
+    q, k = make_qk(dtype, 32, 2, 21, 2, 21, device)
+    valid = make_valid(2, 21, device)
+    valid[1, :4] = False  # left padding: those queries see nothing (lse -inf) and must add nothing
+    lse = causal_lse(q, k, valid, 0.2)
+    assert torch.isinf(lse[1, :, :4]).all()
+    for decay in (1.0, 0.9):
+        expected = column_sums.column_sums_reference(q, k, valid, 0.2, decay)
+        assert_close(column_sums.column_sums_reference(q, k, valid, 0.2, decay, lse=lse), expected, **SCORE_TOL)
+        assert_close(column_sums.column_sums(q, k, valid, 0.2, decay, lse=lse), expected, **SCORE_TOL)
+    # The sums do read the given normaliser: a wrong one scales them.
+    shifted = column_sums.column_sums(q, k, valid, 0.2, lse=lse + math.log(2.0))
+    assert_close(shifted * 2, column_sums.column_sums_reference(q, k, valid, 0.2), **SCORE_TOL)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_attention_lse_op_is_causal_sdpa_and_its_log_sum_exp(device, groups):
+    import kvfx.ops  # noqa: F401  (registers torch.ops.kvfx)
+
+    dtype = torch.bfloat16 if device.type == "cuda" else F32
+    q, k = make_qk(dtype, 64, groups, 33, 2, 33, device)
+    v = torch.randn_like(k)
+    out, lse = torch.ops.kvfx.attention_lse(q, k, v, 0.15)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.15,
+                                                                enable_gqa=groups > 1)
+    assert_close(out.float(), expected.float(), atol=2e-2 if dtype != F32 else 1e-5, rtol=0)
+    valid = torch.ones(2, 33, dtype=torch.bool, device=device)
+    assert_close(lse, causal_lse(q, k, valid, 0.15), atol=1e-3, rtol=1e-3)
+
+
 # -- adjacent_cosine (KVMerger) ------------------------------------------------
 
 

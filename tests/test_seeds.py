@@ -262,3 +262,50 @@ def test_seed_policies_reject_bad_fields():
         kvfx.ZeroMerge(budget=8, residual=2, window=6)
     with pytest.raises(ValueError, match=r"PyramidKV\.beta="):
         kvfx.PyramidKV(beta=0.5)
+
+
+# -- the prompt's attention lends its log-sum-exp to the column-sum scorers ----
+
+
+def _count_lse(monkeypatch, drop: bool = False) -> dict:
+    """Spy on the column sums the scorers run: how many had the attention's
+    log-sum-exp; ``drop``: withhold it (the two-pass sums)."""
+    import kvfx.policies.scores as scores
+
+    seen = {"lse": 0, "two_pass": 0}
+    real = scores.column_sums
+
+    def spy(q, k, valid, scale, decay=1.0, lse=None):
+        seen["two_pass" if lse is None or drop else "lse"] += 1
+        return real(q, k, valid, scale, decay, lse=None if drop else lse)
+
+    monkeypatch.setattr(scores, "column_sums", spy)
+    return seen
+
+
+@pytest.mark.parametrize("policy", [kvfx.H2O(budget=0.5), kvfx.ZeroMerge(budget=0.5)], ids=["H2O", "ZeroMerge"])
+def test_column_sum_scorers_read_the_prompt_attentions_log_sum_exp_and_keep_the_same(monkeypatch, policy):
+    model, ids = tiny_model("llama"), torch.randint(3, 100, (1, 40))
+    seen = _count_lse(monkeypatch)
+    one_pass = generate(model, ids, policy=policy, steps=4)
+    prefill = [r for r in one_pass.records if any(s.phase == "prefill" for s in r.rewritten)]
+    assert prefill and all("kvfx.attention_lse" in r.code_after for r in prefill)
+    assert seen == {"lse": model.config.num_hidden_layers, "two_pass": 0}
+    _count_lse(monkeypatch, drop=True)
+    two_pass = generate(model, ids, policy=policy, steps=4)
+    assert torch.equal(one_pass.tokens, two_pass.tokens)
+    assert cache_lengths(one_pass.cache) == cache_lengths(two_pass.cache)
+    for a, b in zip(one_pass.logits, two_pass.logits):
+        assert (a - b).abs().max() <= 1e-4
+
+
+def test_a_masked_prompt_or_a_window_scorer_keeps_the_models_attention(monkeypatch):
+    model = tiny_model("llama")
+    ids, mask = torch.randint(3, 100, (2, 40)), torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0   # left padding: SDPA gets a mask, whose log-sum-exp kvfx does not take
+    seen = _count_lse(monkeypatch)
+    padded = generate(model, ids, attention_mask=mask, policy=kvfx.H2O(budget=0.5), steps=2)
+    assert not any("kvfx.attention_lse" in r.code_after for r in padded.records)
+    assert seen["lse"] == 0 and seen["two_pass"] > 0
+    snap = generate(model, ids[:1], policy=kvfx.SnapKV(budget=0.5), steps=2)
+    assert not any("kvfx.attention_lse" in r.code_after for r in snap.records)

@@ -11,7 +11,8 @@ passes:
    query heads of its KV head.
 
 The logits are recomputed in pass 2 instead of stored, which is what keeps the
-memory linear in S. SnapKV's window score (``window_scores``) is the same
+memory linear in S. When the prompt's attention already returned each query's
+log-sum-exp (``kvfx::attention_lse``), pass 1 is skipped: one pass over q.k. SnapKV's window score (``window_scores``) is the same
 computation restricted to the last ``window`` queries, so it reuses these.
 """
 
@@ -92,7 +93,17 @@ def _row_stats_kernel(
     tl.store(norm_ptr + out, row_norm, mask=in_q)
 
 
-@tune(configs=_CONFIGS, key=["BLOCK_D"], interpreter={"BLOCK_Q": 16, "BLOCK_N": 16})
+# Pass 2 is where a whole prompt's time goes: larger tiles keep the tensor cores busier.
+_COLUMN_CONFIGS = [
+    triton.Config({"BLOCK_Q": bq, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bq in (64, 128)
+    for bn in (64, 128)
+    for w in (4, 8)
+    for st in (2, 3)
+]
+
+
+@tune(configs=_COLUMN_CONFIGS, key=["BLOCK_D"], interpreter={"BLOCK_Q": 16, "BLOCK_N": 16})
 @triton.jit
 def _column_kernel(
     q_ptr, k_ptr, valid_ptr, max_ptr, scale_ptr, out_ptr,
@@ -155,6 +166,7 @@ def attention_column_sums(
     weights: torch.Tensor | None = None,
     out_scale: float = 1.0,
     splits: int | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum over queries i and the query heads of each KV head of
     softmax_j(causal, valid)(q_i k_j * scale) * weights[i], times ``out_scale``.
@@ -162,6 +174,8 @@ def attention_column_sums(
     q: [B, H, Sq, D] aligned with the end of k: [B, Hkv, S, D]; valid: [B, S]
     bool; weights: [Sq] float32 or None (all 1). Returns [B, Hkv, S] float32.
     ``splits`` forces the number of key splits of pass 1 (tests use it).
+    ``lse`` [B, H, Sq]: the softmax's log normaliser per query, known from the
+    prompt's attention: pass 1 is skipped.
     """
     b, h, sq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
@@ -176,26 +190,17 @@ def attention_column_sums(
     scale_log2 = scale * math.log2(math.e)
     block_d = block(d)
     upcast = upcast_dot(q.dtype)
-    if splits is None:
-        # Pass 1 has B*H*ceil(Sq/32) programs: few when Sq is a short window.
-        splits = splits_for(b * h * triton.cdiv(sq, 32), s, k.device)
-    split_len = triton.cdiv(s, splits)
-
-    row_max = torch.empty(b * h, splits, sq, device=k.device, dtype=torch.float32)
-    row_norm = torch.empty_like(row_max)
-    grid = lambda meta: (b * h, triton.cdiv(sq, meta["BLOCK_Q"]), splits)  # noqa: E731
-    _row_stats_kernel[grid](
-        q, k, valid, row_max, row_norm, h, groups, sq, s, d, split_len, scale_log2,
-        *q.stride(), *k.stride(), *valid.stride(), UPCAST_DOT=upcast, BLOCK_D=block_d,
-    )
-    # Merge the splits' partial softmax statistics ([B*H, splits, Sq]: small).
-    top = row_max.amax(dim=1)
-    top = torch.where(top == float("-inf"), 0.0, top)
-    norm = (row_norm * torch.exp2(row_max - top[:, None])).sum(dim=1)
-    row_scale = torch.ones_like(norm) if weights is None else weights.to(norm).expand_as(norm)
-    # A query that sees no key (all padding before it) contributes nothing,
-    # as nan_to_num makes it in the reference.
-    row_scale = torch.where(norm > 0, row_scale / norm, 0.0)
+    row_scale = torch.ones(b * h, sq, device=k.device) if weights is None else weights.to(k.device).expand(b * h, sq)
+    if lse is not None:
+        top = lse.float().reshape(b * h, sq) * math.log2(math.e)
+        # A query with no visible key (lse -inf) contributes nothing.
+        row_scale = torch.where(torch.isfinite(top), row_scale, 0.0)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+    else:
+        top, norm = _row_stats(q, k, valid, scale_log2, splits, upcast, block_d)
+        # A query that sees no key (all padding before it) contributes nothing,
+        # as nan_to_num makes it in the reference.
+        row_scale = torch.where(norm > 0, row_scale / norm, 0.0)
 
     grid = lambda meta: (b * hkv, triton.cdiv(s, meta["BLOCK_N"]))  # noqa: E731
     _column_kernel[grid](
@@ -205,11 +210,33 @@ def attention_column_sums(
     return out
 
 
-def column_sums(q, k, valid, scale, decay: float = 1.0, splits: int | None = None) -> torch.Tensor:
+def _row_stats(q, k, valid, scale_log2: float, splits: int | None, upcast: bool, block_d: int):
+    """Pass 1: each query's max logit (log2 units) and softmax normaliser, [B*H, Sq] each."""
+    b, h, sq, d = q.shape
+    s = k.shape[2]
+    if splits is None:
+        # Pass 1 has B*H*ceil(Sq/32) programs: few when Sq is a short window.
+        splits = splits_for(b * h * triton.cdiv(sq, 32), s, k.device)
+    split_len = triton.cdiv(s, splits)
+    row_max = torch.empty(b * h, splits, sq, device=k.device, dtype=torch.float32)
+    row_norm = torch.empty_like(row_max)
+    grid = lambda meta: (b * h, triton.cdiv(sq, meta["BLOCK_Q"]), splits)  # noqa: E731
+    _row_stats_kernel[grid](
+        q, k, valid, row_max, row_norm, h, h // k.shape[1], sq, s, d, split_len, scale_log2,
+        *q.stride(), *k.stride(), *valid.stride(), UPCAST_DOT=upcast, BLOCK_D=block_d,
+    )
+    # Merge the splits' partial softmax statistics ([B*H, splits, Sq]: small).
+    top = row_max.amax(dim=1)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    return top, (row_norm * torch.exp2(row_max - top[:, None])).sum(dim=1)
+
+
+def column_sums(q, k, valid, scale, decay: float = 1.0, splits: int | None = None,
+                lse: torch.Tensor | None = None) -> torch.Tensor:
     """Accumulated causal attention per key, decayed (see the reference)."""
     sq = q.shape[2]
     weights = None
     if decay != 1.0:
         # Same expression as the reference, so the weights agree bit for bit.
         weights = decay ** torch.arange(sq - 1, -1, -1, device=k.device, dtype=torch.float32)
-    return attention_column_sums(q, k, valid, scale, weights, splits=splits)
+    return attention_column_sums(q, k, valid, scale, weights, splits=splits, lse=lse)

@@ -45,6 +45,10 @@ class Policy:
     #: whether ``score`` reads the queries; when False the graph does not pass
     #: them (``q`` is None), so a subclass whose score reads q must say True.
     needs_queries: ClassVar[bool] = True
+    #: whether ``score`` sums the prompt's whole causal attention
+    #: (``scores.attention_sums``): the rewrite then has the prompt's attention
+    #: return its log-sum-exp, which turns two passes over q.k into one.
+    sums_attention: ClassVar[bool] = False
     #: whether sinks + window must fit in a token budget (not for a policy
     #: whose budget sizes only part of what it keeps, like RazorAttention).
     window_within_budget: ClassVar[bool] = True

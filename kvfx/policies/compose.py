@@ -52,6 +52,10 @@ class Compose(Policy):
     def needs_queries(self) -> bool:  # type: ignore[override]
         return self.policy.needs_queries
 
+    @property
+    def sums_attention(self) -> bool:  # type: ignore[override]
+        return self.policy.sums_attention
+
     def score(self, q, k, valid, scale):
         return self.policy._score(q, k, valid, scale)
 

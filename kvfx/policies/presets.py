@@ -6,13 +6,12 @@ import dataclasses
 from fractions import Fraction
 from typing import ClassVar
 
-from kvfx.kernels.column_sums import column_sums
 from kvfx.kernels.window_scores import window_attention
 from kvfx.policies.base import Policy
 from kvfx.policies.budgets import Budget, as_fraction, budget_tokens, ceil_linear, fail, named_rule, smax
 from kvfx.policies.keep import TopTokensAcrossHeads
 from kvfx.policies.registry import preset
-from kvfx.policies.scores import recency
+from kvfx.policies.scores import attention_sums, recency
 
 
 @preset
@@ -81,8 +80,10 @@ class H2O(Policy):
     budget: Budget = 0.5
     window: int = 32
 
+    sums_attention: ClassVar[bool] = True
+
     def score(self, q, k, valid, scale):
-        return column_sums(q, k, valid, scale)
+        return attention_sums(q, k, valid, scale)
 
 
 @preset

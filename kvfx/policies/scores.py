@@ -3,7 +3,39 @@ need kernels live in ``kvfx.kernels``: column sums, window scores)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator, Optional
+
 import torch
+
+from kvfx.kernels.column_sums import column_sums
+
+# (queries, their log-sum-exp) lent by the op compressing a layer's prompt.
+_PROMPT_LSE: contextvars.ContextVar = contextvars.ContextVar("kvfx_prompt_lse", default=None)
+
+
+@contextlib.contextmanager
+def prompt_lse(q: Optional[torch.Tensor], lse: Optional[torch.Tensor]) -> Iterator[None]:
+    """Lend the prompt attention's log-sum-exp ``lse`` [B, H, Sq] of queries
+    ``q`` to the scores computed inside (``attention_sums``). An empty or
+    missing ``lse`` lends nothing."""
+    token = _PROMPT_LSE.set((q, lse) if q is not None and lse is not None and lse.numel() else None)
+    try:
+        yield
+    finally:
+        _PROMPT_LSE.reset(token)
+
+
+def attention_sums(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float,
+                   decay: float = 1.0) -> torch.Tensor:
+    """Causal attention each key receives over the whole prompt (H2O,
+    KVMerger, ZeroMerge; ``column_sums``): in one pass over q.k when the
+    prompt's attention lent its log-sum-exp for these very queries, else two.
+    -> [B, Hkv, S] float32"""
+    lent = _PROMPT_LSE.get()
+    lse = lent[1] if lent is not None and lent[0] is q else None
+    return column_sums(q, k, valid, scale, decay, lse=lse)
 
 
 def recency(k: torch.Tensor) -> torch.Tensor:

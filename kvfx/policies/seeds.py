@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional
 
-from kvfx.kernels.column_sums import column_sums
 from kvfx.kernels.window_scores import window_attention
 from kvfx.policies.base import Policy
 from kvfx.policies.budgets import Budget, budget_tokens, check_int, fail, named_rule, smax
 from kvfx.policies.fold import Compensate, GaussianMerge, ResidualMerge
 from kvfx.policies.keep import TopChunks
 from kvfx.policies.registry import preset
-from kvfx.policies.scores import recency
+from kvfx.policies.scores import attention_sums, recency
 
 
 @preset
@@ -53,8 +52,10 @@ class KVMerger(Policy):
         if not isinstance(self.exempt_layers, tuple) or not all(isinstance(i, int) for i in self.exempt_layers):
             fail("KVMerger", "exempt_layers", self.exempt_layers, "a tuple of layer indices (negative counts from the end)")
 
+    sums_attention: ClassVar[bool] = True
+
     def score(self, q, k, valid, scale):
-        return column_sums(q, k, valid, scale)
+        return attention_sums(q, k, valid, scale)
 
     def fold(self) -> GaussianMerge:
         return named_rule(GaussianMerge, "KVMerger", epsilon=self.epsilon, sigma=self.sigma, recent=self.recent,
@@ -98,6 +99,10 @@ class ChunkKV(Policy):
     @property
     def needs_queries(self) -> bool:  # type: ignore[override]
         return self.scorer is None or self.scorer.needs_queries
+
+    @property
+    def sums_attention(self) -> bool:  # type: ignore[override]
+        return self.scorer is not None and self.scorer.sums_attention
 
     def score(self, q, k, valid, scale):
         if self.scorer is not None:
@@ -192,8 +197,10 @@ class ZeroMerge(Policy):
             raise ValueError(f"ZeroMerge: budget={self.budget} leaves no top slot; it must be >= residual + "
                              f"window + 1 = {self.residual + self.window + 1}")
 
+    sums_attention: ClassVar[bool] = True
+
     def score(self, q, k, valid, scale):
-        return column_sums(q, k, valid, scale, self.decay)
+        return attention_sums(q, k, valid, scale, self.decay)
 
     def fold(self) -> ResidualMerge:
         return ResidualMerge(self.residual)
