@@ -128,7 +128,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                                                         "a continuous policy moves slots at every decode step"))
             continue
         lse = None
-        if site.phase == "prefill" and policy.sums_attention:
+        if site.phase == "prefill" and policy.sums_attention and not (site.cache == "buffer" and continuous):
             old = site.node
             lse = _prompt_lse(graph, site)
             outputs = [site.node if node is old else node for node in outputs]
@@ -341,10 +341,12 @@ def _reused_index(site: Site, policy, layer: int, kept_index: dict):
     """The kept-indices node of the layer this one reuses (ChunkKV), if it is in this graph; notes the choice."""
     source = policy.reuse_source(layer)
     reuse = kept_index.get(source) if source is not None else None
+    text = ""
     if source is not None and reuse is None:
-        site.note = f"indices of layer {source} are not in this graph: computed here"
+        text = f"indices of layer {source} are not in this graph: computed here"
     elif reuse is not None:
-        site.note = f"reuses the indices of layer {source}"
+        text = f"reuses the indices of layer {source}"
+    site.note = "; ".join(filter(None, (site.note, text)))
     return reuse
 
 
@@ -415,6 +417,7 @@ def _prompt_lse(graph: fx.Graph, site: Site):
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     site.node = out
+    site.note = "the prompt's attention also returns its log-sum-exp: one pass for the column sums"
     return lse
 
 

@@ -290,6 +290,7 @@ def test_column_sum_scorers_read_the_prompt_attentions_log_sum_exp_and_keep_the_
     one_pass = generate(model, ids, policy=policy, steps=4)
     prefill = [r for r in one_pass.records if any(s.phase == "prefill" for s in r.rewritten)]
     assert prefill and all("kvfx.attention_lse" in r.code_after for r in prefill)
+    assert all("log-sum-exp" in s.note for r in prefill for s in r.rewritten if s.phase == "prefill")  # explain says so
     assert seen == {"lse": model.config.num_hidden_layers, "two_pass": 0}
     _count_lse(monkeypatch, drop=True)
     two_pass = generate(model, ids, policy=policy, steps=4)

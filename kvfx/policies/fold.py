@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 
@@ -218,6 +218,15 @@ class Compensate(Fold):
                           insert(plain.index, torch.full_like(count, -1, dtype=torch.long)))
 
 
+class _Merged(NamedTuple):
+    j: torch.Tensor          # [B, Hkv, 1] the residual slot merged into
+    at: torch.Tensor         # j expanded over head_dim, for k and v
+    k: torch.Tensor          # [B, Hkv, 1, D] its merged key and value
+    v: torch.Tensor
+    log_count: torch.Tensor  # [B, Hkv, 1] its new slot bias
+    score: torch.Tensor      # [B, Hkv, 1] its new score
+
+
 @dataclasses.dataclass(frozen=True)
 class ResidualMerge(Fold):
     """ZeroMerge's residual slots: the cache is laid out [``slots`` residual |
@@ -285,20 +294,29 @@ class ResidualMerge(Fold):
         in_top = (slot >= r) & (slot < s - policy.window)
         # ``_merge_one`` with every row merging: the lowest top slot into its most similar residual slot
         low = score.masked_fill(~in_top, float("inf")).argmin(-1, keepdim=True)          # [B, Hkv, 1]
-        low_k = k.gather(2, low[..., None].expand(-1, -1, -1, d)).float()
-        low_v = v.gather(2, low[..., None].expand(-1, -1, -1, d)).float()
-        low_count = slot_bias.gather(2, low).exp()
-        j = torch.nn.functional.cosine_similarity(k[:, :, :r].float(), low_k, dim=-1).argmax(-1, keepdim=True)
-        res_count = slot_bias[:, :, :r].gather(2, j).exp()
-        total = (res_count + low_count).clamp_min(1e-30)
-        at = j[..., None].expand(-1, -1, -1, d)
-        for x, low_x in ((k, low_k), (v, low_v)):
-            mean = (res_count[..., None] * x.gather(2, at).float() + low_count[..., None] * low_x) / total[..., None]
-            x.scatter_(2, at, mean.to(x.dtype))
-        slot_bias.scatter_(2, j, log_count(res_count + low_count))
-        score.scatter_(2, j, torch.maximum(score.gather(2, j), score.gather(2, low)))
+        m = self._merge(k, v, slot_bias, score, low, slot_bias.gather(2, low).exp())
+        k.scatter_(2, m.at, m.k)
+        v.scatter_(2, m.at, m.v)
+        slot_bias.scatter_(2, m.j, m.log_count)
+        score.scatter_(2, m.j, m.score)
         remove_slot(low, k, v, slot_bias, slot_score, score=score)
         return n
+
+    def _merge(self, k, v, bias, score, low, low_count) -> "_Merged":
+        """Slot ``low`` [B, Hkv, 1] (``low_count`` tokens) folded into its most
+        similar residual slot j: count-weighted mean of k and v, counts added,
+        score the larger. The one computation of ``step`` and ``step_in_place``."""
+        d = k.shape[3]
+        low_k = k.gather(2, low[..., None].expand(-1, -1, -1, d)).float()               # [B, Hkv, 1, D]
+        low_v = v.gather(2, low[..., None].expand(-1, -1, -1, d)).float()
+        j = torch.nn.functional.cosine_similarity(k[:, :, :self.slots].float(), low_k, dim=-1).argmax(-1, keepdim=True)
+        res_count = bias[:, :, :self.slots].gather(2, j).exp()
+        total = (res_count + low_count).clamp_min(1e-30)
+        at = j[..., None].expand(-1, -1, -1, d)
+        mean_k = (res_count[..., None] * k.gather(2, at).float() + low_count[..., None] * low_k) / total[..., None]
+        mean_v = (res_count[..., None] * v.gather(2, at).float() + low_count[..., None] * low_v) / total[..., None]
+        return _Merged(j, at, mean_k.to(k.dtype), mean_v.to(v.dtype), log_count(res_count + low_count),
+                       torch.maximum(score.gather(2, j), score.gather(2, low)))
 
     def _merge_one(self, tail, k, v, bias, score, merge):
         """Fold the lowest-scored real top slot into its most similar residual
@@ -312,23 +330,12 @@ class ResidualMerge(Fold):
         filler = in_top & (bias == NEG_INF)
         merge = merge | ~filler.any(-1, keepdim=True)
         drop = torch.where(merge, low, filler.long().argmax(-1, keepdim=True))
-        low_k = k.gather(2, low[..., None].expand(-1, -1, -1, d)).float()               # [B, Hkv, 1, D]
-        low_v = v.gather(2, low[..., None].expand(-1, -1, -1, d)).float()
-        low_count = torch.where(merge, bias.gather(2, low).exp(), 0.0)                   # 0: nothing folded
-        similar = torch.nn.functional.cosine_similarity(k[:, :, :r].float(), low_k, dim=-1)  # [B, Hkv, r]
-        j = similar.argmax(-1, keepdim=True)
-        res_count = bias[:, :, :r].gather(2, j).exp()
-        total = (res_count + low_count).clamp_min(1e-30)
-        res_k = k.gather(2, j[..., None].expand(-1, -1, -1, d)).float()
-        res_v = v.gather(2, j[..., None].expand(-1, -1, -1, d)).float()
-        new_k = ((res_count[..., None] * res_k + low_count[..., None] * low_k) / total[..., None]).to(k.dtype)
-        new_v = ((res_count[..., None] * res_v + low_count[..., None] * low_v) / total[..., None]).to(v.dtype)
+        m = self._merge(k, v, bias, score, low, torch.where(merge, bias.gather(2, low).exp(), 0.0))  # 0: nothing folded
         folded = merge[..., None]
-        k = k.scatter(2, j[..., None].expand(-1, -1, -1, d), torch.where(folded, new_k, res_k.to(k.dtype)))
-        v = v.scatter(2, j[..., None].expand(-1, -1, -1, d), torch.where(folded, new_v, res_v.to(v.dtype)))
-        bias = bias.scatter(2, j, torch.where(merge, log_count(res_count + low_count), bias.gather(2, j)))
-        merged_score = torch.maximum(score.gather(2, j), score.gather(2, low))
-        score = score.scatter(2, j, torch.where(merge, merged_score, score.gather(2, j)))
+        k = k.scatter(2, m.at, torch.where(folded, m.k, k.gather(2, m.at)))
+        v = v.scatter(2, m.at, torch.where(folded, m.v, v.gather(2, m.at)))
+        bias = bias.scatter(2, m.j, torch.where(merge, m.log_count, bias.gather(2, m.j)))
+        score = score.scatter(2, m.j, torch.where(merge, m.score, score.gather(2, m.j)))
         keep = top_sorted(torch.zeros(b, hkv, s, device=k.device).scatter(2, drop, NEG_INF), s - 1)
         return gather_slots(k, keep), gather_slots(v, keep), bias.gather(2, keep), score.gather(2, keep)
 
