@@ -85,11 +85,14 @@ def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, s
 def lse_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether ``attention_lse`` gets the log-sum-exp from a fused kernel for
     these inputs (decided on metadata alone, so the fake agrees): the CPU's
-    flash kernel always; on CUDA the flash kernel's dtypes and head sizes."""
+    flash kernel; on CUDA the flash kernel's dtypes and head sizes (values as
+    wide as keys, whole query groups, either way)."""
+    if q.shape[-1] != v.shape[-1] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        return False
     if q.device.type == "cpu":
         return True
-    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1]
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 @torch.library.custom_op("kvfx::attention_lse", mutates_args=())
