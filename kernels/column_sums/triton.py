@@ -27,14 +27,15 @@ import triton.language as tl
 from kvfx.kernels.triton_utils import block, interpreting, splits_for, tune, upcast_dot
 
 INTERPRETED = interpreting()
+LOG2E = math.log2(math.e)  # exp2 is the fast exponential on GPUs: natural logs are scaled by this
 
-_CONFIGS = [
-    triton.Config({"BLOCK_Q": bq, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-    for bq in (32, 64)
-    for bn in (32, 64)
-    for w in (4, 8)
-    for st in (2, 3)
-]
+def _configs(blocks: tuple[int, ...]) -> list[triton.Config]:
+    """Every (BLOCK_Q, BLOCK_N) tile from ``blocks`` with 4 or 8 warps and 2 or 3 stages."""
+    return [triton.Config({"BLOCK_Q": bq, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bq in blocks for bn in blocks for w in (4, 8) for st in (2, 3)]
+
+
+_CONFIGS = _configs((32, 64))
 
 
 @tune(configs=_CONFIGS, key=["BLOCK_D"], interpreter={"BLOCK_Q": 16, "BLOCK_N": 16})
@@ -94,13 +95,7 @@ def _row_stats_kernel(
 
 
 # Pass 2 is where a whole prompt's time goes: larger tiles keep the tensor cores busier.
-_COLUMN_CONFIGS = [
-    triton.Config({"BLOCK_Q": bq, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-    for bq in (64, 128)
-    for bn in (64, 128)
-    for w in (4, 8)
-    for st in (2, 3)
-]
+_COLUMN_CONFIGS = _configs((64, 128))
 
 
 @tune(configs=_COLUMN_CONFIGS, key=["BLOCK_D"], interpreter={"BLOCK_Q": 16, "BLOCK_N": 16})
@@ -187,12 +182,12 @@ def attention_column_sums(
         return out.zero_()
     valid = valid.view(torch.uint8)  # same bytes; triton loads bytes more portably than bool
     # exp2 is the fast exponential on GPUs; fold log2(e) into the scale.
-    scale_log2 = scale * math.log2(math.e)
+    scale_log2 = scale * LOG2E
     block_d = block(d)
     upcast = upcast_dot(q.dtype)
     row_scale = torch.ones(b * h, sq, device=k.device) if weights is None else weights.to(k.device).expand(b * h, sq)
     if lse is not None:
-        top = lse.float().reshape(b * h, sq) * math.log2(math.e)
+        top = lse.float().reshape(b * h, sq) * LOG2E
         # A query with no visible key (lse -inf) contributes nothing.
         row_scale = torch.where(torch.isfinite(top), row_scale, 0.0)
         top = torch.where(torch.isfinite(top), top, 0.0)

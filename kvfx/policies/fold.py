@@ -322,7 +322,7 @@ class ResidualMerge(Fold):
         """Fold the lowest-scored real top slot into its most similar residual
         slot; rows where ``merge`` ([B, Hkv, 1]) is False drop their first
         invalid filler slot instead."""
-        b, hkv, s, d = k.shape
+        b, hkv, s, _ = k.shape
         r = self.slots
         top = torch.arange(s, device=k.device)
         in_top = (top >= r) & (top < s - tail)          # after the oldest tail token graduated
