@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from kvfx.kernels.paged_attention.reference import canonical, page_rows
 from kvfx.policies.budgets import cdiv
@@ -173,15 +174,32 @@ def row_views(store: Store, width: int):
     """k, v [B, Hkv, width, D], slot_bias, slot_score [B, Hkv, width]: views
     of the pages (writes land in the store) when the store is in the
     canonical layout, every row holds exactly ``width`` slots and keeps a
-    score; else None. Reads the page table and lengths on the host: for CPU
-    stores only, where that costs nothing."""
+    score; else None. Reads the lengths (and the page table, once per table
+    version) on the host: for CPU stores only, where that costs nothing."""
     if not store.slot_score.numel() or store.k_pages.device.type != "cpu":
         return None
-    n = cdiv(width, store.page)
-    if not bool((store.lengths == width).all()) or not canonical(store.page_table, store.k_pages.shape[0], n):
+    n, (b, hkv) = cdiv(width, store.page), store.page_table.shape[:2]
+    if not bool((store.lengths == width).all()) or not _canonical(store.page_table, store.k_pages.shape[0], n):
         return None
+    per_row = store.k_pages.shape[0] // (b * hkv) * store.page
     pages = (store.k_pages, store.v_pages, store.slot_bias, store.slot_score)
-    return tuple(x[:, :, :width] for x in page_rows(store.page_table, n, *pages))
+    return tuple(x.view(b, hkv, per_row, *x.shape[2:])[:, :, :width] for x in pages)
+
+
+#: page table -> (its version, pool pages, pages read, canonical?): a decode
+#: step asks every layer's table the same question; the table changes only
+#: when the store grows or its rows are reordered, which bumps its version.
+_CANONICAL = WeakIdKeyDictionary()
+
+
+def _canonical(table: torch.Tensor, count: int, n: int) -> bool:
+    if table.is_inference():   # (no version counter to key a cache on)
+        return canonical(table, count, n)
+    key = (table._version, count, n)
+    hit = _CANONICAL.get(table)
+    if hit is None or hit[0] != key:
+        hit = _CANONICAL[table] = (key, canonical(table, count, n))
+    return hit[1]
 
 
 def scatter(store: Store, k, v, slot_bias, slot_score, width: int = 0) -> None:

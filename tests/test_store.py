@@ -368,6 +368,37 @@ def test_a_decode_step_in_place_equals_the_step_over_copies(policy, ties):
         assert torch.equal(rows[0][:, :, :kept], k[:, :, :kept])
 
 
+@pytest.mark.parametrize("budget", [12, 0.5], ids=["keeps-every-real-slot", "evicts-a-real-slot"])
+def test_tova_steps_a_padded_row_in_place_as_the_step_over_copies_does(budget):
+    policy = kvfx.TOVA(budget=budget)
+    q, k, v, bias, score = _full_rows(policy)
+    bias[0, 1, 0] = NEG_INF   # a left-padded row: its first slot is a filler
+    want = policy.step(q, k.clone(), v.clone(), bias.clone(), score.clone(), 0.35)
+    rows = [x.clone() for x in (k, v, bias, score)]
+    assert policy.fold().step_in_place(policy, q, *rows, 0.35) == 12
+    for got, expected in zip(rows, want):
+        assert torch.equal(got[:, :, :12], expected)
+    fillers = (rows[2][0, 1, :12] == NEG_INF).sum().item()
+    # An integer budget of 12 holds the row's 12 real tokens: the filler goes. A fraction
+    # budget evicts one slot per step from every row: the padded row loses a real one too.
+    assert fillers == (0 if budget == 12 else 1)
+    kept_real = {tuple(x.tolist()) for x, b in zip(rows[0][0, 1, :12], rows[2][0, 1, :12]) if b > NEG_INF}
+    assert kept_real <= {tuple(x.tolist()) for x in k[0, 1, 1:]} and len(kept_real) == (12 if budget == 12 else 11)
+
+
+def test_one_eviction_moves_one_slot_into_the_hole_and_keeps_the_tail_in_order():
+    from kvfx.policies.fold import drop_index, drop_in_place
+
+    drop = torch.tensor([[[1], [4], [3]]])   # rows of 8 slots, the last 3 a tail (ZeroMerge's window); 4: the last top slot
+    index = drop_index(drop, 8, 4)
+    assert index.tolist() == [[[0, 4, 2, 3, 5, 6, 7], [0, 1, 2, 3, 5, 6, 7], [0, 1, 2, 4, 5, 6, 7]]]
+    rows = [torch.arange(8.).expand(1, 3, 8).clone()[..., None].expand(-1, -1, -1, 2).clone() for _ in range(2)]
+    bias, score = torch.zeros(1, 3, 8), torch.arange(8.).expand(1, 3, 8).clone()
+    drop_in_place(drop, 4, *rows, bias, score)
+    assert torch.equal(score[..., :7], index.float()) and torch.equal(rows[0][..., :7, 0], index.float())
+    assert (bias[..., 7] == NEG_INF).all() and (score[..., 7] == 0).all()
+
+
 @pytest.mark.parametrize("policy", [kvfx.TOVA(budget=12), kvfx.ZeroMerge(budget=12, residual=2, window=3)],
                          ids=["TOVA", "ZeroMerge"])
 def test_the_store_step_runs_in_place_on_full_rows_and_over_copies_otherwise(policy):
@@ -397,8 +428,8 @@ def test_the_store_step_runs_in_place_on_full_rows_and_over_copies_otherwise(pol
     rows = slot_store.gather(slot_store.pack(k, v, padded, score, torch.full((b, hkv), s), b * hkv * 4, 4, 4), s)
     for x, expected in zip(slot_store.gather(store, 12), policy.step(q, *rows, 0.35)):
         assert torch.equal(x, expected)
-    if isinstance(policy, kvfx.TOVA):   # that row drops its filler and keeps every real slot
-        assert torch.equal(slot_store.gather(store, 12)[0][0, 1], k[0, 1, 1:])
+    if isinstance(policy, kvfx.TOVA):   # that row drops its filler and keeps every real slot, the newest in its place
+        assert torch.equal(slot_store.gather(store, 12)[0][0, 1], torch.cat([k[0, 1, -1:], k[0, 1, 1:-1]]))
 
 
 # -- edits, limits, bad input ------------------------------------------------------------

@@ -136,19 +136,28 @@ class Fold:
         return None
 
 
-def remove_slot(index: torch.Tensor, k, v, slot_bias, slot_score, score: torch.Tensor) -> None:
-    """Drop slot ``index`` [B, Hkv, 1] of each row in place, the later slots
-    moving down one (order kept, as ``gather_slots`` after ``top_sorted``):
-    k, v [B, Hkv, S, D], slot_bias, slot_score [B, Hkv, S] hold S - 1 slots
-    after it, the freed last slot bias -inf; slot_score takes ``score``'s.
-    One short copy per row and tensor (reads ``index`` on the host: CPU),
-    where a gather would copy every slot of every row."""
+def drop_index(drop: torch.Tensor, s: int, last: int) -> torch.Tensor:
+    """Gather index [B, Hkv, s - 1] that removes slot ``drop`` [B, Hkv, 1]
+    (at most ``last``) from rows of ``s`` slots: slot ``last`` moves into the
+    hole and the slots after it move down one, in order. Slots before ``last``
+    are a set (their order carries nothing), so one slot moves instead of all
+    the later ones: a decode step costs O(1) copies per row, not O(S)."""
+    j = torch.arange(s - 1, device=drop.device)
+    index = j + (j >= last)
+    return torch.where((j == drop) & (drop < last), last, index)
+
+
+def drop_in_place(drop: torch.Tensor, last: int, k, v, slot_bias, slot_score) -> None:
+    """``drop_index``'s removal written into the rows k, v [B, Hkv, S, D],
+    slot_bias, slot_score [B, Hkv, S] themselves (views of a store's pages):
+    one scatter per tensor, a shift of the ``S - 1 - last`` slots after
+    ``last``, no host read. The freed last slot gets bias -inf, score 0."""
     s = k.shape[2]
-    slot_score.copy_(score)
-    rows = [x.flatten(0, 1) for x in (k, v, slot_bias, slot_score)]   # [B * Hkv, S, ...] views
-    for row, at in enumerate(index.flatten().tolist()):
-        for x in rows:
-            x[row, at:s - 1] = x[row, at + 1:s].clone()   # (overlapping ranges: copy through a temporary)
+    for x in (k, v, slot_bias, slot_score):
+        index = drop[..., None].expand(-1, -1, -1, x.shape[3]) if x.dim() == 4 else drop
+        x.scatter_(2, index, x[:, :, last:last + 1])     # drop == last: the slot onto itself
+        if last < s - 1:
+            x[:, :, last:s - 1] = x[:, :, last + 1:s].clone()   # (overlapping ranges: through a temporary)
     slot_bias[:, :, s - 1] = NEG_INF
     slot_score[:, :, s - 1] = 0
 
@@ -164,10 +173,13 @@ class Evict(Fold):
 
     def step(self, policy, q, k, v, slot_bias, slot_score, scale):
         """TOVA's step: evict the slots the policy's step score ranks lowest."""
-        new = q.shape[-2]
-        n = policy.decode_length(k.shape[-2], new)
-        invalid = slot_bias == NEG_INF
+        new, s = q.shape[-2], k.shape[-2]
+        n = policy.decode_length(s, new)
         score = policy.step_score(q, k, slot_bias, slot_score, scale)   # [B, Hkv, S]
+        if new == 1 and n == s - 1:   # one eviction: the last slot fills the hole (``drop_index``)
+            index = drop_index(self._victim(policy, score, slot_bias), s, s - 1)
+            return gather_slots(k, index), gather_slots(v, index), slot_bias.gather(2, index), score.gather(2, index)
+        invalid = slot_bias == NEG_INF
         index, rank = top_sorted(score.masked_fill(invalid, NEG_INF), n, ranked=True)
         # Each row applies the rule to its own real slots, so a padded row
         # evicts a real slot, not one of its invalid fillers, as it would alone.
@@ -178,16 +190,31 @@ class Evict(Fold):
     def step_in_place(self, policy, q, k, v, slot_bias, slot_score, scale) -> Optional[int]:
         s = k.shape[2]
         n = policy.decode_length(s, 1)
-        if q.shape[-2] != 1 or n < s - 1 or bool((slot_bias == NEG_INF).any()):
-            return None  # fillers or more than one eviction: ``step``
+        if q.shape[-2] != 1 or n < s - 1:
+            return None  # more than one eviction: ``step``
         score = policy.step_score(q, k, slot_bias, slot_score, scale)
-        if n == s:
-            slot_score.copy_(score)
-            return n
-        # ``step``'s stable descending sort drops the last of the lowest slots
-        victim = (s - 1) - score.flip(-1).argmin(-1, keepdim=True)
-        remove_slot(victim, k, v, slot_bias, slot_score, score=score)
+        slot_score.copy_(score)
+        if n == s - 1:
+            if bool((slot_bias == NEG_INF).any()):
+                victim = self._victim(policy, score, slot_bias)
+            else:   # full rows (the usual case): ``_victim``'s lowest slot, without its filler rule
+                victim = (s - 1) - score.flip(-1).argmin(-1, keepdim=True)
+            drop_in_place(victim, s - 1, k, v, slot_bias, slot_score)
         return n
+
+    @staticmethod
+    def _victim(policy, score, slot_bias) -> torch.Tensor:
+        """The slot [B, Hkv, 1] one eviction removes from each row: its
+        lowest-scored real slot (the last of equals, as the stable sort of
+        the multi-token step drops), or, where a padded row may keep all its
+        real slots, one of its invalid fillers (the last)."""
+        s = score.shape[-1]
+        invalid = slot_bias == NEG_INF
+        real = s - invalid.sum(-1, keepdim=True)
+        lowest = (s - 1) - score.masked_fill(invalid, float("inf")).flip(-1).argmin(-1, keepdim=True)
+        filler = (s - 1) - invalid.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
+        keep_real = (policy.decode_length(real, 1) >= real) & (real < s)
+        return torch.where(keep_real, filler, lowest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,8 +325,8 @@ class ResidualMerge(Fold):
         k.scatter_(2, m.at, m.k)
         v.scatter_(2, m.at, m.v)
         slot_bias.scatter_(2, m.j, m.log_count)
-        score.scatter_(2, m.j, m.score)
-        remove_slot(low, k, v, slot_bias, slot_score, score=score)
+        slot_score.copy_(score.scatter_(2, m.j, m.score))
+        drop_in_place(low, s - policy.window - 1, k, v, slot_bias, slot_score)
         return n
 
     def _merge(self, k, v, bias, score, low, low_count) -> "_Merged":
@@ -336,7 +363,7 @@ class ResidualMerge(Fold):
         v = v.scatter(2, m.at, torch.where(folded, m.v, v.gather(2, m.at)))
         bias = bias.scatter(2, m.j, torch.where(merge, m.log_count, bias.gather(2, m.j)))
         score = score.scatter(2, m.j, torch.where(merge, m.score, score.gather(2, m.j)))
-        keep = top_sorted(torch.zeros(b, hkv, s, device=k.device).scatter(2, drop, NEG_INF), s - 1)
+        keep = drop_index(drop, s, s - tail - 1)   # the graduated token fills the hole in the top
         return gather_slots(k, keep), gather_slots(v, keep), bias.gather(2, keep), score.gather(2, keep)
 
 
