@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from kvfx import integrations
+from kvfx.distributed import tensor_parallel
 from kvfx.integrations.transformers import TransformersForward, is_transformers_model, state_keys, store_seen
 from kvfx.store import PAGE
 from kvfx.passes import Site, assign_depths, find_sites, rewrite, stray_stores
@@ -125,7 +126,8 @@ class Backend:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"kvfx.backend: model must be the torch.nn.Module being compiled, got {type(model).__name__}")
         integrations.install_patches(lambda module: _kvfx_backend_of(module) is not None)
-        self.policy = policy
+        # A model split over ranks (transformers' tensor parallelism): this rank's heads, reductions across ranks.
+        self.policy = tensor_parallel(model, policy) if model is not None else policy
         self.inner = inner
         self.model = model
         self.records: list[GraphRecord] = []
@@ -254,7 +256,7 @@ class Backend:
         fail that guard and trace once more."""
         if not isinstance(policy, Policy):
             raise TypeError(f"kvfx.set_policy: policy must be a kvfx policy (e.g. kvfx.SnapKV(budget=0.5)), got {policy!r}")
-        self.policy = policy
+        self.policy = policy = tensor_parallel(self.model, policy) if self.model is not None else policy
         for entry in self._rewritable:
             gm = _private_copy(entry.original)
             sites = find_sites(gm)

@@ -98,7 +98,11 @@ class Report:
 
     def __str__(self) -> str:
         saved = 1 - self.cache_bytes_kept / self.cache_bytes_full if self.cache_bytes_full else 0.0
-        text = [f"kvfx report for {self.policy!r}", self.table(), ""]
+        text = [f"kvfx report for {self.policy!r}"]
+        shard = self.shard
+        if shard:
+            text.append(shard)
+        text += [self.table(), ""]
         if self.layers:
             text += [f"KV cache per layer after a {self.prompt_length}-token prefill "
                      "('held now' = every byte the layer holds: a slot store's pages (used or not), slot state and "
@@ -107,6 +111,16 @@ class Report:
         text.append(f"KV cache after prefill: {self.cache_bytes_kept:,} bytes held vs {self.cache_bytes_full:,} "
                     f"for the full cache ({saved:.0%} saved)")
         return "\n".join(text)
+
+    @property
+    def shard(self) -> str:
+        """Under tensor parallelism, which KV heads this rank holds (the heads
+        and bytes in the report are this rank's); else ""."""
+        p = self.policy
+        if not getattr(type(p), "splits_heads", False) or p.world == 1:
+            return ""
+        return (f"tensor parallel: rank {p.rank} of {p.world} holds KV heads {p.first_head}..{p.first_head + p.local_heads - 1}"
+                f" of {p.kv_heads} in every layer; the heads and bytes below are this rank's")
 
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)

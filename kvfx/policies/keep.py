@@ -13,6 +13,7 @@ from typing import ClassVar, Optional
 import torch
 
 from kvfx.policies.budgets import check_fraction, check_int, smax, smin
+from kvfx.policies.ranks import gather_heads, own_heads, sum_over_heads
 
 
 @dataclasses.dataclass
@@ -108,7 +109,7 @@ class TopChunks(Keep):
         window = min(policy.window, s)
         full_chunks = (s - window) // self.chunk
         picked = (n - window - (s - window) % self.chunk) // self.chunk
-        token = score.float().sum(dim=1)                                          # [B, S]
+        token = sum_over_heads(policy, score.float().sum(dim=1))                  # [B, S], every rank's heads
         chunk_score = token[:, : full_chunks * self.chunk].reshape(b, full_chunks, self.chunk).mean(-1)
         chunks = top_sorted(chunk_score, picked)                                  # [B, picked]
         tokens = (chunks[..., None] * self.chunk + torch.arange(self.chunk, device=score.device)).flatten(1)
@@ -143,8 +144,10 @@ class TopTokensAcrossHeads(Keep):
         head_rank = _ranks(key)
         safe = torch.floor(per_head * float(self.safeguard)).long()
         key = key.masked_fill((head_rank < safe) & valid[:, None], float("inf"))
-        chosen = _ranks(key.reshape(b, 1, hkv * s)) < hkv * per_head.view(b, 1, 1)
-        chosen = chosen.view(b, hkv, s) & valid[:, None]
+        every = gather_heads(policy, key)          # the layer's heads on every rank share the budget
+        heads = every.shape[1]
+        chosen = _ranks(every.reshape(b, 1, heads * s)) < heads * per_head.view(b, 1, 1)
+        chosen = own_heads(policy, chosen.view(b, heads, s)) & valid[:, None]
         position = torch.arange(s, device=score.device)
         index = torch.where(chosen, position, position + s).argsort(-1)       # kept first, both ascending
         rank = torch.where(chosen.gather(2, index), 0, s)                    # rank >= any row's count: padding
