@@ -119,7 +119,8 @@ class Report:
         p = self.policy
         if not getattr(type(p), "splits_heads", False) or p.world == 1:
             return ""
-        return (f"tensor parallel: rank {p.rank} of {p.world} holds KV heads {p.first_head}..{p.first_head + p.local_heads - 1}"
+        last = p.first_head + p.local_heads - 1
+        return (f"tensor parallel: rank {p.rank} of {p.world} holds KV heads {p.first_head}..{last}"
                 f" of {p.kv_heads} in every layer; the heads and bytes below are this rank's")
 
     def _repr_html_(self) -> str:

@@ -389,7 +389,8 @@ def test_tova_steps_a_padded_row_in_place_as_the_step_over_copies_does(budget):
 def test_one_eviction_moves_one_slot_into_the_hole_and_keeps_the_tail_in_order():
     from kvfx.policies.fold import drop_index, drop_in_place
 
-    drop = torch.tensor([[[1], [4], [3]]])   # rows of 8 slots, the last 3 a tail (ZeroMerge's window); 4: the last top slot
+    # rows of 8 slots, the last 3 a tail (ZeroMerge's window); slot 4 is the last top slot
+    drop = torch.tensor([[[1], [4], [3]]])
     index = drop_index(drop, 8, 4)
     assert index.tolist() == [[[0, 4, 2, 3, 5, 6, 7], [0, 1, 2, 3, 5, 6, 7], [0, 1, 2, 4, 5, 6, 7]]]
     rows = [torch.arange(8.).expand(1, 3, 8).clone()[..., None].expand(-1, -1, -1, 2).clone() for _ in range(2)]

@@ -63,7 +63,8 @@ def kept(cache) -> list[list[torch.Tensor]]:
         store = layer.store
         width = int(store.lengths.max())
         keys = slot_store.gather(store, width)[0]
-        layers.append([keys[b, h, :int(store.lengths[b, h])] for b in range(keys.shape[0]) for h in range(keys.shape[1])])
+        rows = [(b, h) for b in range(keys.shape[0]) for h in range(keys.shape[1])]
+        layers.append([keys[b, h, :int(store.lengths[b, h])] for b, h in rows])
     return layers
 
 
@@ -102,6 +103,16 @@ def explain_check(whole, split, ids, rank: int, world: int) -> dict:
     return report
 
 
+def split_over_ranks() -> dict:
+    """``from_pretrained`` arguments for transformers' own head split: ``distributed_config`` where
+    transformers has it (``tp_plan=`` alone is deprecated there), ``tp_plan`` before."""
+    try:
+        from transformers import DistributedConfig
+    except ImportError:
+        return {"tp_plan": "auto"}
+    return {"distributed_config": DistributedConfig(tp_plan="auto")}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default=",".join(SMALL), help="comma-separated presets; default: all")
@@ -130,7 +141,7 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.set_device(device)
         whole = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device).eval()
-        split = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, tp_plan="auto").eval()
+        split = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **split_over_ranks()).eval()
         ids = torch.randint(2, whole.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1)).to(device)
         for name in args.presets.split(","):
             policy = kvfx.PRESETS[name](budget=args.budget, **SMALL.get(name, {}))
