@@ -400,6 +400,17 @@ def test_one_eviction_moves_one_slot_into_the_hole_and_keeps_the_tail_in_order()
     assert (bias[..., 7] == NEG_INF).all() and (score[..., 7] == 0).all()
 
 
+def test_one_eviction_in_place_on_a_single_row():
+    """One batch row and one KV head (Gemma-3's 1 KV head at batch 1): the moved slot is a dense
+    slice of the row itself, which scatter_ refuses as a source unless it is copied."""
+    from kvfx.policies.fold import drop_in_place
+
+    k = torch.arange(8.).view(1, 1, 8, 1).expand(-1, -1, -1, 2).clone()
+    bias, score = torch.zeros(1, 1, 8), torch.arange(8.).view(1, 1, 8)
+    drop_in_place(torch.tensor([[[2]]]), 7, k, k.clone(), bias, score)
+    assert k[0, 0, :7, 0].tolist() == [0, 1, 7, 3, 4, 5, 6] and score[0, 0, :7].tolist() == [0, 1, 7, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("policy", [kvfx.TOVA(budget=12), kvfx.ZeroMerge(budget=12, residual=2, window=3)],
                          ids=["TOVA", "ZeroMerge"])
 def test_the_store_step_runs_in_place_on_full_rows_and_over_copies_otherwise(policy):

@@ -155,7 +155,9 @@ def drop_in_place(drop: torch.Tensor, last: int, k, v, slot_bias, slot_score) ->
     s = k.shape[2]
     for x in (k, v, slot_bias, slot_score):
         index = drop[..., None].expand(-1, -1, -1, x.shape[3]) if x.dim() == 4 else drop
-        x.scatter_(2, index, x[:, :, last:last + 1])     # drop == last: the slot onto itself
+        # drop == last writes the slot onto itself; the source is copied because scatter_ refuses a
+        # source that shares memory with the rows (torch detects it where the slice is dense: one row)
+        x.scatter_(2, index, x[:, :, last:last + 1].clone())
         if last < s - 1:
             x[:, :, last:s - 1] = x[:, :, last + 1:s].clone()   # (overlapping ranges: through a temporary)
     slot_bias[:, :, s - 1] = NEG_INF
