@@ -181,6 +181,35 @@ def test_column_sums_reference_is_the_same_in_query_chunks():
         assert_close(column_sums.column_sums_reference(q, k, valid, 0.25, 0.9, chunk_rows=rows), whole, **SCORE_TOL)
 
 
+def dense_column_sums(q, k, valid, scale, decay):
+    """The definition, on the whole attention matrix at once: causal softmax
+    over the valid keys, rows weighted by decay^age, summed per KV head."""
+    h, hkv, s, sq = q.shape[1], k.shape[1], k.shape[2], q.shape[2]
+    logits = q.double() @ k.double().repeat_interleave(h // hkv, 1).transpose(-1, -2) * scale
+    pos = torch.arange(s)
+    visible = (pos[None, :] <= pos[s - sq:, None]) & valid[:, None, None, :]
+    attn = logits.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)  # a row seeing nothing: 0
+    age = decay ** torch.arange(sq - 1, -1, -1, dtype=torch.float64)
+    sums = (attn * age[:, None]).sum(-2)  # [B, H, S]
+    return sums.view(q.shape[0], hkv, h // hkv, s).sum(2).float()
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_column_sums_reference_equals_the_dense_definition(groups):
+    # Both paths of the chunked reference (softmax per chunk; one pass from the
+    # attention's lse) against the whole matrix, with left padding and chunks
+    # that cut the causal diagonal at odd places.
+    q, k = make_qk(F32, 16, groups, 37, 2, 29, "cpu")  # the last 29 queries of 37 keys
+    valid = make_valid(2, 37, "cpu")
+    valid[1, :11] = False
+    expected = dense_column_sums(q, k, valid, 0.3, 0.95)
+    lse = causal_lse(q, k, valid, 0.3)
+    for rows in (0, 1, 4, 29):
+        assert_close(column_sums.column_sums_reference(q, k, valid, 0.3, 0.95, chunk_rows=rows), expected, **SCORE_TOL)
+        actual = column_sums.column_sums_reference(q, k, valid, 0.3, 0.95, chunk_rows=rows, lse=lse)
+        assert_close(actual, expected, **SCORE_TOL)
+
+
 def test_column_sums_split_keys_match_reference(device):
     q, k = make_qk(F16, 80, 4, 130, 1, 5, device)
     valid = make_valid(1, 130, device)

@@ -6,7 +6,9 @@ from typing import Optional
 
 import torch
 
-from kvfx.kernels.common import repeat_kv
+# Logit of a key a query may not see: finite, so a row that sees nothing
+# stays finite (its weight is 0) instead of turning the sums into NaN.
+_HIDDEN = torch.finfo(torch.float32).min
 
 
 def column_sums_reference(
@@ -18,43 +20,48 @@ def column_sums_reference(
 
     q: [B, H, Sq, D] aligned with the end of k: [B, Hkv, S, D]; valid: [B, S].
     Returns [B, Hkv, S] float32, summed over the query heads of each KV head.
-    ``chunk_rows``: queries per chunk (0: sized to keep temporaries near 8 MB).
+    ``chunk_rows``: queries per chunk (0: sized to keep temporaries near 4 MB).
     ``lse`` [B, H, Sq]: each query's log-sum-exp over the keys it sees, as the
     prompt's attention computed it (``kvfx::attention_lse``); then a = exp(logit
     - lse) in one pass, instead of a softmax (max, exp, sum, divide) per chunk.
     """
-    b, h, sq, _ = q.shape
+    b, h, sq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
-    keys = repeat_kv(k.float(), h // hkv).transpose(-1, -2)  # [B, H, D, S]
-    key_pos = torch.arange(s, device=k.device)
+    groups = h // hkv
+    # The query heads of one KV head share its keys: one [G*rows, D] x [D, S]
+    # product per KV head, with no copy of the keys per query head.
+    keys = k.float().reshape(b * hkv, s, d).transpose(1, 2)  # [B*Hkv, D, S]
     # A query that sees no real key (left padding) contributes nothing: weight 0.
     sees_any = valid.cumsum(-1)[:, s - sq:] > 0  # [B, Sq]
     weights = decay ** torch.arange(sq - 1, -1, -1, device=k.device, dtype=torch.float32) * sees_any
+    weights = weights[:, None, None, :].expand(b, hkv, groups, sq)
     if lse is not None:
-        # A query with no visible key has lse -inf: its row must add nothing, not exp(+inf).
-        finite = torch.isfinite(lse)
-        norm = lse.float().masked_fill(~finite, 0.0)
-        weights = (weights[:, None] * finite)[:, :, None]   # [B, H, 1, Sq]
-    else:
-        weights = weights[:, None, None]
-    score = q.new_zeros(b, h, 1, s, dtype=torch.float32)
-    # Query chunks keep the [B, H, rows, S] temporaries small: a whole-prompt
-    # matrix (150 MB at 2k tokens) is mmap'd and zero-filled afresh on every call.
-    # A chunk reads only the keys its last query sees (causal): half the work.
-    rows = chunk_rows or max(1, (1 << 21) // max(b * h * s, 1))
+        # exp(logit - lse) by one fused GEMM (baddbmm: -lse + scale*q.k). A
+        # query with no visible key has lse -inf: +inf here makes its row exp(-inf) = 0.
+        norm = lse.float().masked_fill(~torch.isfinite(lse), float("inf")).view(b, hkv, groups, sq)
+    padded = not bool(valid.all())
+    score = q.new_zeros(b * hkv, 1, s, dtype=torch.float32)
+    # Query chunks keep the [G*rows, S] temporaries small (a whole-prompt matrix
+    # is 150 MB at 2k tokens, mmap'd and zero-filled afresh on every call). A
+    # chunk reads only the keys its last query sees (causal): half the work.
+    rows = chunk_rows or max(1, (1 << 20) // max(b * h * s, 1))
     for lo in range(0, sq, rows):
         hi = min(lo + rows, sq)
+        n = hi - lo
         end = s - sq + hi                                   # keys the chunk's queries see at most
-        query_pos = key_pos[s - sq + lo:end, None]
-        visible = (key_pos[None, :end] <= query_pos) & valid[:, None, None, :end]
-        # A finite floor instead of -inf: a query that sees a real key has a
-        # finite max, so the floor's exp is exactly 0 (and no row is all -inf).
-        bias = torch.zeros(visible.shape, dtype=torch.float32, device=k.device).masked_fill_(
-            ~visible, torch.finfo(torch.float32).min)
-        logits = torch.matmul(q[:, :, lo:hi].float(), keys[..., :end]).mul_(scale).add_(bias)  # [B, H, rows, end]
+        query = q[:, :, lo:hi].float().reshape(b * hkv, groups * n, d)
         if lse is None:
-            probs = logits.softmax(-1)
+            logits = torch.bmm(query, keys[..., :end]).mul_(scale)
         else:
-            probs = logits.sub_(norm[:, :, lo:hi, None]).exp_()
-        score[..., :end] += torch.matmul(weights[..., lo:hi], probs)
-    return score.view(b, hkv, h // hkv, s).sum(dim=2)
+            logits = torch.baddbmm(norm[..., lo:hi].reshape(b * hkv, groups * n, 1), query, keys[..., :end],
+                                   beta=-1.0, alpha=scale)
+        # Causal: every key before the chunk is visible to all its queries;
+        # only the chunk's own diagonal block [n, n] hides later keys.
+        diagonal = logits.view(b * hkv, groups, n, end)[..., end - n:]
+        diagonal.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=k.device).triu_(1), _HIDDEN)
+        if padded:
+            logits.view(b, hkv * groups * n, end).masked_fill_(~valid[:, None, :end], _HIDDEN)
+        probs = logits.softmax(-1) if lse is None else logits.exp_()
+        chunk_weights = weights[..., lo:hi].reshape(b * hkv, 1, groups * n)
+        score[..., :end].baddbmm_(chunk_weights, probs)
+    return score.view(b, hkv, s)
