@@ -256,8 +256,8 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
     texts = natural_texts(tokenizer, settings)
     shortest = min([p.length for p in prompts] + [settings.loss_context])
     heads = ()
-    if "RazorAttention" in settings.policies:
-        heads = kvfx.find_retrieval_heads(model, block=min(256, shortest), repeats=4, seed=settings.seed)
+    if "RazorAttention" in settings.policies:  # the heads RazorAttention() finds for itself (probed once, cached)
+        heads = kvfx.heads.cached_retrieval_heads(model)
     full, full_s = common.timed(evaluate, model, tokenizer, prompts, texts, settings)
     common.progress(f"[quality] {name} full cache: {full['correct']}/{full['asked']} right, loss {full['loss']:.3f} ({full_s:.0f}s)")
     results = []

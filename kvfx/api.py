@@ -16,6 +16,7 @@ from torch import fx
 
 from kvfx import integrations
 from kvfx.distributed import tensor_parallel
+from kvfx.heads import needs_heads, with_retrieval_heads
 from kvfx.integrations.transformers import TransformersForward, is_transformers_model, state_keys, store_seen
 from kvfx.store import PAGE
 from kvfx.passes import Site, assign_depths, find_sites, rewrite, stray_stores
@@ -126,10 +127,9 @@ class Backend:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"kvfx.backend: model must be the torch.nn.Module being compiled, got {type(model).__name__}")
         integrations.install_patches(lambda module: _kvfx_backend_of(module) is not None)
-        # A model split over ranks (transformers' tensor parallelism): this rank's heads, reductions across ranks.
-        self.policy = tensor_parallel(model, policy) if model is not None else policy
         self.inner = inner
         self.model = model
+        self.policy = self._for_model(policy)
         self.records: list[GraphRecord] = []
         self._rewritable: list[_Rewritable] = []
         self._warned: set[str] = set()
@@ -138,6 +138,18 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"kvfx.backend(policy={self.policy!r}, inner={self.inner!r})"
+
+    def _for_model(self, policy: Policy) -> Policy:
+        """``policy`` completed for the model: RazorAttention's retrieval heads
+        found where it names none; for a model split over ranks (transformers'
+        tensor parallelism) this rank's heads and reductions across ranks."""
+        if self.model is None:
+            if needs_heads(policy):
+                raise ValueError("kvfx.backend: RazorAttention(retrieval_heads=None) finds its retrieval heads by "
+                                 "probing the model: pass model= to kvfx.backend (or use kvfx.compile), or give "
+                                 "retrieval_heads=... (() for none)")
+            return policy
+        return tensor_parallel(self.model, with_retrieval_heads(policy, self.model))
 
     def _inner(self, gm: fx.GraphModule, example_inputs):
         return compile_inner(self.inner, gm, example_inputs, **self._compile_options)
@@ -256,7 +268,7 @@ class Backend:
         fail that guard and trace once more."""
         if not isinstance(policy, Policy):
             raise TypeError(f"kvfx.set_policy: policy must be a kvfx policy (e.g. kvfx.SnapKV(budget=0.5)), got {policy!r}")
-        self.policy = policy = tensor_parallel(self.model, policy) if self.model is not None else policy
+        self.policy = policy = self._for_model(policy)
         for entry in self._rewritable:
             gm = _private_copy(entry.original)
             sites = find_sites(gm)

@@ -1,7 +1,10 @@
 import os
+import tempfile
 
 # Inductor's disk cache can hold a stale fake implementation of a kvfx op.
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+# Head maps the tests probe (RazorAttention with no heads) stay out of the user's cache.
+os.environ["KVFX_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvfx-test-cache-")
 
 import pytest
 import torch

@@ -20,7 +20,7 @@ def policies(budget):
         "PyramidKV": kvfx.PyramidKV(budget=budget, window=4, beta=2.0),
         "KVMerger": kvfx.KVMerger(budget=budget, exempt_layers=()),
         "ChunkKV": kvfx.ChunkKV(budget=budget, window=4, chunk=4),
-        "RazorAttention": kvfx.RazorAttention(budget=budget, sinks=2, window=4),
+        "RazorAttention": kvfx.RazorAttention(budget=budget, sinks=2, window=4, retrieval_heads=()),
         "ZeroMerge": kvfx.ZeroMerge(budget=budget, window=4),
         "AdaKV": kvfx.AdaKV(budget=budget, window=4),
     }

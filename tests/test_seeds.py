@@ -29,14 +29,14 @@ def test_compensation_token_with_log_count_is_exact_when_dropped_tokens_are_iden
     torch.manual_seed(1)
     b, hkv, s, d = 1, 2, 40, 8
     k, v = torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
-    policy = kvfx.RazorAttention(budget=4, sinks=2, window=4)  # keeps 2 sinks + 4 recent; drops 34
+    policy = kvfx.RazorAttention(budget=4, sinks=2, window=4, retrieval_heads=())  # keeps 2 sinks + 4 recent; drops 34
     k[:, :, 2:-4] = k[:, :, 2:3]
     v[:, :, 2:-4] = v[:, :, 2:3]
     q_new, k_new, v_new = torch.randn(b, 4, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
     got = attention_after(policy, None, k, v, q_new, k_new, v_new, 0.3)
     want = full_attention(q_new, torch.cat([k, k_new], 2), torch.cat([v, v_new], 2), 0.3)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    without = attention_after(kvfx.RazorAttention(budget=4, sinks=2, window=4, compensation_bias=False),
+    without = attention_after(kvfx.RazorAttention(budget=4, sinks=2, window=4, retrieval_heads=(), compensation_bias=False),
                               None, k, v, q_new, k_new, v_new, 0.3)
     assert (without - want).abs().max() > 1e-3, "without +ln|D| the output must differ"
 

@@ -122,8 +122,11 @@ class RazorAttention(Policy):
     """RazorAttention (Tang et al., 2024, "RazorAttention: Efficient KV Cache
     Compression Through Retrieval Heads").
 
-    Retrieval heads (``retrieval_heads``: (layer, KV head) pairs, from
-    ``kvfx.find_retrieval_heads``) keep every token. Every other head keeps
+    Retrieval heads (``retrieval_heads``: (layer, KV head) pairs) keep every
+    token. None (the default): kvfx finds them when it compiles the model,
+    probing it once (``kvfx.find_retrieval_heads``) and caching the map per
+    model in ``kvfx.heads.cache_dir()``; ``()``: no retrieval heads, said
+    explicitly. Every other head keeps
     ``sinks`` + a recent window of ``max(window, budget * S)`` tokens + one
     compensation token (fold = ``Compensate``): the mean of the dropped keys
     and values, whose logit gets ``+ln|D|`` (``compensation_bias``; the
@@ -137,7 +140,7 @@ class RazorAttention(Policy):
     budget: Budget = 0.2
     sinks: int = 4
     window: int = 256
-    retrieval_heads: tuple = ()
+    retrieval_heads: Optional[tuple] = None
     compensation_bias: bool = True
 
     needs_queries: ClassVar[bool] = False
@@ -146,9 +149,10 @@ class RazorAttention(Policy):
     def __post_init__(self) -> None:
         super().__post_init__()
         heads = self.retrieval_heads
-        if not isinstance(heads, tuple) or not all(
-                isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in heads):
-            fail("RazorAttention", "retrieval_heads", heads, "a tuple of (layer, kv_head) pairs of ints >= 0")
+        if heads is not None and not (isinstance(heads, tuple) and all(
+                isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in heads)):
+            fail("RazorAttention", "retrieval_heads", heads,
+                 "a tuple of (layer, kv_head) pairs of ints >= 0, () for none, or None to find them")
 
     def score(self, q, k, valid, scale):
         return recency(k)
@@ -161,6 +165,10 @@ class RazorAttention(Policy):
         return self.sinks + smax(self.window, budget_tokens(self.budget, length)) + 1
 
     def full_heads(self, layer: int) -> tuple[int, ...]:
+        if self.retrieval_heads is None:
+            raise ValueError("RazorAttention: retrieval_heads=None means \"find them\", which kvfx does when it "
+                             "compiles a model (kvfx.compile(model, policy), or kvfx.backend(policy, model=model)); "
+                             "this policy reached compression without them: pass retrieval_heads=..., or () for none")
         return tuple(sorted(h for l, h in self.retrieval_heads if l == layer))
 
 
