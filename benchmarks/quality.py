@@ -64,6 +64,7 @@ class Settings:
     seed: int
     inner: str
     max_new_tokens: int = 7
+    sum_queries: int = 0   # > 0: each attention-sum preset also with its sums from the last n queries only
 
 
 # -- tasks --------------------------------------------------------------------
@@ -248,6 +249,17 @@ def evaluate(model, tokenizer, prompts: list[Prompt], texts: list[torch.Tensor],
     }
 
 
+def with_window_sums(grid: dict[str, kvfx.Policy], queries: int) -> dict[str, kvfx.Policy]:
+    """``grid`` and, after each preset that sums the prompt's attention, the
+    same preset summing only the last ``queries`` queries (none when 0)."""
+    out: dict[str, kvfx.Policy] = {}
+    for pname, policy in grid.items():
+        out[pname] = policy
+        if queries and hasattr(policy, "sum_queries"):
+            out[f"{pname}, last {queries} queries"] = dataclasses.replace(policy, sum_queries=queries)
+    return out
+
+
 def run_model(name: str, settings: Settings) -> dict[str, Any]:
     started = time.perf_counter()
     model, tokenizer, description = common.load(name)
@@ -263,7 +275,8 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
     results = []
     first = True
     for budget in settings.budgets:
-        for pname, policy in common.policy_grid(list(settings.policies), budget, shortest, heads).items():
+        for pname, policy in with_window_sums(common.policy_grid(list(settings.policies), budget, shortest, heads),
+                                              settings.sum_queries).items():
             if first:  # one trace per model; every later policy is a rewrite of the same graphs
                 common.fresh_compile(model, policy, settings.inner)
                 first = False
@@ -357,11 +370,12 @@ def settings_from(args) -> Settings:
     if args.quick:
         return Settings(models=tuple(args.models or [common.QUICK_MODEL]), policies=tuple(args.policies),
                         budgets=tuple(args.budgets or (0.5, 0.2)), lengths=(96, 160), depths=(0.5,),
-                        loss_context=128, loss_tokens=32, loss_texts=1, seed=args.seed, inner=args.inner)
+                        loss_context=128, loss_tokens=32, loss_texts=1, seed=args.seed, inner=args.inner,
+                        sum_queries=args.sum_queries)
     return Settings(models=tuple(args.models or common.REAL_MODELS), policies=tuple(args.policies),
                     budgets=tuple(args.budgets or common.BUDGETS), lengths=tuple(args.lengths), depths=(0.25, 0.75),
                     loss_context=args.loss_context, loss_tokens=args.loss_tokens, loss_texts=2, seed=args.seed,
-                    inner=args.inner)
+                    inner=args.inner, sum_queries=args.sum_queries)
 
 
 def main(argv=None) -> int:
@@ -372,8 +386,13 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-context", type=int, default=1024)
     parser.add_argument("--loss-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sum-queries", type=int, default=0, metavar="N",
+                        help="also run each attention-sum preset (H2O, KVMerger, ZeroMerge) with its sums from the "
+                             "last N queries only (the window approximation), beside the exact one")
     args = parser.parse_args(argv)
     common.check_arguments(parser, args)
+    if args.sum_queries < 0:
+        parser.error(f"--sum-queries: {args.sum_queries} must be >= 0 (0: exact sums only)")
     settings = settings_from(args)
     torch.manual_seed(settings.seed)
     started = time.perf_counter()

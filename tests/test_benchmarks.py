@@ -28,12 +28,16 @@ def _run(script: str, out: Path, *args: str, stem: str = "") -> dict:
 
 
 def test_quality_quick_writes_json_table_and_plot(tmp_path):
-    data = _run("quality.py", tmp_path, "--policies", "SnapKV,PyramidKV,ZeroMerge", "--budgets", "0.5,0.25")
+    data = _run("quality.py", tmp_path, "--policies", "SnapKV,PyramidKV,ZeroMerge", "--budgets", "0.5,0.25",
+                "--sum-queries", "8")
     model = data["models"]["llama"]
     full = model["full"]
     assert full["asked"] == len(model["prompts"]) == 6 and 0 <= full["accuracy"] <= 1
     rows = {(r["policy"], r["budget"]): r for r in model["results"]}
-    assert set(rows) == {(p, b) for p in ("SnapKV", "PyramidKV", "ZeroMerge") for b in (0.5, 0.25)}
+    window = "ZeroMerge, last 8 queries"   # the attention-sum preset again, with the window approximation
+    assert set(rows) == {(p, b) for p in ("SnapKV", "PyramidKV", "ZeroMerge", window) for b in (0.5, 0.25)}
+    assert all("sum_queries=8" in rows[(window, b)]["spec"] and "sum_queries=0" in rows[("ZeroMerge", b)]["spec"]
+               for b in (0.5, 0.25))
     for (policy, budget), r in rows.items():
         assert r["asked"] == full["asked"] and r["loss_delta"] == pytest.approx(r["loss"] - full["loss"])
     # uniform budgets hold their fraction of the cache, plus less than a page per row (prompts of >= 96 tokens)

@@ -194,6 +194,9 @@ POLICIES = {
     "ChunkKV": kvfx.ChunkKV(budget=0.5, window=4, chunk=4, reuse_every=2),
     "RazorAttention": kvfx.RazorAttention(budget=0.2, sinks=2, window=4, retrieval_heads=((1, 0),)),
     "ZeroMerge": kvfx.ZeroMerge(budget=0.25, residual=2, window=3),
+    # the window approximation of the attention sums (the last 6 queries of the prompt)
+    "H2O-last-queries": kvfx.H2O(budget=0.5, window=4, sum_queries=6),
+    "ZeroMerge-last-queries": kvfx.ZeroMerge(budget=0.25, residual=2, window=3, sum_queries=6),
 }
 
 
@@ -310,3 +313,29 @@ def test_a_masked_prompt_or_a_window_scorer_keeps_the_models_attention(monkeypat
     assert seen["lse"] == 0 and seen["two_pass"] > 0
     snap = generate(model, ids[:1], policy=kvfx.SnapKV(budget=0.5), steps=2)
     assert not any("kvfx.attention_lse" in r.code_after for r in snap.records)
+
+
+@pytest.mark.parametrize("make", [
+    lambda n: kvfx.H2O(budget=0.5, window=2, sum_queries=n),
+    lambda n: kvfx.KVMerger(budget=0.5, exempt_layers=(), sum_queries=n),
+    lambda n: kvfx.ZeroMerge(budget=0.5, residual=2, window=2, decay=0.9, sum_queries=n)])
+def test_sum_queries_scores_by_the_last_queries_only(make):
+    from kvfx.kernels.column_sums import column_sums_reference
+
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8)
+    valid = ALL_VALID(2, 30)
+    decay = getattr(make(0), "decay", 1.0)
+    exact = make(0).score(q, k, valid, 0.3)
+    torch.testing.assert_close(exact, column_sums_reference(q, k, valid, 0.3, decay))
+    approx = make(5).score(q, k, valid, 0.3)
+    torch.testing.assert_close(approx, column_sums_reference(q[:, :, -5:], k, valid, 0.3, decay))
+    assert (approx - exact).abs().max() > 0.1       # an approximation, never silently the same
+    torch.testing.assert_close(make(30).score(q, k, valid, 0.3), exact)   # n >= the prompt: exact
+    # The lent log-sum-exp is sliced with the queries: one pass equals two.
+    from kvfx.policies.scores import prompt_lse
+
+    logits = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.3
+    lse = logits.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1), float("-inf")).logsumexp(-1)
+    with prompt_lse(q, lse):
+        torch.testing.assert_close(make(5).score(q, k, valid, 0.3), approx, rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from kvfx.kernels.window_scores import window_attention
 from kvfx.policies.base import Policy
-from kvfx.policies.budgets import Budget, as_fraction, budget_tokens, ceil_linear, fail, named_rule, smax
+from kvfx.policies.budgets import Budget, as_fraction, budget_tokens, ceil_linear, check_int, fail, named_rule, smax
 from kvfx.policies.keep import TopTokensAcrossHeads
 from kvfx.policies.registry import preset
 from kvfx.policies.scores import attention_sums, recency
@@ -75,15 +75,26 @@ class H2O(Policy):
     """H2O (Zhang et al., 2023, "H2O: Heavy-Hitter Oracle for Efficient
     Generative Inference of Large Language Models"): keep the tokens that
     received the most attention over the whole prompt (column sums of the
-    causal attention) plus the ``window`` most recent ones."""
+    causal attention) plus the ``window`` most recent ones.
+
+    ``sum_queries``: 0 (default) sums the attention of every prompt query, as
+    the paper does; n >= 1 sums only the last n queries' attention (the
+    window approximation: prefill cost grows with n, not the prompt, and the
+    kept set changes: docs/policies.md gives its measured quality cost).
+    """
 
     budget: Budget = 0.5
     window: int = 32
+    sum_queries: int = 0
 
     sums_attention: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("H2O", "sum_queries", self.sum_queries, 0)
+
     def score(self, q, k, valid, scale):
-        return attention_sums(q, k, valid, scale)
+        return attention_sums(q, k, valid, scale, queries=self.sum_queries)
 
 
 @preset

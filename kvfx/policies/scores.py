@@ -28,13 +28,18 @@ def prompt_lse(q: Optional[torch.Tensor], lse: Optional[torch.Tensor]) -> Iterat
 
 
 def attention_sums(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float,
-                   decay: float = 1.0) -> torch.Tensor:
+                   decay: float = 1.0, queries: int = 0) -> torch.Tensor:
     """Causal attention each key receives over the whole prompt (H2O,
     KVMerger, ZeroMerge; ``column_sums``): in one pass over q.k when the
     prompt's attention lent its log-sum-exp for these very queries, else two.
+    ``queries`` > 0: from the last ``queries`` queries only (the window
+    approximation: its cost grows with ``queries``, not with the prompt).
     -> [B, Hkv, S] float32"""
     lent = _PROMPT_LSE.get()
     lse = lent[1] if lent is not None and lent[0] is q else None
+    if 0 < queries < q.shape[2]:
+        q = q[:, :, -queries:]
+        lse = None if lse is None else lse[..., -queries:]
     return column_sums(q, k, valid, scale, decay, lse=lse)
 
 

@@ -36,6 +36,10 @@ class KVMerger(Policy):
     log(set size) to a merged slot's logit (off = the paper). Layers in
     ``exempt_layers`` keep everything (the paper leaves the first two and the
     last layer unmerged; negative indices count from the model's last layer).
+    ``sum_queries``: 0 (default) sums the attention of every prompt query, as
+    the paper does; n >= 1 sums only the last n queries' attention (the
+    window approximation: prefill cost grows with n, not the prompt, and the
+    kept set changes: docs/policies.md gives its measured quality cost).
     """
 
     budget: Budget = 0.5
@@ -45,9 +49,11 @@ class KVMerger(Policy):
     protect_top: float = 0.12
     count_bias: bool = False
     exempt_layers: tuple = (0, 1, -1)
+    sum_queries: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int("KVMerger", "sum_queries", self.sum_queries, 0)
         self.fold()  # validates epsilon, sigma, recent, protect_top under their names
         if not isinstance(self.exempt_layers, tuple) or not all(isinstance(i, int) for i in self.exempt_layers):
             fail("KVMerger", "exempt_layers", self.exempt_layers, "a tuple of layer indices (negative counts from the end)")
@@ -55,7 +61,7 @@ class KVMerger(Policy):
     sums_attention: ClassVar[bool] = True
 
     def score(self, q, k, valid, scale):
-        return attention_sums(q, k, valid, scale)
+        return attention_sums(q, k, valid, scale, queries=self.sum_queries)
 
     def fold(self) -> GaussianMerge:
         return named_rule(GaussianMerge, "KVMerger", epsilon=self.epsilon, sigma=self.sigma, recent=self.recent,
@@ -186,19 +192,24 @@ class ZeroMerge(Policy):
     top entry merges into the most similar residual slot (count-weighted
     average, counts add, score = max), the new token enters the tail.
     Attention adds ln(count) to each slot's logit. The cache size stays
-    constant while decoding.
+    constant while decoding. ``sum_queries``: 0 (default) sums the attention of every prompt query, as
+    the paper does; n >= 1 sums only the last n queries' attention (the
+    window approximation: prefill cost grows with n, not the prompt, and the
+    kept set changes: docs/policies.md gives its measured quality cost).
     """
 
     budget: Budget = 0.05
     residual: int = 2
     window: int = 8
     decay: float = 0.98
+    sum_queries: int = 0
 
     schedule: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("ZeroMerge", "residual", self.residual, 1)
+        check_int("ZeroMerge", "sum_queries", self.sum_queries, 0)
         if not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
             fail("ZeroMerge", "decay", self.decay, "a number in (0, 1]")
         if isinstance(self.budget, int) and self.budget < self.residual + self.window + 1:
@@ -208,7 +219,7 @@ class ZeroMerge(Policy):
     sums_attention: ClassVar[bool] = True
 
     def score(self, q, k, valid, scale):
-        return attention_sums(q, k, valid, scale, self.decay)
+        return attention_sums(q, k, valid, scale, self.decay, queries=self.sum_queries)
 
     def fold(self) -> ResidualMerge:
         return ResidualMerge(self.residual)
