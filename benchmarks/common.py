@@ -54,10 +54,13 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
     return load_model(name, dtype=dtype)
 
 
-def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads: tuple = ()) -> dict[str, kvfx.Policy]:
+def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads: tuple = (),
+                sum_queries: int = 0) -> dict[str, kvfx.Policy]:
     """Each preset at ``budget``, its always-kept tokens (sinks, window) shrunk so
     they fit in the budget of the shortest prompt: a 256-token window would
-    otherwise hold a 5% budget at 25% of a 1k prompt."""
+    otherwise hold a 5% budget at 25% of a 1k prompt. ``sum_queries`` > 0: after
+    each preset that sums the prompt's attention (H2O, KVMerger, ZeroMerge),
+    the same preset again with its sums from the last ``sum_queries`` queries."""
     tokens = max(2, int(budget * shortest))
     grid = {}
     for name in names:
@@ -67,7 +70,20 @@ def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads:
         if name == "RazorAttention":
             fields["retrieval_heads"] = tuple(retrieval_heads)
         grid[name] = type(defaults)(**fields)
+        if sum_queries and hasattr(defaults, "sum_queries"):
+            grid[f"{name}, last {sum_queries} queries"] = type(defaults)(**fields, sum_queries=sum_queries)
     return grid
+
+
+def add_sum_queries_argument(parser) -> None:
+    parser.add_argument("--sum-queries", type=int, default=0, metavar="N",
+                        help="also run each attention-sum preset (H2O, KVMerger, ZeroMerge) with its sums from the "
+                             "last N queries only (the window approximation), beside the exact one")
+
+
+def check_sum_queries(parser, args) -> None:
+    if args.sum_queries < 0:
+        parser.error(f"--sum-queries: {args.sum_queries} must be >= 0 (0: exact sums only)")
 
 
 # Prompts of several lengths, decode steps, multi-token continuations and (Gemma) sliding-window

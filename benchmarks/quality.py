@@ -249,17 +249,6 @@ def evaluate(model, tokenizer, prompts: list[Prompt], texts: list[torch.Tensor],
     }
 
 
-def with_window_sums(grid: dict[str, kvfx.Policy], queries: int) -> dict[str, kvfx.Policy]:
-    """``grid`` and, after each preset that sums the prompt's attention, the
-    same preset summing only the last ``queries`` queries (none when 0)."""
-    out: dict[str, kvfx.Policy] = {}
-    for pname, policy in grid.items():
-        out[pname] = policy
-        if queries and hasattr(policy, "sum_queries"):
-            out[f"{pname}, last {queries} queries"] = dataclasses.replace(policy, sum_queries=queries)
-    return out
-
-
 def run_model(name: str, settings: Settings) -> dict[str, Any]:
     started = time.perf_counter()
     model, tokenizer, description = common.load(name)
@@ -275,8 +264,8 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
     results = []
     first = True
     for budget in settings.budgets:
-        for pname, policy in with_window_sums(common.policy_grid(list(settings.policies), budget, shortest, heads),
-                                              settings.sum_queries).items():
+        for pname, policy in common.policy_grid(list(settings.policies), budget, shortest, heads,
+                                                settings.sum_queries).items():
             if first:  # one trace per model; every later policy is a rewrite of the same graphs
                 common.fresh_compile(model, policy, settings.inner)
                 first = False
@@ -386,13 +375,10 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-context", type=int, default=1024)
     parser.add_argument("--loss-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sum-queries", type=int, default=0, metavar="N",
-                        help="also run each attention-sum preset (H2O, KVMerger, ZeroMerge) with its sums from the "
-                             "last N queries only (the window approximation), beside the exact one")
+    common.add_sum_queries_argument(parser)
     args = parser.parse_args(argv)
     common.check_arguments(parser, args)
-    if args.sum_queries < 0:
-        parser.error(f"--sum-queries: {args.sum_queries} must be >= 0 (0: exact sums only)")
+    common.check_sum_queries(parser, args)
     settings = settings_from(args)
     torch.manual_seed(settings.seed)
     started = time.perf_counter()

@@ -62,6 +62,7 @@ class Settings:
     dtype: str = "float32"
     static: bool = False          # generate(cache_implementation="static"), timed token by token
     mode: Optional[str] = None    # torch.compile's mode (Inductor), e.g. "reduce-overhead": CUDA graphs
+    sum_queries: int = 0          # > 0: each attention-sum preset also with its sums from the last n queries only
 
 
 # -- memory -------------------------------------------------------------------
@@ -261,7 +262,8 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
     rows[SAME] = dict(measure(model, kvfx.StreamingLLM(budget=1 << 30), prompts, settings), spec="no compression")
     common.progress(f"[speed] {name} {SAME}: {_summary(rows[SAME])}")
     for budget in settings.budgets:
-        for pname, policy in common.policy_grid(list(settings.policies), budget, min(settings.contexts)).items():
+        for pname, policy in common.policy_grid(list(settings.policies), budget, min(settings.contexts),
+                                                sum_queries=settings.sum_queries).items():
             row = measure(model, policy, prompts, settings)
             row.update(policy=pname, budget=budget, spec=repr(policy))
             rows[f"{pname}@{budget:g}"] = row
@@ -395,7 +397,8 @@ def run_llama7b(settings: Settings, small: bool = False, time_limit: Optional[fl
     data["copy_bytes_per_s"] = copy_bandwidth(device)
     data["mode"], data["static_cache"] = settings.mode, settings.static
     grid = [(budget, pname, policy) for budget in settings.budgets
-            for pname, policy in common.policy_grid(list(settings.policies), budget, min(settings.contexts)).items()]
+            for pname, policy in common.policy_grid(list(settings.policies), budget, min(settings.contexts),
+                                                    sum_queries=settings.sum_queries).items()]
     todo = [(None, FULL, None)] + grid
     traced = False
     for budget, pname, policy in todo:
@@ -585,8 +588,10 @@ def main(argv=None) -> int:
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
                         help="measure nothing: redraw the tables and plot from JSON files this script wrote "
                              "(several --llama7b runs are shown one after another)")
+    common.add_sum_queries_argument(parser)
     args = parser.parse_args(argv)
     common.check_arguments(parser, args)
+    common.check_sum_queries(parser, args)
     if args.render:
         return render(args.render, args.out)
     for name in ("decode_tokens", "repeats", "time_limit", "max_batch"):
@@ -614,6 +619,7 @@ def main(argv=None) -> int:
                             budgets=tuple(args.budgets or (0.35,)), contexts=tuple(args.contexts or (1024, 2048)),
                             decode_tokens=args.decode_tokens or 16, repeats=args.repeats or 2,
                             inner=args.inner or "aot_eager", mode=args.mode)
+    settings = dataclasses.replace(settings, sum_queries=args.sum_queries)
     started = time.perf_counter()
     data: dict[str, Any] = {"settings": dataclasses.asdict(settings), "machine": common.machine(), "models": {}}
     args.out.mkdir(parents=True, exist_ok=True)
