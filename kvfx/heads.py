@@ -37,6 +37,11 @@ PROBE_BYTES = 1 << 30
 PROBE_REPEATS = 4
 
 
+def kv_heads(config) -> int:
+    """KV heads per layer (a config without grouped queries names none: one per query head)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def config_key(model) -> str:
     """sha256 of the model's config: a head map belongs to one architecture."""
     text = model.config.to_json_string(use_diff=False) if hasattr(model, "config") else repr(model)
@@ -70,14 +75,14 @@ def probe_scores(model, *, block: int = 2500, repeats: int = 4, seed: int = 0) -
         ok = (cols >= 0) & (nxt < queries)
         induction_mask[ok.nonzero()[:, 0], nxt[ok]] = True
     echo, induction = [], []
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv = kv_heads(config)
     for attn in attentions:                                   # [1, H, T, T]
         rows = attn[0, :, block:, :].float().cpu()            # queries in repeated blocks
         e = (rows * echo_mask).sum(-1).mean(-1)               # [H]
         i = (rows * induction_mask).sum(-1).mean(-1)
-        groups = attn.shape[1] // kv_heads
-        echo.append(e.view(kv_heads, groups).amax(-1))
-        induction.append(i.view(kv_heads, groups).amax(-1))
+        groups = attn.shape[1] // kv
+        echo.append(e.view(kv, groups).amax(-1))
+        induction.append(i.view(kv, groups).amax(-1))
     return torch.stack(echo), torch.stack(induction)
 
 
@@ -124,7 +129,7 @@ def load_head_map(path, model) -> HeadMap:
                          f"(sha256 {key[:12]}..., this model {config_key(model)[:12]}...); recompute it with "
                          "kvfx.find_retrieval_heads(model, path=...)")
     layers = model.config.num_hidden_layers
-    kv = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    kv = kv_heads(model.config)
     if any(not (0 <= l < layers and 0 <= h < kv) for l, h in heads):
         raise ValueError(f"head map {path}: a (layer, head) pair is outside {layers} layers x {kv} KV heads")
     return heads
@@ -211,7 +216,7 @@ def cached_retrieval_heads(model) -> HeadMap:
     save_head_map(partial, model, heads)
     os.replace(partial, path)   # never a half-written map for a concurrent run to read
     layers = model.config.num_hidden_layers
-    kv = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    kv = kv_heads(model.config)
     log.warning("kvfx: RazorAttention found the retrieval heads of %s: probed %d tokens (%d-token block x %d) in %.1f s; "
                 "%d of %d (layer, KV head) pairs, in %d of %d layers; cached in %s (pass retrieval_heads=... to skip "
                 "the probe, () for none)", type(model).__name__, block * PROBE_REPEATS, block, PROBE_REPEATS, seconds,

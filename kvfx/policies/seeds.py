@@ -192,10 +192,11 @@ class ZeroMerge(Policy):
     top entry merges into the most similar residual slot (count-weighted
     average, counts add, score = max), the new token enters the tail.
     Attention adds ln(count) to each slot's logit. The cache size stays
-    constant while decoding. ``sum_queries``: 0 (default) sums the attention of every prompt query, as
-    the paper does; n >= 1 sums only the last n queries' attention (the
-    window approximation: prefill cost grows with n, not the prompt, and the
-    kept set changes: docs/policies.md gives its measured quality cost).
+    constant while decoding. ``sum_queries``: 0 (default) sums the attention
+    of every prompt query, as the paper does; n >= 1 sums only the last n
+    queries' attention (the window approximation: prefill cost grows with n,
+    not the prompt, and the kept set changes: docs/policies.md gives its
+    measured quality cost).
     """
 
     budget: Budget = 0.05
