@@ -4,6 +4,7 @@ bytes, timing, and writing JSON, markdown and the generated parts of docs/result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -63,14 +64,22 @@ def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads:
     the same preset again with its sums from the last ``sum_queries`` queries."""
     tokens = max(2, int(budget * shortest))
     grid = {}
-    for name in names:
+
+    def shrunk(name: str) -> dict[str, Any]:
         defaults = kvfx.PRESETS[name]()
-        fields: dict[str, Any] = {"budget": budget, "sinks": min(defaults.sinks, tokens // 8),
-                                  "window": max(1, min(defaults.window, tokens // 2)) if defaults.window else 0}
-        if name == "RazorAttention":
+        return {"budget": budget, "sinks": min(defaults.sinks, tokens // 8),
+                "window": max(1, min(defaults.window, tokens // 2)) if defaults.window else 0}
+
+    for name in names:
+        base, _, scorer = name.partition("+")   # "KVMerger+SnapKV": KVMerger's merges guided by SnapKV's score
+        defaults = kvfx.PRESETS[base]()
+        fields: dict[str, Any] = shrunk(base)
+        if scorer:
+            fields["scorer"] = kvfx.PRESETS[scorer](**shrunk(scorer))
+        if base == "RazorAttention":
             fields["retrieval_heads"] = tuple(retrieval_heads)
         grid[name] = type(defaults)(**fields)
-        if sum_queries and hasattr(defaults, "sum_queries"):
+        if sum_queries and hasattr(defaults, "sum_queries") and not scorer:
             grid[f"{name}, last {sum_queries} queries"] = type(defaults)(**fields, sum_queries=sum_queries)
     return grid
 
@@ -186,7 +195,8 @@ def list_of(kind):
 def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inner: Optional[str]) -> None:
     """The options quality.py and speed.py share (``inner``: its default; None: the script decides)."""
     parser.add_argument("--models", type=list_of(str), help=f"comma-separated; default {','.join(REAL_MODELS)}")
-    parser.add_argument("--policies", type=list_of(str), default=list(kvfx.PRESETS), help="comma-separated presets")
+    parser.add_argument("--policies", type=list_of(str), default=list(kvfx.PRESETS),
+                        help="comma-separated presets; A+B: preset A guided by preset B's score (KVMerger+SnapKV)")
     parser.add_argument("--budgets", type=list_of(float), help=budgets_help)
     parser.add_argument("--inner", default=inner, choices=("eager", "aot_eager", "inductor"))
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -194,8 +204,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inn
 
 def check_arguments(parser: argparse.ArgumentParser, args) -> None:
     for p in args.policies:
-        if p not in kvfx.PRESETS:
-            parser.error(f"--policies: {p!r} is not a preset; presets are: {', '.join(kvfx.PRESETS)}")
+        base, plus, scorer = p.partition("+")
+        for name in (base, scorer) if plus else (base,):
+            if name not in kvfx.PRESETS:
+                parser.error(f"--policies: {name!r} is not a preset; presets are: {', '.join(kvfx.PRESETS)} "
+                             "(A+B: preset A guided by preset B's score, for KVMerger, ZeroMerge and ChunkKV)")
+        if plus and "scorer" not in {f.name for f in dataclasses.fields(kvfx.PRESETS[base])}:
+            parser.error(f"--policies: {p!r}: {base} takes no scorer (A+B works for KVMerger, ZeroMerge, ChunkKV)")
     for b in args.budgets or ():
         if not 0 < b < 1:
             parser.error(f"--budgets: {b} is not a fraction in (0, 1)")

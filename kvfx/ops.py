@@ -21,6 +21,7 @@ from torch import Tensor
 from kvfx import store as slot_store
 from kvfx.kernels import attention as attention_kernels
 from kvfx.kernels.attention.reference import head_biased_attention, sink_weight
+from kvfx.kernels.column_sums import attention_with_column_sums
 from kvfx.kernels.paged_attention import paged_attention
 from kvfx.kernels.paged_attention.reference import paged_sink_weight
 from kvfx.policies import bias_of, policy_of
@@ -48,7 +49,7 @@ def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tens
 def compress(
     q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
     policy: str, layer: int, n_layers: int, scale: float, score_keys: Optional[Tensor] = None,
-    lse: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, sums: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compress one layer's prompt cache with the policy whose registry key is
     ``policy`` (``kvfx.policies.key_of``). q: [B, H, Sq, D] (None for a policy
@@ -57,12 +58,13 @@ def compress(
     the keys attention reads when k, v are a latent and a rotary key (MLA):
     slots are scored on them and one selection serves every head. ``lse``
     [B, H, S]: the prompt attention's log-sum-exp per query
-    (``kvfx::attention_lse``), lent to a column-sum scorer.
-    Returns fresh contiguous (k, v, slot_bias, slot_score, index) with
+    (``kvfx::attention_lse``), lent to a column-sum scorer; ``sums`` [B, Hkv,
+    S]: the column sums themselves (``kvfx::attention_column_sums``, summed
+    with the policy's ``sum_terms``). Returns fresh contiguous (k, v, slot_bias, slot_score, index) with
     n = policy.kept_length(S) slots."""
     pol = policy_of(policy)
     valid = valid_slots(mask, k.shape[0], k.shape[2], k.device)
-    with prompt_lse(q, lse):
+    with prompt_lse(q, lse, sums, pol.sum_terms()):
         out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index, score_keys)
     # A custom op's outputs may not alias its inputs (the reused index would).
     index = out.index.clone() if out.index is reuse_index else out.index.contiguous()
@@ -70,7 +72,8 @@ def compress(
 
 
 @compress.register_fake
-def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, score_keys=None, lse=None):
+def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, score_keys=None, lse=None,
+                   sums=None):
     batch, kv_heads, length, _ = k.shape
     n = policy_of(policy).kept_length(length, layer, n_layers)
     return (
@@ -122,6 +125,30 @@ def _attention_lse_fake(q, k, v, scale):
     if not lse_supported(q, k, v):
         return out, q.new_empty(0, dtype=torch.float32)
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def sums_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether ``attention_column_sums`` serves these inputs: float32 on the
+    CPU, whole query groups. Elsewhere the flash kernels are the faster
+    attention and ``attention_lse`` lends their log-sum-exp."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and k.shape[1] > 0
+            and q.shape[1] % k.shape[1] == 0 and q.shape[-2] == k.shape[-2])
+
+
+@torch.library.custom_op("kvfx::attention_column_sums", mutates_args=())
+def attention_column_sums(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], decay: float,
+                          queries: int) -> tuple[Tensor, Tensor]:
+    """The prompt's causal attention (as ``attention_lse``) and the column
+    sums a column-sum scorer needs [B, Hkv, S] float32, from one pass over
+    q.k (``attention_with_column_sums``; ``sums_supported`` inputs only):
+    ``decay`` and ``queries`` are the policy's ``sum_terms``."""
+    return attention_with_column_sums(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, decay, queries)
+
+
+@attention_column_sums.register_fake
+def _attention_column_sums_fake(q, k, v, scale, decay, queries):
+    return (q.new_empty(*q.shape[:-1], v.shape[-1]),
+            q.new_empty(k.shape[0], k.shape[1], k.shape[2], dtype=torch.float32))
 
 
 @torch.library.custom_op("kvfx::attend", mutates_args=())
@@ -254,16 +281,17 @@ def _store_mark_fake(k, v, page):
 def store_compress(
     q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
     policy: str, layer: int, n_layers: int, scale: float, page: int, lse: Optional[Tensor] = None,
+    sums: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compress one layer's prompt k, v [B, Hkv, S, D] with ``policy`` into a
     new slot store of ``page``-slot pages: each (batch, KV head) row holds its
     own kept slots (``Policy.store_pages`` sizes it), a running score only for
     a continuous policy. Returns the store's eight tensors (seen = S) and the
-    kept indices (for ChunkKV's reuse). ``lse``: as for ``kvfx::compress``."""
+    kept indices (for ChunkKV's reuse). ``lse``, ``sums``: as for ``kvfx::compress``."""
     pol = policy_of(policy)
     batch, kv_heads, length = k.shape[:3]
     valid = valid_slots(mask, batch, length, k.device)
-    with prompt_lse(q, lse):
+    with prompt_lse(q, lse, sums, pol.sum_terms()):
         out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
     # Only a continuous policy reads a running score again: the others keep none.
@@ -275,7 +303,7 @@ def store_compress(
 
 
 @store_compress.register_fake
-def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, page, lse=None):
+def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, page, lse=None, sums=None):
     pol = policy_of(policy)
     batch, kv_heads, length = k.shape[:3]
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
@@ -370,9 +398,10 @@ def _store_step_fake(q, k_pages, v_pages, slot_bias, slot_score, page_table, len
 # kvfx compresses caches for inference: no gradient flows through its ops.
 # Registering that keeps a forward run with grad enabled from failing inside
 # AOTAutograd.
-compress.register_autograd(lambda ctx, *grads: (None,) * 11)
+compress.register_autograd(lambda ctx, *grads: (None,) * 12)
 attention_lse.register_autograd(lambda ctx, *grads: (None,) * 4)
+attention_column_sums.register_autograd(lambda ctx, *grads: (None,) * 6)
 attend.register_autograd(lambda ctx, *grads: (None,) * 11)
 step.register_autograd(lambda ctx, *grads: (None,) * 9)
-store_compress.register_autograd(lambda ctx, *grads: (None,) * 11)
+store_compress.register_autograd(lambda ctx, *grads: (None,) * 12)
 store_attend.register_autograd(lambda ctx, *grads: (None,) * 9)

@@ -51,7 +51,7 @@ from kvfx.kernels.paged_attention.reference import paged_attention_uniform
 from kvfx.passes.sites import SDPA, Site, _arg
 from kvfx.policies import key_of
 
-import kvfx.ops  # noqa: F401  (registers torch.ops.kvfx)
+import kvfx.ops  # registers torch.ops.kvfx; sums_supported
 
 # position_ids, cache_position, input_pos, start_pos, pos (not post_attention_layernorm)
 POSITION_INPUT = re.compile(r"(^|_)(pos|position|positions)(_|$)")
@@ -127,10 +127,10 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                            "compresses the prompt; " + ("a latent cache is not per head" if site.latent else
                                                         "a continuous policy moves slots at every decode step"))
             continue
-        lse = None
+        lse = sums = None
         if site.phase == "prefill" and policy.sums_attention and not (site.cache == "buffer" and continuous):
             old = site.node
-            lse = _prompt_lse(graph, site)
+            lse, sums = _prompt_lse(graph, site, policy)
             outputs = [site.node if node is old else node for node in outputs]
         if site.cache == "buffer":
             if continuous:
@@ -145,7 +145,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 return last_placeholder
 
             done = _rewrite_buffer(graph, site, policy, spec, layer, n_layers, kept_index, call, placeholder,
-                                   fake_mode, lse)
+                                   fake_mode, lse, sums)
             if done is None:
                 continue
             if site.phase == "prefill":
@@ -160,7 +160,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                 input_kinds.append("buffer")
             continue
         if site.cache == "store":
-            replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call, inline_decode, lse)
+            replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call, inline_decode,
+                                      lse, sums)
             outputs = [replaced.get(node, node) for node in outputs]
             continue
         state_outputs.append(site.k_out)
@@ -172,7 +173,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             k_c, v_c, bias, score, index = call(
                 torch.ops.kvfx.compress.default,
                 (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer, n_layers,
-                 float(site.scale), site.score_k, lse), ready)
+                 float(site.scale), site.score_k, lse, sums), ready)
             kept_index[layer] = index
             with graph.inserting_after(index):
                 seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
@@ -351,7 +352,7 @@ def _reused_index(site: Site, policy, layer: int, kept_index: dict):
 
 
 def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int,
-                   kept_index: dict, call, inline_decode: bool = True, lse=None) -> dict:
+                   kept_index: dict, call, inline_decode: bool = True, lse=None, sums=None) -> dict:
     """Rewrite one store site; returns the graph-output nodes it replaced."""
     store = site.store
     replaced = {}
@@ -361,7 +362,7 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
         page = store.args[2]
         items = call(torch.ops.kvfx.store_compress.default,
                      (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer,
-                      n_layers, float(site.scale), page, lse), ready)
+                      n_layers, float(site.scale), page, lse, sums), ready)
         kept_index[layer] = items[-1]
         # The mark's outputs are what dynamo writes into the layer: take the
         # compressed store's instead (getitem nodes moved after them).
@@ -389,36 +390,67 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
     return replaced
 
 
-def _prompt_lse(graph: fx.Graph, site: Site):
-    """The prompt's log-sum-exp per query for a column-sum scorer: when the
-    site's attention is a plain causal ``scaled_dot_product_attention`` (no
-    mask, no dropout, the queries kvfx scores), it becomes
-    ``kvfx::attention_lse``, the same attention that also returns each
-    query's log-sum-exp, and ``site.node`` its output. Returns the
-    log-sum-exp node, or None (the scorer then takes two passes over q.k)."""
+def _prompt_lse(graph: fx.Graph, site: Site, policy) -> tuple:
+    """What the prompt's attention lends a column-sum scorer: when the site's
+    attention is a plain causal ``scaled_dot_product_attention`` (no mask, no
+    dropout, the queries kvfx scores), it becomes an op that computes the same
+    attention and also returns, on the CPU in float32, the policy's column
+    sums themselves (``kvfx::attention_column_sums``: one pass over q.k in
+    all), elsewhere each query's log-sum-exp (``kvfx::attention_lse``: the
+    scorer then takes one more pass). ``site.node`` becomes its attention
+    output. Returns (lse node, sums node), either or both None (the scorer
+    then takes two passes over q.k). ``KVFX_KERNELS`` set keeps the
+    log-sum-exp path, whose column sums are the kernels'."""
     node = site.node
     if site.attention != "sdpa" or site.fold or site.gqa == "tile" or not (node.op == "call_function"
                                                                           and node.target in SDPA):
-        return None
+        return None, None
     q, k, v = node.args[:3]
-    q_val, k_val = q.meta.get("example_value"), k.meta.get("example_value")
-    if (q is not site.q or q_val is None or k_val is None or _arg(node, 3, "attn_mask") is not None
+    q_val, k_val, v_val = (x.meta.get("example_value") for x in (q, k, v))
+    if (q is not site.q or q_val is None or k_val is None or v_val is None or _arg(node, 3, "attn_mask") is not None
             or _arg(node, 4, "dropout_p", 0.0) != 0.0 or not _arg(node, 5, "is_causal", False)
             or q_val.shape[-2] != k_val.shape[-2]):
-        return None
+        return None, None
+    # The sums are per cache KV head: over keys repeated per query head
+    # (repeat_kv), the same attention reads the cache's own k, v grouped.
+    kv = (k, v) if k_val.shape[1] == site.kv_heads else _cache_kv(site, k_val)
+    fused = kv is not None and kernel_mode() is None and kvfx.ops.sums_supported(
+        q_val, *(x.meta["example_value"] for x in kv))
     with graph.inserting_after(node):
-        both = graph.call_function(torch.ops.kvfx.attention_lse.default, (q, k, v, _arg(node, 6, "scale")))
-    # The log-sum-exp first: what the rewrite inserts after site.node may read it.
+        if fused:
+            decay, queries = policy.sum_terms()
+            both = graph.call_function(torch.ops.kvfx.attention_column_sums.default,
+                                       (q, *kv, _arg(node, 6, "scale"), float(decay), int(queries)))
+        else:
+            both = graph.call_function(torch.ops.kvfx.attention_lse.default, (q, k, v, _arg(node, 6, "scale")))
+    # The lent tensor first: what the rewrite inserts after site.node may read it.
     with graph.inserting_after(both):
-        lse = graph.call_function(operator.getitem, (both, 1))
-    with graph.inserting_after(lse):
+        lent = graph.call_function(operator.getitem, (both, 1))
+    with graph.inserting_after(lent):
         out = graph.call_function(operator.getitem, (both, 0))
     out.meta = dict(node.meta)
     node.replace_all_uses_with(out)
     graph.erase_node(node)
     site.node = out
+    if fused:
+        site.note = "the prompt's attention also sums each key's attention: no pass of the scorer's own over q.k"
+        return None, lent
     site.note = "the prompt's attention also returns its log-sum-exp: one pass for the column sums"
-    return lse
+    return lent, None
+
+
+def _cache_kv(site: Site, k_val) -> Any:
+    """The cache's k, v nodes [B, Hkv, S, D] that a repeat_kv'd attention
+    (``k_val``: [B, H, S, D]) reads, or None where they are not plainly that
+    (a module buffer, a tiled repeat, other shapes)."""
+    if site.gqa != "repeat" or site.cache not in ("dynamic", "store") or site.k is None or site.v is None:
+        return None
+    kc, vc = site.k.meta.get("example_value"), site.v.meta.get("example_value")
+    if kc is None or vc is None or kc.dim() != 4 or vc.dim() != 4:
+        return None
+    if tuple(kc.shape) != (k_val.shape[0], site.kv_heads, *k_val.shape[2:]) or vc.shape[:3] != kc.shape[:3]:
+        return None
+    return site.k, site.v
 
 
 def _inline_decode(site: Site, policy, layer: int, k_pages: fx.Node) -> bool:
@@ -441,7 +473,7 @@ def _inline_decode(site: Site, policy, layer: int, k_pages: fx.Node) -> bool:
 
 
 def _rewrite_buffer(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int, kept_index: dict,
-                    call, placeholder, fake_mode, lse=None):
+                    call, placeholder, fake_mode, lse=None, sums=None):
     """Rewrite one site over a module buffer kvfx takes over (kvfx.buffers).
     Prefill: compress the prompt's k, v after the model's attention; returns
     the outputs the runtime adopts (k, v, bias, tokens seen). Decode (the
@@ -462,7 +494,7 @@ def _rewrite_buffer(graph: fx.Graph, site: Site, policy, spec: str, layer: int, 
         k_c, v_c, bias, _score, kept = call(
             torch.ops.kvfx.compress.default,
             (q if policy.needs_queries else None, k_new, v_new, mask, reuse, spec, layer, n_layers,
-             float(site.scale), None, lse), ready)
+             float(site.scale), None, lse, sums), ready)
         kept_index[layer] = kept
         with graph.inserting_after(kept):
             seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})

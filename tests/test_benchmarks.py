@@ -48,6 +48,26 @@ def test_quality_quick_writes_json_table_and_plot(tmp_path):
     assert (tmp_path / "quality_llama.png").read_bytes()[:8] == PNG
 
 
+def test_quality_retrieval_suite_quick_asks_multi_key_and_variable_prompts_with_guided_merges(tmp_path):
+    data = _run("quality.py", tmp_path, "--suite", "retrieval", "--policies", "ZeroMerge,ZeroMerge+SnapKV",
+                "--budgets", "0.5", stem="quality_retrieval")
+    model = data["models"]["llama"]
+    assert [p["task"] for p in model["prompts"]] == ["multikey", "vars"] * 2     # 1 of each at 2 lengths
+    rows = {r["policy"]: r for r in model["results"]}
+    assert set(rows) == {"ZeroMerge", "ZeroMerge+SnapKV"}
+    assert "scorer=SnapKV(" in rows["ZeroMerge+SnapKV"]["spec"] and "scorer=None" in rows["ZeroMerge"]["spec"]
+    assert all(0.4 < r["kv_fraction"] < 0.7 for r in rows.values())           # half the prompt, state included
+    table = (tmp_path / "quality_retrieval.md").read_text()
+    assert f"({rows['ZeroMerge']['kv_fraction']:.0%})" in table     # bytes held beside every answer count
+    assert (tmp_path / "quality_retrieval_llama.png").read_bytes()[:8] == PNG
+
+
+def test_a_scorer_for_a_policy_without_one_is_refused():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--policies",
+                           "SnapKV+H2O"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "SnapKV takes no scorer" in done.stderr
+
+
 def test_speed_quick_reports_ratios_to_the_full_cache(tmp_path):
     data = _run("speed.py", tmp_path, "--policies", "SnapKV", "--budgets", "0.25")
     rows = data["models"]["llama"]["rows"]

@@ -265,6 +265,31 @@ def test_attention_lse_op_is_causal_sdpa_and_its_log_sum_exp(device, groups):
     assert_close(lse, causal_lse(q, k, valid, 0.15), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("decay, queries", [(1.0, 0), (0.9, 0), (1.0, 5), (0.95, 40)])
+def test_attention_with_column_sums_is_causal_sdpa_and_the_dense_column_sums(groups, decay, queries):
+    """The CPU's one-pass prompt attention (``kvfx::attention_column_sums``):
+    its output is SDPA's, its sums the dense definition's for the same
+    (decay, queries), whatever the chunking (chunks cutting the diagonal, one
+    chunk, one query per chunk)."""
+    import kvfx.ops  # noqa: F401  (registers torch.ops.kvfx)
+
+    q, k = make_qk(F32, 16, groups, 33, 2, 33, torch.device("cpu"))
+    v = torch.randn(2, k.shape[1], 33, 24)   # values wider than keys
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.15,
+                                                                enable_gqa=groups > 1)
+    valid = torch.ones(2, 33, dtype=torch.bool)
+    scored = q[:, :, -queries:] if 0 < queries < 33 else q
+    dense = dense_column_sums(scored, k, valid, 0.15, decay)
+    for rows in (0, 1, 7, 64):
+        out, sums = column_sums.attention_with_column_sums(q, k, v, 0.15, decay, queries, chunk_rows=rows)
+        assert_close(out, expected, atol=1e-5, rtol=0)
+        assert_close(sums, dense, **SCORE_TOL)
+    out, sums = torch.ops.kvfx.attention_column_sums(q, k, v, 0.15, decay, queries)
+    assert_close(out, expected, atol=1e-5, rtol=0)
+    assert_close(sums, dense, **SCORE_TOL)
+
+
 # -- adjacent_cosine (KVMerger) ------------------------------------------------
 
 

@@ -197,6 +197,10 @@ POLICIES = {
     # the window approximation of the attention sums (the last 6 queries of the prompt)
     "H2O-last-queries": kvfx.H2O(budget=0.5, window=4, sum_queries=6),
     "ZeroMerge-last-queries": kvfx.ZeroMerge(budget=0.25, residual=2, window=3, sum_queries=6),
+    # the seed methods' merges guided by another policy's score
+    "KVMerger-SnapKV": kvfx.KVMerger(budget=0.5, exempt_layers=(), scorer=kvfx.SnapKV(window=4)),
+    "KVMerger-KNorm": kvfx.KVMerger(budget=0.5, exempt_layers=(), scorer=kvfx.KNorm()),
+    "ZeroMerge-SnapKV": kvfx.ZeroMerge(budget=0.25, residual=2, window=3, scorer=kvfx.SnapKV(window=4)),
 }
 
 
@@ -267,7 +271,7 @@ def test_seed_policies_reject_bad_fields():
         kvfx.PyramidKV(beta=0.5)
 
 
-# -- the prompt's attention lends its log-sum-exp to the column-sum scorers ----
+# -- the prompt's attention lends its sums (CPU) or log-sum-exp to the scorers --
 
 
 def _count_lse(monkeypatch, drop: bool = False) -> dict:
@@ -286,21 +290,86 @@ def _count_lse(monkeypatch, drop: bool = False) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("policy", [kvfx.H2O(budget=0.5), kvfx.ZeroMerge(budget=0.5)], ids=["H2O", "ZeroMerge"])
-def test_column_sum_scorers_read_the_prompt_attentions_log_sum_exp_and_keep_the_same(monkeypatch, policy):
+@pytest.mark.parametrize("path", ["sums", "lse"])
+@pytest.mark.parametrize("policy", [kvfx.H2O(budget=0.5), kvfx.ZeroMerge(budget=0.5),
+                                    kvfx.H2O(budget=0.5, sum_queries=7)], ids=["H2O", "ZeroMerge", "H2O-last7"])
+def test_column_sum_scorers_take_the_prompt_attentions_sums_or_log_sum_exp_and_keep_the_same(
+        monkeypatch, policy, path):
+    """On the CPU in float32 the prompt's attention sums each key's attention
+    itself (with the policy's decay and queries); with KVFX_KERNELS set it
+    lends its log-sum-exp. Either way the run equals the two-pass sums'."""
     model, ids = tiny_model("llama"), torch.randint(3, 100, (1, 40))
+    if path == "lse":
+        monkeypatch.setenv("KVFX_KERNELS", "reference")
+    op, note = {"sums": ("kvfx.attention_column_sums", "sums each key"),
+                "lse": ("kvfx.attention_lse", "log-sum-exp")}[path]
     seen = _count_lse(monkeypatch)
-    one_pass = generate(model, ids, policy=policy, steps=4)
-    prefill = [r for r in one_pass.records if any(s.phase == "prefill" for s in r.rewritten)]
-    assert prefill and all("kvfx.attention_lse" in r.code_after for r in prefill)
-    assert all("log-sum-exp" in s.note for r in prefill for s in r.rewritten if s.phase == "prefill")  # explain says so
-    assert seen == {"lse": model.config.num_hidden_layers, "two_pass": 0}
+    lent = generate(model, ids, policy=policy, steps=4)
+    prefill = [r for r in lent.records if any(s.phase == "prefill" for s in r.rewritten)]
+    assert prefill and all(op in r.code_after for r in prefill)
+    assert all(note in s.note for r in prefill for s in r.rewritten if s.phase == "prefill")  # explain says so
+    layers = model.config.num_hidden_layers
+    assert seen == ({"lse": 0, "two_pass": 0} if path == "sums" else {"lse": layers, "two_pass": 0})
+    monkeypatch.setenv("KVFX_KERNELS", "reference")
     _count_lse(monkeypatch, drop=True)
     two_pass = generate(model, ids, policy=policy, steps=4)
-    assert torch.equal(one_pass.tokens, two_pass.tokens)
-    assert cache_lengths(one_pass.cache) == cache_lengths(two_pass.cache)
-    for a, b in zip(one_pass.logits, two_pass.logits):
+    assert torch.equal(lent.tokens, two_pass.tokens)
+    assert cache_lengths(lent.cache) == cache_lengths(two_pass.cache)
+    for a, b in zip(lent.logits, two_pass.logits):
         assert (a - b).abs().max() <= 1e-4
+
+
+def test_sums_over_repeated_keys_are_the_cache_heads_sums(monkeypatch):
+    """A handwritten model that repeat_interleaves its KV heads for SDPA: the
+    one-pass sums read the cache's own k, v grouped, and the kept cache equals
+    the two-pass sums' (KVFX_KERNELS set)."""
+    import kvfx.policies.scores as scores
+    from kvfx.testing.handwritten import TinyGPT
+
+    torch.manual_seed(0)
+    model = TinyGPT(n_layers=2, n_heads=4, n_kv_heads=2).eval()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    real, own = scores.column_sums, []
+    monkeypatch.setattr(scores, "column_sums", lambda *a, **kw: own.append(1) or real(*a, **kw))
+    caches = {}
+    for path in ("sums", "two-pass"):
+        if path == "two-pass":
+            monkeypatch.setenv("KVFX_KERNELS", "reference")
+        torch._dynamo.reset()
+        kvfx.compile(model, kvfx.H2O(budget=0.5, window=4), inner="aot_eager")
+        with torch.no_grad():
+            logits, past = model(ids)
+        code = "".join(r.code_after for r in model._kvfx_backend.records)
+        assert ("kvfx.attention_column_sums" in code) == (path == "sums")
+        kvfx.restore(model)
+        caches[path] = (logits, past, len(own))
+    assert caches["sums"][2] == 0 and caches["two-pass"][2] == 2     # no pass of the scorer's own
+    torch.testing.assert_close(caches["sums"][0], caches["two-pass"][0], atol=1e-5, rtol=0)
+    for (k1, v1), (k2, v2) in zip(caches["sums"][1], caches["two-pass"][1]):
+        assert k1.shape[-2] < 40
+        torch.testing.assert_close(k1, k2, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v1, v2, atol=1e-5, rtol=0)
+
+
+def test_lent_sums_serve_only_the_terms_they_were_summed_with():
+    """A scorer asking for other (decay, queries) than the lent sums', or a
+    prompt with padding, computes its own."""
+    from kvfx.kernels.column_sums import attention_with_column_sums, column_sums_reference
+    from kvfx.policies.scores import attention_sums, prompt_lse
+
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 4, 30, 8), torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    valid = ALL_VALID(1, 30)
+    out, sums = attention_with_column_sums(q, k, v, 0.3, 0.9, 6)
+    with prompt_lse(q, None, sums, (0.9, 6)):
+        assert attention_sums(q, k, valid, 0.3, 0.9, queries=6) is sums
+        torch.testing.assert_close(attention_sums(q, k, valid, 0.3), column_sums_reference(q, k, valid, 0.3))
+        padded = valid.clone()
+        padded[0, :3] = False
+        torch.testing.assert_close(attention_sums(q, k, padded, 0.3, 0.9, queries=6),
+                                   column_sums_reference(q[:, :, -6:], k, padded, 0.3, 0.9))
+        assert attention_sums(q.clone(), k, valid, 0.3, 0.9, queries=6) is not sums   # other queries
+    torch.testing.assert_close(sums, column_sums_reference(q[:, :, -6:], k, valid, 0.3, 0.9))
 
 
 def test_a_masked_prompt_or_a_window_scorer_keeps_the_models_attention(monkeypatch):
@@ -309,10 +378,12 @@ def test_a_masked_prompt_or_a_window_scorer_keeps_the_models_attention(monkeypat
     mask[1, :5] = 0   # left padding: SDPA gets a mask, whose log-sum-exp kvfx does not take
     seen = _count_lse(monkeypatch)
     padded = generate(model, ids, attention_mask=mask, policy=kvfx.H2O(budget=0.5), steps=2)
-    assert not any("kvfx.attention_lse" in r.code_after for r in padded.records)
+    assert not any("kvfx.attention_lse" in r.code_after or "kvfx.attention_column_sums" in r.code_after
+                   for r in padded.records)
     assert seen["lse"] == 0 and seen["two_pass"] > 0
     snap = generate(model, ids[:1], policy=kvfx.SnapKV(budget=0.5), steps=2)
-    assert not any("kvfx.attention_lse" in r.code_after for r in snap.records)
+    assert not any("kvfx.attention_lse" in r.code_after or "kvfx.attention_column_sums" in r.code_after
+                   for r in snap.records)
 
 
 @pytest.mark.parametrize("make", [
@@ -339,3 +410,29 @@ def test_sum_queries_scores_by_the_last_queries_only(make):
     lse = logits.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1), float("-inf")).logsumexp(-1)
     with prompt_lse(q, lse):
         torch.testing.assert_close(make(5).score(q, k, valid, 0.3), approx, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda scorer: kvfx.KVMerger(budget=0.5, exempt_layers=(), scorer=scorer),
+    lambda scorer: kvfx.ZeroMerge(budget=0.3, residual=2, window=3, scorer=scorer)], ids=["KVMerger", "ZeroMerge"])
+def test_a_scorer_guides_the_seed_merges_and_none_is_the_paper(make):
+    """``scorer=``: the protected set / pivots (KVMerger) and the top slots
+    (ZeroMerge) follow the given policy's score; None is the paper's
+    accumulated attention."""
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    valid = ALL_VALID(1, 40)
+    snap = kvfx.SnapKV(window=6)
+    torch.testing.assert_close(make(snap).score(q, k, valid, 0.3), snap.score(q, k, valid, 0.3))
+    paper = make(None)
+    torch.testing.assert_close(paper.score(q, k, valid, 0.3),
+                               kvfx.ZeroMerge(decay=paper.decay).score(q, k, valid, 0.3) if hasattr(paper, "decay")
+                               else kvfx.H2O().score(q, k, valid, 0.3))
+    guided, plain = make(snap).compress(q, k, v, valid, 0.3), paper.compress(q, k, v, valid, 0.3)
+    assert guided.k.shape == plain.k.shape                                   # same budget
+    assert not torch.equal(guided.index, plain.index)                        # other slots kept
+    knorm = make(kvfx.KNorm())
+    assert not knorm.needs_queries or isinstance(knorm, kvfx.ZeroMerge)      # ZeroMerge's steps read queries
+    assert not make(snap).sums_attention and paper.sums_attention
+    with pytest.raises(ValueError, match=r"scorer="):
+        make("SnapKV")

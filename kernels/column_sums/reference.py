@@ -65,3 +65,49 @@ def column_sums_reference(
         chunk_weights = weights[..., lo:hi].reshape(b * hkv, 1, groups * n)
         score[..., :end].baddbmm_(chunk_weights, probs)
     return score.view(b, hkv, s)
+
+
+def attention_with_column_sums(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, decay: float = 1.0, queries: int = 0,
+    chunk_rows: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's causal attention and its column sums from one pass over
+    q.k: each chunk of queries computes its probabilities once, multiplies
+    them by the values (the attention output) and adds their weighted rows to
+    the sums -- what ``scaled_dot_product_attention(q, k, v, is_causal=True,
+    scale=scale)`` followed by ``column_sums_reference(q, k, valid, scale,
+    decay)`` compute with two or three passes. On the CPU this is the cheap
+    way to exact sums: the flash kernel's log-sum-exp still leaves a second
+    q.k product, as large as the attention's own.
+
+    q: [B, H, S, D], k: [B, Hkv, S, D], v: [B, Hkv, S, Dv], every key real (no
+    padding: the prompt attention it replaces had no mask). ``queries`` > 0:
+    only the last ``queries`` queries add to the sums (the attention output
+    still covers every query). Returns (out [B, H, S, Dv] in q's dtype, sums
+    [B, Hkv, S] float32, summed over each KV head's query heads).
+    """
+    b, h, s, d = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    groups = h // hkv
+    keys = k.float().reshape(b * hkv, s, d).transpose(1, 2)      # [B*Hkv, D, S]
+    values = v.float().reshape(b * hkv, s, dv)
+    first = s - queries if 0 < queries < s else 0                # the first query the sums count
+    weights = decay ** torch.arange(s - 1, -1, -1, device=k.device, dtype=torch.float32)
+    out = q.new_empty(b * hkv, groups, s, dv, dtype=torch.float32)
+    sums = q.new_zeros(b * hkv, 1, s, dtype=torch.float32)
+    # Small chunks keep each [G*rows, S] probability block in cache between
+    # its three uses (softmax, times values, into the sums).
+    rows = chunk_rows or max(8, (1 << 20) // max(b * h * s, 1))
+    for lo in range(0, s, rows):
+        hi = min(lo + rows, s)
+        n = hi - lo
+        query = q[:, :, lo:hi].float().reshape(b * hkv, groups * n, d)
+        logits = torch.bmm(query, keys[..., :hi]).mul_(scale)    # causal: keys up to the chunk's last query
+        logits.view(b * hkv, groups, n, hi)[..., lo:].masked_fill_(
+            torch.ones(n, n, dtype=torch.bool, device=k.device).triu_(1), float("-inf"))
+        probs = logits.softmax(-1)
+        out[:, :, lo:hi] = torch.bmm(probs, values[:, :hi]).view(b * hkv, groups, n, dv)
+        if hi > first:
+            chunk_weights = weights[lo:hi].masked_fill(torch.arange(lo, hi, device=k.device) < first, 0.0)
+            sums[..., :hi].baddbmm_(chunk_weights.repeat(groups).expand(b * hkv, 1, groups * n), probs)
+    return out.view(b, h, s, dv).to(q.dtype), sums.view(b, hkv, s)

@@ -47,7 +47,8 @@ class Policy:
     needs_queries: ClassVar[bool] = True
     #: whether ``score`` sums the prompt's whole causal attention
     #: (``scores.attention_sums``): the rewrite then has the prompt's attention
-    #: return its log-sum-exp, which turns two passes over q.k into one.
+    #: return its log-sum-exp (one pass over q.k instead of two) or, on the
+    #: CPU, the sums themselves (``sum_terms`` says which).
     sums_attention: ClassVar[bool] = False
     #: whether sinks + window must fit in a token budget (not for a policy
     #: whose budget sizes only part of what it keeps, like RazorAttention).
@@ -70,6 +71,11 @@ class Policy:
             )
 
     # -- primitives ---------------------------------------------------------
+    def sum_terms(self) -> tuple:
+        """(decay, queries) that ``score`` passes to ``scores.attention_sums``
+        when ``sums_attention``: the prompt's attention can then sum them."""
+        return (1.0, 0)
+
     def score(self, q: Optional[torch.Tensor], k: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """Worth of each slot, higher = keep. q: [B, H, Sq, D] (None unless
         ``needs_queries``), k: [B, Hkv, S, D], valid: [B, S] bool.

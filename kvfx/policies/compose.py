@@ -56,6 +56,9 @@ class Compose(Policy):
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.policy.sums_attention
 
+    def sum_terms(self) -> tuple:
+        return self.policy.sum_terms()
+
     def score(self, q, k, valid, scale):
         return self.policy._score(q, k, valid, scale)
 

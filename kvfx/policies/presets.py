@@ -93,6 +93,9 @@ class H2O(Policy):
         super().__post_init__()
         check_int("H2O", "sum_queries", self.sum_queries, 0)
 
+    def sum_terms(self) -> tuple:
+        return (1.0, self.sum_queries)
+
     def score(self, q, k, valid, scale):
         return attention_sums(q, k, valid, scale, queries=self.sum_queries)
 

@@ -19,6 +19,11 @@ from kvfx.policies.registry import preset
 from kvfx.policies.scores import attention_sums, recency
 
 
+def _check_scorer(name: str, scorer) -> None:
+    if scorer is not None and not isinstance(scorer, Policy):
+        fail(name, "scorer", scorer, "a kvfx policy whose score ranks the tokens (e.g. kvfx.SnapKV()), or None")
+
+
 @preset
 @dataclasses.dataclass(frozen=True)
 class KVMerger(Policy):
@@ -40,6 +45,9 @@ class KVMerger(Policy):
     the paper does; n >= 1 sums only the last n queries' attention (the
     window approximation: prefill cost grows with n, not the prompt, and the
     kept set changes: docs/policies.md gives its measured quality cost).
+    ``scorer``: another policy whose score picks the protected set and the
+    pivots instead of the accumulated attention (e.g. ``kvfx.SnapKV()``'s
+    observation window); None (default) = the paper's.
     """
 
     budget: Budget = 0.5
@@ -50,6 +58,7 @@ class KVMerger(Policy):
     count_bias: bool = False
     exempt_layers: tuple = (0, 1, -1)
     sum_queries: int = 0
+    scorer: Optional[Policy] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,10 +66,22 @@ class KVMerger(Policy):
         self.fold()  # validates epsilon, sigma, recent, protect_top under their names
         if not isinstance(self.exempt_layers, tuple) or not all(isinstance(i, int) for i in self.exempt_layers):
             fail("KVMerger", "exempt_layers", self.exempt_layers, "a tuple of layer indices (negative counts from the end)")
+        _check_scorer("KVMerger", self.scorer)
 
-    sums_attention: ClassVar[bool] = True
+    @property
+    def needs_queries(self) -> bool:  # type: ignore[override]
+        return self.scorer is None or self.scorer.needs_queries
+
+    @property
+    def sums_attention(self) -> bool:  # type: ignore[override]
+        return self.scorer.sums_attention if self.scorer is not None else True
+
+    def sum_terms(self) -> tuple:
+        return self.scorer.sum_terms() if self.scorer is not None else (1.0, self.sum_queries)
 
     def score(self, q, k, valid, scale):
+        if self.scorer is not None:
+            return self.scorer._score(q, k, valid, scale)
         return attention_sums(q, k, valid, scale, queries=self.sum_queries)
 
     def fold(self) -> GaussianMerge:
@@ -109,6 +130,9 @@ class ChunkKV(Policy):
     @property
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.scorer is not None and self.scorer.sums_attention
+
+    def sum_terms(self) -> tuple:
+        return self.scorer.sum_terms() if self.scorer is not None else super().sum_terms()
 
     def score(self, q, k, valid, scale):
         if self.scorer is not None:
@@ -196,7 +220,12 @@ class ZeroMerge(Policy):
     of every prompt query, as the paper does; n >= 1 sums only the last n
     queries' attention (the window approximation: prefill cost grows with n,
     not the prompt, and the kept set changes: docs/policies.md gives its
-    measured quality cost).
+    measured quality cost). ``scorer``: another policy whose score ranks the
+    prompt's tokens into the top slots instead of the decayed accumulated
+    attention (e.g. ``kvfx.SnapKV()``); each decode step still adds the new
+    query's attention to the running scores (decayed), as in the paper, so an
+    attention-valued scorer (SnapKV, PyramidKV, TOVA, H2O) keeps the two on
+    one scale. None (default) = the paper's.
     """
 
     budget: Budget = 0.05
@@ -204,6 +233,7 @@ class ZeroMerge(Policy):
     window: int = 8
     decay: float = 0.98
     sum_queries: int = 0
+    scorer: Optional[Policy] = None
 
     schedule: ClassVar[str] = "continuous"
 
@@ -211,15 +241,23 @@ class ZeroMerge(Policy):
         super().__post_init__()
         check_int("ZeroMerge", "residual", self.residual, 1)
         check_int("ZeroMerge", "sum_queries", self.sum_queries, 0)
+        _check_scorer("ZeroMerge", self.scorer)
         if not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
             fail("ZeroMerge", "decay", self.decay, "a number in (0, 1]")
         if isinstance(self.budget, int) and self.budget < self.residual + self.window + 1:
             raise ValueError(f"ZeroMerge: budget={self.budget} leaves no top slot; it must be >= residual + "
                              f"window + 1 = {self.residual + self.window + 1}")
 
-    sums_attention: ClassVar[bool] = True
+    @property
+    def sums_attention(self) -> bool:  # type: ignore[override]
+        return self.scorer.sums_attention if self.scorer is not None else True
+
+    def sum_terms(self) -> tuple:
+        return self.scorer.sum_terms() if self.scorer is not None else (float(self.decay), self.sum_queries)
 
     def score(self, q, k, valid, scale):
+        if self.scorer is not None:
+            return self.scorer._score(q, k, valid, scale)
         return attention_sums(q, k, valid, scale, self.decay, queries=self.sum_queries)
 
     def fold(self) -> ResidualMerge:
