@@ -194,10 +194,10 @@ def _haystack(rng: random.Random, words: int = 20000) -> list[str]:
 
 
 TASKS = {"passkey": passkey, "kv": key_values, "vars": variables, "multikey": multi_key}
-# --suite: which tasks, at which lengths by default, how many prompts of each task per length.
+# --suite: default lengths and (retrieval) multi-key prompts per length; build_prompts picks the tasks.
 SUITES = {
-    "standard": dict(tasks=("passkey", "kv", "vars"), lengths=(512, 1024)),
-    "retrieval": dict(tasks=("multikey", "vars"), lengths=(2048, 4096), per_length=8),
+    "standard": dict(lengths=(512, 1024)),
+    "retrieval": dict(lengths=(2048, 4096), per_length=8),
 }
 
 
@@ -309,7 +309,8 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
     texts = natural_texts(tokenizer, settings)
     shortest = min([p.length for p in prompts] + [settings.loss_context])
     heads = ()
-    if any(p.partition("+")[0] == "RazorAttention" for p in settings.policies):  # the heads RazorAttention() finds for itself (probed once, cached)
+    # The heads RazorAttention() finds for itself (probed once, cached).
+    if any(p.partition("+")[0] == "RazorAttention" for p in settings.policies):
         heads = kvfx.heads.cached_retrieval_heads(model)
     full, full_s = common.timed(evaluate, model, tokenizer, prompts, texts, settings)
     common.progress(f"[quality] {name} full cache: {full['correct']}/{full['asked']} right, loss {full['loss']:.3f} ({full_s:.0f}s)")

@@ -72,8 +72,9 @@ class Policy:
 
     # -- primitives ---------------------------------------------------------
     def sum_terms(self) -> tuple:
-        """(decay, queries) that ``score`` passes to ``scores.attention_sums``
-        when ``sums_attention``: the prompt's attention can then sum them."""
+        """(decay, queries) of ``scores.attention_sums`` when
+        ``sums_attention``: the presets' ``score`` passes exactly these, and the
+        prompt's attention sums with them (lent sums serve only equal terms)."""
         return (1.0, 0)
 
     def score(self, q: Optional[torch.Tensor], k: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:

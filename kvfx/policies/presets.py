@@ -97,7 +97,7 @@ class H2O(Policy):
         return (1.0, self.sum_queries)
 
     def score(self, q, k, valid, scale):
-        return attention_sums(q, k, valid, scale, queries=self.sum_queries)
+        return attention_sums(q, k, valid, scale, *self.sum_terms())
 
 
 @preset

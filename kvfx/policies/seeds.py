@@ -82,7 +82,7 @@ class KVMerger(Policy):
     def score(self, q, k, valid, scale):
         if self.scorer is not None:
             return self.scorer._score(q, k, valid, scale)
-        return attention_sums(q, k, valid, scale, queries=self.sum_queries)
+        return attention_sums(q, k, valid, scale, *self.sum_terms())
 
     def fold(self) -> GaussianMerge:
         return named_rule(GaussianMerge, "KVMerger", epsilon=self.epsilon, sigma=self.sigma, recent=self.recent,
@@ -120,8 +120,7 @@ class ChunkKV(Policy):
         super().__post_init__()
         check_int("ChunkKV", "chunk", self.chunk, 1)
         check_int("ChunkKV", "reuse_every", self.reuse_every, 1)
-        if self.scorer is not None and not isinstance(self.scorer, Policy):
-            fail("ChunkKV", "scorer", self.scorer, "a kvfx policy whose score ranks the tokens (e.g. kvfx.KNorm())")
+        _check_scorer("ChunkKV", self.scorer)
 
     @property
     def needs_queries(self) -> bool:  # type: ignore[override]
@@ -258,7 +257,7 @@ class ZeroMerge(Policy):
     def score(self, q, k, valid, scale):
         if self.scorer is not None:
             return self.scorer._score(q, k, valid, scale)
-        return attention_sums(q, k, valid, scale, self.decay, queries=self.sum_queries)
+        return attention_sums(q, k, valid, scale, *self.sum_terms())
 
     def fold(self) -> ResidualMerge:
         return ResidualMerge(self.residual)
