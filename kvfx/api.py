@@ -19,7 +19,7 @@ from kvfx.distributed import tensor_parallel
 from kvfx.heads import needs_heads, with_retrieval_heads
 from kvfx.integrations.transformers import TransformersForward, is_transformers_model, state_keys, store_seen
 from kvfx.store import PAGE
-from kvfx.passes import Site, assign_depths, find_sites, rewrite, stray_stores
+from kvfx.passes import Site, assign_depths, find_sites, lend_out_projections, rewrite, stray_stores
 from kvfx.passes.sites import module_path
 from kvfx.policies import Policy
 from kvfx.runtime import StatefulGraph, state_of
@@ -165,6 +165,7 @@ class Backend:
             if broke and site.cache == "unknown" and site.reason.startswith("attention reads keys passed into"):
                 site.reason = (f"a graph break split this attention block from its cache write ({broke}); "
                                "kvfx rewrites an attention block traced whole")
+        lend_out_projections(sites, self.policy)
         record = GraphRecord(index=len(self.records), sites=sites, code_before=gm.code, graph_before=before.graph,
                              graph_after=gm.graph)
         self.records.append(record)
@@ -268,12 +269,21 @@ class Backend:
         fail that guard and trace once more."""
         if not isinstance(policy, Policy):
             raise TypeError(f"kvfx.set_policy: policy must be a kvfx policy (e.g. kvfx.SnapKV(budget=0.5)), got {policy!r}")
-        self.policy = policy = self._for_model(policy)
+        policy = self._for_model(policy)
+        graphs = []
         for entry in self._rewritable:
             gm = _private_copy(entry.original)
             sites = find_sites(gm)
             for site, depth in zip(sites, entry.depths):
                 site.depth = depth
+            lend_out_projections(sites, policy)
+            stray = stray_stores(gm, sites)
+            if stray:  # before any graph changes: the model keeps running under the old policy
+                raise ValueError(f"kvfx.set_policy: {policy!r} cannot run on a graph already compiled: "
+                                 f"{'; '.join(stray)}; compile the model again for it")
+            graphs.append((entry, gm, sites))
+        self.policy = policy
+        for entry, gm, sites in graphs:
             # the traced shapes are another policy's: no in-graph decode attention (its view needs them)
             plan, rewritten_inputs = rewrite(gm, entry.fake_inputs, sites, policy, inline_decode=False)
             with torch._guards.tracing(entry.context), torch.set_grad_enabled(entry.grad_enabled):

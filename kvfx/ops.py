@@ -26,7 +26,7 @@ from kvfx.kernels.paged_attention import paged_attention
 from kvfx.kernels.paged_attention.reference import paged_sink_weight
 from kvfx.policies import bias_of, policy_of
 from kvfx.policies.base import Policy
-from kvfx.policies.scores import prompt_lse
+from kvfx.policies.scores import out_projection, prompt_lse
 from kvfx.policies.budgets import cdiv
 
 
@@ -49,7 +49,7 @@ def valid_slots(mask: Optional[Tensor], batch: int, length: int, device) -> Tens
 def compress(
     q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
     policy: str, layer: int, n_layers: int, scale: float, score_keys: Optional[Tensor] = None,
-    lse: Optional[Tensor] = None, sums: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None, sums: Optional[Tensor] = None, out_proj: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compress one layer's prompt cache with the policy whose registry key is
     ``policy`` (``kvfx.policies.key_of``). q: [B, H, Sq, D] (None for a policy
@@ -60,11 +60,13 @@ def compress(
     [B, H, S]: the prompt attention's log-sum-exp per query
     (``kvfx::attention_lse``), lent to a column-sum scorer; ``sums`` [B, Hkv,
     S]: the column sums themselves (``kvfx::attention_column_sums``, summed
-    with the policy's ``sum_terms``). Returns fresh contiguous (k, v, slot_bias, slot_score, index) with
-    n = policy.kept_length(S) slots."""
+    with the policy's ``sum_terms``). ``out_proj`` [hidden, H x Dv]: the
+    weight of the linear layer reading the attention output, lent to a score
+    that weighs values by it (``CriticalKV``). Returns fresh contiguous (k,
+    v, slot_bias, slot_score, index) with n = policy.kept_length(S) slots."""
     pol = policy_of(policy)
     valid = valid_slots(mask, k.shape[0], k.shape[2], k.device)
-    with prompt_lse(q, lse, sums, pol.sum_terms()):
+    with prompt_lse(q, lse, sums, pol.sum_terms()), out_projection(out_proj):
         out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index, score_keys)
     # A custom op's outputs may not alias its inputs (the reused index would).
     index = out.index.clone() if out.index is reuse_index else out.index.contiguous()
@@ -73,7 +75,7 @@ def compress(
 
 @compress.register_fake
 def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, score_keys=None, lse=None,
-                   sums=None):
+                   sums=None, out_proj=None):
     batch, kv_heads, length, _ = k.shape
     n = policy_of(policy).kept_length(length, layer, n_layers)
     return (
@@ -281,17 +283,18 @@ def _store_mark_fake(k, v, page):
 def store_compress(
     q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
     policy: str, layer: int, n_layers: int, scale: float, page: int, lse: Optional[Tensor] = None,
-    sums: Optional[Tensor] = None,
+    sums: Optional[Tensor] = None, out_proj: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compress one layer's prompt k, v [B, Hkv, S, D] with ``policy`` into a
     new slot store of ``page``-slot pages: each (batch, KV head) row holds its
     own kept slots (``Policy.store_pages`` sizes it), a running score only for
     a continuous policy. Returns the store's eight tensors (seen = S) and the
-    kept indices (for ChunkKV's reuse). ``lse``, ``sums``: as for ``kvfx::compress``."""
+    kept indices (for ChunkKV's reuse). ``lse``, ``sums``, ``out_proj``: as
+    for ``kvfx::compress``."""
     pol = policy_of(policy)
     batch, kv_heads, length = k.shape[:3]
     valid = valid_slots(mask, batch, length, k.device)
-    with prompt_lse(q, lse, sums, pol.sum_terms()):
+    with prompt_lse(q, lse, sums, pol.sum_terms()), out_projection(out_proj):
         out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
     # Only a continuous policy reads a running score again: the others keep none.
@@ -303,7 +306,8 @@ def store_compress(
 
 
 @store_compress.register_fake
-def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, page, lse=None, sums=None):
+def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, page, lse=None, sums=None,
+                         out_proj=None):
     pol = policy_of(policy)
     batch, kv_heads, length = k.shape[:3]
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
@@ -398,10 +402,10 @@ def _store_step_fake(q, k_pages, v_pages, slot_bias, slot_score, page_table, len
 # kvfx compresses caches for inference: no gradient flows through its ops.
 # Registering that keeps a forward run with grad enabled from failing inside
 # AOTAutograd.
-compress.register_autograd(lambda ctx, *grads: (None,) * 12)
+compress.register_autograd(lambda ctx, *grads: (None,) * 13)
 attention_lse.register_autograd(lambda ctx, *grads: (None,) * 4)
 attention_column_sums.register_autograd(lambda ctx, *grads: (None,) * 6)
 attend.register_autograd(lambda ctx, *grads: (None,) * 11)
 step.register_autograd(lambda ctx, *grads: (None,) * 9)
-store_compress.register_autograd(lambda ctx, *grads: (None,) * 12)
+store_compress.register_autograd(lambda ctx, *grads: (None,) * 13)
 store_attend.register_autograd(lambda ctx, *grads: (None,) * 9)

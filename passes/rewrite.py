@@ -170,10 +170,11 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         q, mask, ready = _queries_and_mask(graph, site, new_len)
         if site.phase == "prefill":
             reuse = _reused_index(site, policy, layer, kept_index)
+            out_proj, ready = _lent_out_projection(graph, site, ready)
             k_c, v_c, bias, score, index = call(
                 torch.ops.kvfx.compress.default,
                 (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer, n_layers,
-                 float(site.scale), site.score_k, lse, sums), ready)
+                 float(site.scale), site.score_k, lse, sums, out_proj), ready)
             kept_index[layer] = index
             with graph.inserting_after(index):
                 seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
@@ -360,9 +361,10 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
     if site.phase == "prefill":
         reuse = _reused_index(site, policy, layer, kept_index)
         page = store.args[2]
+        out_proj, ready = _lent_out_projection(graph, site, ready)
         items = call(torch.ops.kvfx.store_compress.default,
                      (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer,
-                      n_layers, float(site.scale), page, lse, sums), ready)
+                      n_layers, float(site.scale), page, lse, sums, out_proj), ready)
         kept_index[layer] = items[-1]
         # The mark's outputs are what dynamo writes into the layer: take the
         # compressed store's instead (getitem nodes moved after them).
@@ -388,6 +390,20 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
             graph.call_function(torch.ops.kvfx.store_step.default,
                                 (q, *store.args[2:11], spec, layer, n_layers, float(site.scale)))
     return replaced
+
+
+def _lent_out_projection(graph: fx.Graph, site: Site, ready: fx.Node) -> tuple:
+    """(the output projection's weight [hidden, H x Dv] for the compress op,
+    the node the op goes after): ``lend_out_projections`` found it; a
+    Conv1D's [H x Dv, hidden] weight is transposed in the graph (a view)."""
+    if site.out_proj is None:
+        return None, ready
+    weight, transposed = site.out_proj
+    if not transposed:
+        return weight, ready
+    with graph.inserting_after(ready):
+        weight = graph.call_method("t", (weight,))
+    return weight, weight
 
 
 def _prompt_lse(graph: fx.Graph, site: Site, policy) -> tuple:
@@ -491,10 +507,11 @@ def _rewrite_buffer(graph: fx.Graph, site: Site, policy, spec: str, layer: int, 
         with graph.inserting_after(ready):
             new_len = graph.call_method("size", (k_new, -2))
         q, mask, ready = _queries_and_mask(graph, site, new_len)
+        out_proj, ready = _lent_out_projection(graph, site, ready)
         k_c, v_c, bias, _score, kept = call(
             torch.ops.kvfx.compress.default,
             (q if policy.needs_queries else None, k_new, v_new, mask, reuse, spec, layer, n_layers,
-             float(site.scale), None, lse, sums), ready)
+             float(site.scale), None, lse, sums, out_proj), ready)
         kept_index[layer] = kept
         with graph.inserting_after(kept):
             seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})

@@ -78,6 +78,7 @@ class Site:
     latent: bool = False            # k, v are a latent [B, 1, S, r] and a rotary key [B, 1, S, dr] (MLA)
     score_k: Any = dataclasses.field(default=None, repr=False)     # latent: the per-head keys attention reads
     v_attn: Any = dataclasses.field(default=None, repr=False)      # latent: the per-head values attention reads
+    out_proj: Any = dataclasses.field(default=None, repr=False)    # (weight node, stored transposed) of o_proj
 
     @property
     def compressible(self) -> bool:
@@ -704,6 +705,52 @@ def _bias_reason(site: "Site", bias: fx.Node) -> tuple[str, str]:
     return "positions", ""
 
 
+LINEAR = {torch._C._nn.linear, torch.nn.functional.linear}
+SIZE_METHODS = {"size", "dim"}
+# What may stand between an attention output [B, H, S, Dv] and the linear
+# layer reading it: merging the heads into [B, S, H x Dv], casts, dropout.
+HEAD_MERGE_METHODS = {"transpose", "permute", "reshape", "view", "contiguous", "flatten"} | CAST_METHODS
+HEAD_MERGE_FUNCS = {torch.transpose, torch.permute, torch.reshape, torch.flatten} | DROPOUT
+
+
+def out_projection(site: "Site") -> tuple[Optional[fx.Node], bool, str]:
+    """The weight of the linear layer that reads ``site``'s attention output
+    once its heads are merged (``o_proj``, ``c_proj``, ``wo``): (weight node,
+    whether it is stored [H x Dv, hidden] as GPT-2's Conv1D's ``addmm``
+    weight, ""), or (None, False, what kvfx saw instead)."""
+    node, out = site.node, _value(site.node)
+    if out is None or out.dim() != 4:
+        return None, False, "the attention output is not [B, H, S, Dv]"
+    batch, heads, length, dv = out.shape
+    merged = False  # seen as [B, S, H, Dv]: heads beside their channels, in head order
+    for _ in range(16):
+        users = [u for u in node.users if not _method(u, SIZE_METHODS)]
+        if len(users) != 1:
+            return None, False, f"the attention output is read by {len(users)} nodes, not one linear layer"
+        user = users[0]
+        if merged and _is_call(user, LINEAR) and user.args[0] is node:
+            weight = _arg(user, 1, "weight")
+            shape = tuple(getattr(_value(weight), "shape", ()))
+            if len(shape) == 2 and shape[1] == heads * dv:
+                return weight, False, ""
+            return None, False, f"the linear layer reading the attention output has a weight of shape {shape}"
+        if merged and _is_call(user, {torch.addmm}) and user.args[1] is node:  # GPT-2's Conv1D
+            weight = user.args[2]
+            shape = tuple(getattr(_value(weight), "shape", ()))
+            if len(shape) == 2 and shape[0] == heads * dv:
+                return weight, True, ""
+            return None, False, f"the addmm reading the attention output has a weight of shape {shape}"
+        if not (_method(user, HEAD_MERGE_METHODS) or _is_call(user, HEAD_MERGE_FUNCS)):
+            name = user.target if user.op == "call_method" else getattr(user.target, "__name__", str(user.target))
+            return None, False, f"the attention output is read by {name}, not a linear layer over merged heads"
+        value = _value(user)
+        if (not merged and value is not None and value.dim() == 4 and tuple(value.shape) == (batch, length, heads, dv)
+                and (_method(user, {"transpose", "permute"}) or _is_call(user, {torch.transpose, torch.permute}))):
+            merged = True
+        node = user
+    return None, False, "no linear layer within 16 layout ops of the attention output"
+
+
 def find_sites(gm: fx.GraphModule) -> list[Site]:
     """One ``Site`` per attention call in ``gm``, in graph order."""
     sites: list[Site] = []
@@ -843,6 +890,21 @@ def _masks_from_other_caches(sites: list[Site]) -> None:
                     todo = []
                     break
                 todo.append(a)
+
+
+def lend_out_projections(sites: list[Site], policy) -> None:
+    """For a policy that weighs values by the output projection (CriticalKV):
+    each compressible site's ``out_proj``, or the reason it has none (what
+    kvfx saw after the attention output), so the site is left alone."""
+    if not policy.needs_out_projection:
+        return
+    for site in sites:
+        if site.compressible and site.out_proj is None:
+            weight, transposed, seen = out_projection(site)
+            if weight is None:
+                site.reason = f"{type(policy).__name__} weighs values by the attention's output projection: {seen}"
+            else:
+                site.out_proj = (weight, transposed)
 
 
 def stray_stores(gm: fx.GraphModule, sites: list[Site]) -> list[str]:

@@ -21,6 +21,8 @@ BAD_FIELDS = [
     ("ChunkKV", dict(reuse_every=0), "reuse_every"), ("RazorAttention", dict(retrieval_heads=[(0, 0)]), "retrieval_heads"),
     ("RazorAttention", dict(retrieval_heads=((0, -1),)), "retrieval_heads"), ("ZeroMerge", dict(residual=0), "residual"),
     ("ZeroMerge", dict(decay=0.0), "decay"), ("ZeroMerge", dict(budget=5, window=8), "budget"),
+    ("LagKV", dict(lag=0), "lag"), ("LagKV", dict(cross_scoring=1), "cross_scoring"),
+    ("CUR", dict(leverage="keys"), "leverage"), ("CUR", dict(local_window=-1), "local_window"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Every seed method, continuous baseline and per-layer / per-head budget on
+"""Every seed method, continuous baseline, per-layer / per-head budget and query-agnostic score on
 the architecture matrix: prefill + 32 decode steps, at most 2 graphs, no
 graph break, compressible layers at the policy's length -- eager attention
 and materialised masks included, whatever the layers' lengths.
@@ -24,6 +24,9 @@ METHODS = {
     "TOVA": kvfx.TOVA(budget=0.5),
     "PyramidKV": kvfx.PyramidKV(budget=0.3, window=4),
     "AdaKV": kvfx.AdaKV(budget=0.35, window=4),
+    "KeyDiff": kvfx.KeyDiff(budget=0.35),
+    "LagKV": kvfx.LagKV(budget=0.35, sinks=2, lag=4),
+    "CUR": kvfx.CUR(budget=0.35, sinks=2, local_window=4),
 }
 # Not here: nothing to compress (every window binds; ALiBi), or a latent cache kvfx compresses on transformers'
 # own layers, not in a slot store (tests/test_matrix.py and tests/test_gallery.py cover it).

@@ -423,9 +423,9 @@ def test_a_scorer_guides_the_seed_merges_and_none_is_the_paper(make):
     q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
     valid = ALL_VALID(1, 40)
     snap = kvfx.SnapKV(window=6)
-    torch.testing.assert_close(make(snap).score(q, k, valid, 0.3), snap.score(q, k, valid, 0.3))
+    torch.testing.assert_close(make(snap)._score(q, k, valid, 0.3), snap.score(q, k, valid, 0.3))
     paper = make(None)
-    torch.testing.assert_close(paper.score(q, k, valid, 0.3),
+    torch.testing.assert_close(paper._score(q, k, valid, 0.3),
                                kvfx.ZeroMerge(decay=paper.decay).score(q, k, valid, 0.3) if hasattr(paper, "decay")
                                else kvfx.H2O().score(q, k, valid, 0.3))
     guided, plain = make(snap).compress(q, k, v, valid, 0.3), paper.compress(q, k, v, valid, 0.3)

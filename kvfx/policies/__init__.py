@@ -4,11 +4,14 @@ built from score / keep / fold / schedule / plan primitives (see ``base``).
     kvfx.SnapKV(budget=0.35)                               # a preset
     kvfx.ChunkKV(budget=0.3, scorer=kvfx.KNorm())          # chunks ranked by any policy's score
     kvfx.Compose(kvfx.SnapKV(budget=0.3), fold_rule=kvfx.GaussianMerge())   # SnapKV's keep, KVMerger's merge
+    kvfx.CriticalKV(kvfx.SnapKV(budget=0.3))               # any score weighed by what values do to the output
 """
 
+from kvfx.policies.agnostic import CUR, KeyDiff, LagKV
 from kvfx.policies.base import Policy
 from kvfx.policies.budgets import Budget, budget_tokens, check_budget, smax, smin
 from kvfx.policies.compose import Compose
+from kvfx.policies.critical import CriticalKV
 from kvfx.policies.fold import (Compensate, Compressed, Evict, Fold, GaussianMerge, ResidualMerge, bias_of,
                                 evict_to)
 from kvfx.policies.keep import Keep, Kept, TopChunks, TopTokens, TopTokensAcrossHeads, protect, top_sorted
@@ -20,8 +23,9 @@ for _rule in (TopTokens, TopChunks, TopTokensAcrossHeads, Evict, Compensate, Res
     rule(_rule)
 
 __all__ = [
-    "AdaKV", "Budget", "ChunkKV", "Compensate", "Compose", "Compressed", "Evict", "Fold", "GaussianMerge", "H2O", "KNorm",
-    "KVMerger", "Keep", "Kept", "PRESETS", "Policy", "PyramidKV", "RazorAttention", "ResidualMerge", "SnapKV",
-    "StreamingLLM", "TOVA", "TopChunks", "TopTokens", "TopTokensAcrossHeads", "ZeroMerge", "bias_of", "budget_tokens", "check_budget",
-    "evict_to", "key_of", "parse_policy", "policy_of", "protect", "smax", "smin", "top_sorted",
+    "AdaKV", "bias_of", "Budget", "budget_tokens", "check_budget", "ChunkKV", "Compensate", "Compose", "Compressed", "CriticalKV",
+    "CUR", "Evict", "evict_to", "Fold", "GaussianMerge", "H2O", "Keep", "Kept", "key_of", "KeyDiff", "KNorm",
+    "KVMerger", "LagKV", "parse_policy", "Policy", "policy_of", "PRESETS", "protect", "PyramidKV", "RazorAttention",
+    "ResidualMerge", "smax", "smin", "SnapKV", "StreamingLLM", "top_sorted", "TopChunks", "TopTokens",
+    "TopTokensAcrossHeads", "TOVA", "ZeroMerge",
 ]

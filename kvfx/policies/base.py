@@ -45,6 +45,12 @@ class Policy:
     #: whether ``score`` reads the queries; when False the graph does not pass
     #: them (``q`` is None), so a subclass whose score reads q must say True.
     needs_queries: ClassVar[bool] = True
+    #: whether ``score`` reads the values too: it is then called as
+    #: ``score(q, k, valid, scale, v)`` with v [B, Hkv, S, D] (LagKV, CUR)
+    needs_values: ClassVar[bool] = False
+    #: whether ``_score`` reads the weight of the linear layer after the
+    #: attention (``scores.lent_out_projection``): the rewrite finds and lends it
+    needs_out_projection: ClassVar[bool] = False
     #: whether ``score`` sums the prompt's whole causal attention
     #: (``scores.attention_sums``): the rewrite then has the prompt's attention
     #: return its log-sum-exp (one pass over q.k instead of two) or, on the
@@ -79,7 +85,8 @@ class Policy:
 
     def score(self, q: Optional[torch.Tensor], k: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """Worth of each slot, higher = keep. q: [B, H, Sq, D] (None unless
-        ``needs_queries``), k: [B, Hkv, S, D], valid: [B, S] bool.
+        ``needs_queries``), k: [B, Hkv, S, D], valid: [B, S] bool (a policy
+        that ``needs_values`` also gets v [B, Hkv, S, D]).
         Returns [B, Hkv, S]."""
         raise NotImplementedError(f"{type(self).__name__} must define score(q, k, valid, scale)")
 
@@ -172,10 +179,10 @@ class Policy:
         return smin(total, smax(total - new, cap))
 
     # -- the driver ---------------------------------------------------------
-    def select(self, q, k, valid, scale, layer: int = 0, n_layers: int = 1) -> torch.Tensor:
+    def select(self, q, k, valid, scale, layer: int = 0, n_layers: int = 1, v=None) -> torch.Tensor:
         """The slots the keep rule keeps, [B, Hkv, n] ascending (before the fold)."""
         n = self.keep_count(k.shape[-2], layer, n_layers)
-        return self.keep().select(self, self._score(q, k, valid, scale), valid, n).index
+        return self.keep().select(self, self._score(q, k, valid, scale, v, layer, n_layers), valid, n).index
 
     def compress(self, q, k, v, valid, scale, layer: int = 0, n_layers: int = 1, reuse_index=None,
                  score_keys=None) -> Compressed:
@@ -188,9 +195,9 @@ class Policy:
         s = k.shape[2]
         n = self.budget_length(s, layer, n_layers)
         if score_keys is None:
-            score = self._score(q, k, valid, scale)
-        else:
-            score = self._score(q, score_keys, valid, scale)
+            score = self._score(q, k, valid, scale, v, layer, n_layers)
+        else:  # a latent's values are not per head: a score that reads values refuses them in _score
+            score = self._score(q, score_keys, valid, scale, v, layer, n_layers)
             score = score.unflatten(1, (k.shape[1], -1)).mean(2)
         fold = self.fold()
         rows = self.row_keep(valid, layer, n_layers)
@@ -203,7 +210,13 @@ class Policy:
         """One decode step of a continuous policy: returns (k, v, slot_bias, slot_score)."""
         return self.fold().step(self, q, k, v, slot_bias, slot_score, scale)
 
-    def _score(self, q, k, valid, scale) -> torch.Tensor:
+    def _score(self, q, k, valid, scale, v=None, layer: int = 0, n_layers: int = 1) -> torch.Tensor:
+        """``score`` with the values where it reads them; ``layer`` of
+        ``n_layers`` for a wrapper whose score depends on the layer's budget
+        (``CriticalKV``)."""
+        if self.needs_values:
+            self._check_values(k, v)
+            return self.score(q, k, valid, scale, v)
         try:
             return self.score(q, k, valid, scale)
         except (AttributeError, TypeError) as err:
@@ -211,3 +224,9 @@ class Policy:
                 raise TypeError(f"{type(self).__name__}.score failed with q=None ({err}): a score that reads the "
                                 f"queries needs `needs_queries = True` on {type(self).__name__}") from err
             raise
+
+    def _check_values(self, k, v) -> None:
+        if v is None or v.shape[:3] != k.shape[:3]:
+            seen = "no values" if v is None else f"values of shape {tuple(v.shape)} (a latent cache's, MLA)"
+            raise ValueError(f"{type(self).__name__} scores the values too and needs them per KV head, "
+                             f"[B, Hkv, S, D] beside keys {tuple(k.shape)}; it got {seen}")

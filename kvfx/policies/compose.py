@@ -34,12 +34,13 @@ class Compose(Policy):
     window: int = _inherited()
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
         if not isinstance(self.policy, Policy):
-            fail("Compose", "policy", self.policy, "a kvfx policy (e.g. kvfx.SnapKV(budget=0.3))")
+            fail(name, "policy", self.policy, "a kvfx policy (e.g. kvfx.SnapKV(budget=0.3))")
         if self.keep_rule is not None and not isinstance(self.keep_rule, Keep):
-            fail("Compose", "keep_rule", self.keep_rule, "a keep rule (kvfx.TopTokens(), kvfx.TopChunks(...))")
+            fail(name, "keep_rule", self.keep_rule, "a keep rule (kvfx.TopTokens(), kvfx.TopChunks(...))")
         if self.fold_rule is not None and not isinstance(self.fold_rule, Fold):
-            fail("Compose", "fold_rule", self.fold_rule,
+            fail(name, "fold_rule", self.fold_rule,
                  "a fold rule (kvfx.Evict(), kvfx.Compensate(), kvfx.ResidualMerge(), kvfx.GaussianMerge())")
         for name in ("budget", "sinks", "window"):
             object.__setattr__(self, name, getattr(self.policy, name))
@@ -53,14 +54,22 @@ class Compose(Policy):
         return self.policy.needs_queries
 
     @property
+    def needs_values(self) -> bool:  # type: ignore[override]
+        return self.policy.needs_values
+
+    @property
+    def needs_out_projection(self) -> bool:  # type: ignore[override]
+        return self.policy.needs_out_projection
+
+    @property
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.policy.sums_attention
 
     def sum_terms(self) -> tuple:
         return self.policy.sum_terms()
 
-    def score(self, q, k, valid, scale):
-        return self.policy._score(q, k, valid, scale)
+    def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
+        return self.policy._score(q, k, valid, scale, v, layer, n_layers)
 
     def keep(self) -> Keep:
         return self.keep_rule or self.policy.keep()

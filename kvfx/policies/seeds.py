@@ -73,15 +73,26 @@ class KVMerger(Policy):
         return self.scorer is None or self.scorer.needs_queries
 
     @property
+    def needs_values(self) -> bool:  # type: ignore[override]
+        return self.scorer is not None and self.scorer.needs_values
+
+    @property
+    def needs_out_projection(self) -> bool:  # type: ignore[override]
+        return self.scorer is not None and self.scorer.needs_out_projection
+
+    @property
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.scorer.sums_attention if self.scorer is not None else True
 
     def sum_terms(self) -> tuple:
         return self.scorer.sum_terms() if self.scorer is not None else (1.0, self.sum_queries)
 
-    def score(self, q, k, valid, scale):
+    def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
         if self.scorer is not None:
-            return self.scorer._score(q, k, valid, scale)
+            return self.scorer._score(q, k, valid, scale, v, layer, n_layers)
+        return super()._score(q, k, valid, scale, v, layer, n_layers)
+
+    def score(self, q, k, valid, scale):
         return attention_sums(q, k, valid, scale, *self.sum_terms())
 
     def fold(self) -> GaussianMerge:
@@ -127,15 +138,26 @@ class ChunkKV(Policy):
         return self.scorer is None or self.scorer.needs_queries
 
     @property
+    def needs_values(self) -> bool:  # type: ignore[override]
+        return self.scorer is not None and self.scorer.needs_values
+
+    @property
+    def needs_out_projection(self) -> bool:  # type: ignore[override]
+        return self.scorer is not None and self.scorer.needs_out_projection
+
+    @property
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.scorer is not None and self.scorer.sums_attention
 
     def sum_terms(self) -> tuple:
         return self.scorer.sum_terms() if self.scorer is not None else super().sum_terms()
 
-    def score(self, q, k, valid, scale):
+    def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
         if self.scorer is not None:
-            return self.scorer._score(q, k, valid, scale)
+            return self.scorer._score(q, k, valid, scale, v, layer, n_layers)
+        return super()._score(q, k, valid, scale, v, layer, n_layers)
+
+    def score(self, q, k, valid, scale):
         return window_attention(q, k, valid, scale, self.window, 1)
 
     def keep(self) -> TopChunks:
@@ -248,15 +270,26 @@ class ZeroMerge(Policy):
                              f"window + 1 = {self.residual + self.window + 1}")
 
     @property
+    def needs_values(self) -> bool:  # type: ignore[override]
+        return self.scorer is not None and self.scorer.needs_values
+
+    @property
+    def needs_out_projection(self) -> bool:  # type: ignore[override]
+        return self.scorer is not None and self.scorer.needs_out_projection
+
+    @property
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.scorer.sums_attention if self.scorer is not None else True
 
     def sum_terms(self) -> tuple:
         return self.scorer.sum_terms() if self.scorer is not None else (float(self.decay), self.sum_queries)
 
-    def score(self, q, k, valid, scale):
+    def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
         if self.scorer is not None:
-            return self.scorer._score(q, k, valid, scale)
+            return self.scorer._score(q, k, valid, scale, v, layer, n_layers)
+        return super()._score(q, k, valid, scale, v, layer, n_layers)
+
+    def score(self, q, k, valid, scale):
         return attention_sums(q, k, valid, scale, *self.sum_terms())
 
     def fold(self) -> ResidualMerge:

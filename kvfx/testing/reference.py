@@ -17,6 +17,22 @@ from kvfx.integrations.transformers import cache_argument, cache_of
 from kvfx.kernels.attention import slot_attention_reference
 from kvfx.ops import valid_slots
 from kvfx.policies import Policy
+from kvfx.policies.scores import out_projection
+
+# The attribute holding the linear layer after the attention, per model family.
+OUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+
+
+def module_out_projection(module) -> torch.Tensor | None:
+    """The weight [hidden, H x Dv] of an attention module's output
+    projection (GPT-2's Conv1D stores it transposed), or None."""
+    for name in OUT_PROJECTIONS:
+        layer = getattr(module, name, None)
+        if isinstance(layer, torch.nn.Linear):
+            return layer.weight
+        if type(layer).__name__ == "Conv1D":
+            return layer.weight.t()
+    return None
 
 NAME = "kvfx_reference"
 
@@ -39,7 +55,8 @@ class _Reference:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale)
             valid = valid_slots(attention_mask, key.shape[0], key.shape[2], key.device)
             reuse = self.kept_index.get(self.policy.reuse_source(layer))
-            kept = self.policy.compress(query, key, value, valid, scale, layer, self.n_layers, reuse)
+            with out_projection(module_out_projection(module)):
+                kept = self.policy.compress(query, key, value, valid, scale, layer, self.n_layers, reuse)
             self.kept_index[layer] = kept.index
             cache_layer.keys, cache_layer.values = kept.k.contiguous(), kept.v.contiguous()
             self.state[layer] = (kept.slot_bias, kept.slot_score)

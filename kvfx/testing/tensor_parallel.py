@@ -33,6 +33,7 @@ SMALL = {
     "StreamingLLM": dict(sinks=2), "SnapKV": dict(window=4), "KNorm": {}, "H2O": dict(window=4), "TOVA": {},
     "PyramidKV": dict(window=4, beta=2.0), "AdaKV": dict(window=4), "KVMerger": dict(exempt_layers=()),
     "ChunkKV": dict(window=4, chunk=4), "ZeroMerge": dict(residual=2, window=4),
+    "KeyDiff": {}, "LagKV": dict(sinks=2, lag=8), "CUR": dict(sinks=2, local_window=8),
     # retrieval heads on both ranks of a 2-way split (rank 0 holds heads 0-1, rank 1 heads 2-3)
     "RazorAttention": dict(sinks=2, window=4, retrieval_heads=((0, 1), (1, 2), (1, 3))),
 }
