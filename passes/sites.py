@@ -713,6 +713,16 @@ HEAD_MERGE_METHODS = {"transpose", "permute", "reshape", "view", "contiguous", "
 HEAD_MERGE_FUNCS = {torch.transpose, torch.permute, torch.reshape, torch.flatten} | DROPOUT
 
 
+def _untransposed(weight: fx.Node) -> tuple[fx.Node, bool]:
+    """(W, False) for W.T / W.t() / W.transpose(0, 1), else (weight, True): a
+    matmul by the result multiplies by W [hidden, H x Dv] transposed."""
+    if _method(weight, {"t"}) or (_is_call(weight, {getattr}) and weight.args[1] in ("T", "mT")):
+        return weight.args[0], False
+    if _method(weight, {"transpose"}) and set(weight.args[1:]) in ({0, 1}, {-1, -2}):
+        return weight.args[0], False
+    return weight, True
+
+
 def out_projection(site: "Site") -> tuple[Optional[fx.Node], bool, str]:
     """The weight of the linear layer that reads ``site``'s attention output
     once its heads are merged (``o_proj``, ``c_proj``, ``wo``): (weight node,
@@ -740,6 +750,13 @@ def out_projection(site: "Site") -> tuple[Optional[fx.Node], bool, str]:
             if len(shape) == 2 and shape[0] == heads * dv:
                 return weight, True, ""
             return None, False, f"the addmm reading the attention output has a weight of shape {shape}"
+        if merged and _is_call(user, MATMUL) and user.args[0] is node:      # x @ W.T (FalconLinear), x @ W
+            weight, transposed = _untransposed(user.args[1])
+            shape = tuple(getattr(_value(weight), "shape", ()))
+            if len(shape) == 2 and shape[0 if transposed else 1] == heads * dv and weight.op in ("placeholder", "get_attr"):
+                return weight, transposed, ""
+            return None, False, (f"the matmul reading the attention output multiplies by {shape}, not a parameter "
+                                 f"[hidden, {heads * dv}] (or its transpose)")
         if not (_method(user, HEAD_MERGE_METHODS) or _is_call(user, HEAD_MERGE_FUNCS)):
             name = user.target if user.op == "call_method" else getattr(user.target, "__name__", str(user.target))
             return None, False, f"the attention output is read by {name}, not a linear layer over merged heads"
@@ -895,7 +912,12 @@ def _masks_from_other_caches(sites: list[Site]) -> None:
 def lend_out_projections(sites: list[Site], policy) -> None:
     """For a policy that weighs values by the output projection (CriticalKV):
     each compressible site's ``out_proj``, or the reason it has none (what
-    kvfx saw after the attention output), so the site is left alone."""
+    kvfx saw after the attention output), so the site is left alone. A
+    policy that scores values leaves a latent (MLA) cache alone, saying why."""
+    for site in sites:  # a latent's values are one shared latent, not per KV head (MLA)
+        if site.compressible and site.latent and policy.needs_values:
+            site.reason = (f"{type(policy).__name__} scores the values per KV head; this cache holds one latent "
+                           "shared by every head (MLA)")
     if not policy.needs_out_projection:
         return
     for site in sites:

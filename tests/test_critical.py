@@ -124,31 +124,74 @@ def test_a_handwritten_blocks_linear_output_projection_is_found():
                                    rtol=0, atol=1e-5)
 
 
-class MatmulOut(nn.Module):
-    """An output projection as a bare parameter multiplied in: no linear layer."""
+class EinsumOut(nn.Module):
+    """An output projection applied per head by einsum: no linear layer over merged heads."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, heads: int, d: int, dim: int) -> None:
         super().__init__()
-        self.w = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+        self.w = nn.Parameter(torch.randn(heads, d, dim) / dim ** 0.5)
 
     def forward(self, x):
-        return x @ self.w
+        return torch.einsum("bshd,hdo->bso", x.unflatten(-1, (self.w.shape[0], -1)), self.w)
+
+
+class MatmulOut(nn.Module):
+    """FalconLinear's form: x @ W.T with W [hidden, H x Dv], or x @ W with W [H x Dv, hidden]."""
+
+    def __init__(self, dim: int, transposed: bool) -> None:
+        super().__init__()
+        self.w, self.transposed = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5), transposed
+
+    def forward(self, x):
+        return x @ self.w if self.transposed else x @ self.w.T
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["x@W.T", "x@W"])
+def test_a_matmul_by_a_parameter_is_an_output_projection_too(transposed):
+    torch.manual_seed(3)
+    model = TinyGPT().eval()
+    for block in model.blocks:
+        block.o = MatmulOut(64, transposed)
+    ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    policy = kvfx.CriticalKV(kvfx.SnapKV(budget=0.3, window=4))
+    full = prefill_qkv(model, ids)
+    kvfx.compile(model, policy, inner="aot_eager")
+    with torch.no_grad():
+        _, past = model(ids)
+    valid = torch.ones(1, PROMPT, dtype=torch.bool)
+    for layer, ((q, k, v), (k_c, _)) in enumerate(zip(full, past)):
+        w = model.blocks[layer].o.w
+        with out_projection(w.T if transposed else w):
+            index = policy.select(q, k, valid, model.blocks[layer].d ** -0.5, layer, len(full), v=v)
+        torch.testing.assert_close(k_c, k.gather(2, index[..., None].expand(-1, -1, -1, k.shape[-1])),
+                                   rtol=0, atol=1e-5)
 
 
 def test_no_linear_after_the_attention_leaves_the_model_alone_saying_what_reads_it():
     model = TinyGPT().eval()
     for block in model.blocks:
-        block.o = MatmulOut(64)
+        block.o = EinsumOut(block.h, block.d, 64)
     ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, _ = model(ids)
     with pytest.warns(UserWarning, match=r"CriticalKV weighs values by the attention's output projection: the "
-                                         r"attention output is read by (matmul|__matmul__)"):
+                                         r"attention output is read by unflatten"):
         kvfx.compile(model, kvfx.CriticalKV(kvfx.SnapKV(budget=0.3)), inner="aot_eager")
         with torch.no_grad():
             got, past = model(ids)
     assert [k.shape[2] for k, _ in past] == [PROMPT, PROMPT]                 # nothing evicted
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("policy", [kvfx.CriticalKV(kvfx.SnapKV(budget=0.3)), kvfx.CUR(budget=0.3)],
+                         ids=["CriticalKV", "CUR"])
+def test_a_latent_cache_is_left_alone_by_a_value_score_saying_why(policy):
+    """MLA's cache holds one latent for every head: a score of per-head values is refused up front, not mid-run."""
+    model = tiny_model("deepseek_v3")
+    ids = torch.randint(2, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"scores the values per KV head; this cache holds one latent"):
+        run = generate(model, ids, policy=policy, steps=2)
+    assert cache_lengths(run.cache) == [PROMPT + 1] * model.config.num_hidden_layers
 
 
 def test_a_budget_above_the_prompt_equals_eager():
@@ -162,7 +205,8 @@ def test_it_wraps_any_one_shot_policy_and_its_plan():
     assert [pyramid.budget_length(40, layer, 4) for layer in range(4)] == \
         [pyramid.policy.budget_length(40, layer, 4) for layer in range(4)]
     merged = kvfx.CriticalKV(kvfx.SnapKV(budget=0.3), fold_rule=kvfx.Compensate())
-    assert merged.budget_length(40) == kvfx.Compose(kvfx.SnapKV(budget=0.3), fold_rule=kvfx.Compensate()).budget_length(40)
+    composed = kvfx.Compose(kvfx.SnapKV(budget=0.3), fold_rule=kvfx.Compensate())
+    assert merged.budget_length(40) == composed.budget_length(40)
     chunk = kvfx.ChunkKV(budget=0.5, scorer=kvfx.CriticalKV(kvfx.KNorm()))
     assert chunk.needs_out_projection and chunk.needs_values and not chunk.needs_queries
 
