@@ -107,9 +107,9 @@ def prefill_qkv(model, ids):
             for i in range(len(model.blocks))]
 
 
-def test_a_handwritten_blocks_linear_output_projection_is_found():
-    torch.manual_seed(3)
-    model = TinyGPT().eval()
+def assert_keeps_what_the_policy_keeps_by_hand(model, weight_of):
+    """Compile ``model`` (a TinyGPT) for CriticalKV(SnapKV) and check each layer keeps the slots the
+    policy selects from its prompt q, k, v with ``weight_of(block)`` lent as W_o."""
     ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     policy = kvfx.CriticalKV(kvfx.SnapKV(budget=0.3, window=4))
     full = prefill_qkv(model, ids)
@@ -118,10 +118,17 @@ def test_a_handwritten_blocks_linear_output_projection_is_found():
         _, past = model(ids)
     valid = torch.ones(1, PROMPT, dtype=torch.bool)
     for layer, ((q, k, v), (k_c, _)) in enumerate(zip(full, past)):
-        with out_projection(model.blocks[layer].o.weight):
-            index = policy.select(q, k, valid, model.blocks[layer].d ** -0.5, layer, len(full), v=v)
+        block = model.blocks[layer]
+        with out_projection(weight_of(block)):
+            index = policy.select(q, k, valid, block.d ** -0.5, layer, len(full), v=v)
+        assert k_c.shape[2] == 12
         torch.testing.assert_close(k_c, k.gather(2, index[..., None].expand(-1, -1, -1, k.shape[-1])),
                                    rtol=0, atol=1e-5)
+
+
+def test_a_handwritten_blocks_linear_output_projection_is_found():
+    torch.manual_seed(3)
+    assert_keeps_what_the_policy_keeps_by_hand(TinyGPT().eval(), lambda block: block.o.weight)
 
 
 class EinsumOut(nn.Module):
@@ -152,19 +159,7 @@ def test_a_matmul_by_a_parameter_is_an_output_projection_too(transposed):
     model = TinyGPT().eval()
     for block in model.blocks:
         block.o = MatmulOut(64, transposed)
-    ids = torch.randint(0, 128, (1, PROMPT), generator=torch.Generator().manual_seed(1))
-    policy = kvfx.CriticalKV(kvfx.SnapKV(budget=0.3, window=4))
-    full = prefill_qkv(model, ids)
-    kvfx.compile(model, policy, inner="aot_eager")
-    with torch.no_grad():
-        _, past = model(ids)
-    valid = torch.ones(1, PROMPT, dtype=torch.bool)
-    for layer, ((q, k, v), (k_c, _)) in enumerate(zip(full, past)):
-        w = model.blocks[layer].o.w
-        with out_projection(w.T if transposed else w):
-            index = policy.select(q, k, valid, model.blocks[layer].d ** -0.5, layer, len(full), v=v)
-        torch.testing.assert_close(k_c, k.gather(2, index[..., None].expand(-1, -1, -1, k.shape[-1])),
-                                   rtol=0, atol=1e-5)
+    assert_keeps_what_the_policy_keeps_by_hand(model, lambda block: block.o.w.T if transposed else block.o.w)
 
 
 def test_no_linear_after_the_attention_leaves_the_model_alone_saying_what_reads_it():

@@ -24,9 +24,29 @@ def _check_scorer(name: str, scorer) -> None:
         fail(name, "scorer", scorer, "a kvfx policy whose score ranks the tokens (e.g. kvfx.SnapKV()), or None")
 
 
+class _ScorerGuided:
+    """What a policy with a ``scorer`` field (any policy, or None for its
+    paper's own score) takes from it: its score and the inputs it reads."""
+
+    scorer: Optional[Policy]
+
+    @property
+    def needs_values(self) -> bool:
+        return self.scorer is not None and self.scorer.needs_values
+
+    @property
+    def needs_out_projection(self) -> bool:
+        return self.scorer is not None and self.scorer.needs_out_projection
+
+    def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
+        if self.scorer is not None:
+            return self.scorer._score(q, k, valid, scale, v, layer, n_layers)
+        return super()._score(q, k, valid, scale, v, layer, n_layers)
+
+
 @preset
 @dataclasses.dataclass(frozen=True)
-class KVMerger(Policy):
+class KVMerger(_ScorerGuided, Policy):
     """KVMerger (Wang et al., 2024, "Model Tells You Where to Merge: Adaptive
     KV Cache Merging for LLMs on Long-Context Tasks").
 
@@ -73,24 +93,11 @@ class KVMerger(Policy):
         return self.scorer is None or self.scorer.needs_queries
 
     @property
-    def needs_values(self) -> bool:  # type: ignore[override]
-        return self.scorer is not None and self.scorer.needs_values
-
-    @property
-    def needs_out_projection(self) -> bool:  # type: ignore[override]
-        return self.scorer is not None and self.scorer.needs_out_projection
-
-    @property
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.scorer.sums_attention if self.scorer is not None else True
 
     def sum_terms(self) -> tuple:
         return self.scorer.sum_terms() if self.scorer is not None else (1.0, self.sum_queries)
-
-    def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
-        if self.scorer is not None:
-            return self.scorer._score(q, k, valid, scale, v, layer, n_layers)
-        return super()._score(q, k, valid, scale, v, layer, n_layers)
 
     def score(self, q, k, valid, scale):
         return attention_sums(q, k, valid, scale, *self.sum_terms())
@@ -106,7 +113,7 @@ class KVMerger(Policy):
 
 @preset
 @dataclasses.dataclass(frozen=True)
-class ChunkKV(Policy):
+class ChunkKV(_ScorerGuided, Policy):
     """ChunkKV (Liu et al., 2025, "ChunkKV: Semantic-Preserving KV Cache
     Compression for Efficient Long-Context LLM Inference").
 
@@ -138,24 +145,11 @@ class ChunkKV(Policy):
         return self.scorer is None or self.scorer.needs_queries
 
     @property
-    def needs_values(self) -> bool:  # type: ignore[override]
-        return self.scorer is not None and self.scorer.needs_values
-
-    @property
-    def needs_out_projection(self) -> bool:  # type: ignore[override]
-        return self.scorer is not None and self.scorer.needs_out_projection
-
-    @property
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.scorer is not None and self.scorer.sums_attention
 
     def sum_terms(self) -> tuple:
         return self.scorer.sum_terms() if self.scorer is not None else super().sum_terms()
-
-    def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
-        if self.scorer is not None:
-            return self.scorer._score(q, k, valid, scale, v, layer, n_layers)
-        return super()._score(q, k, valid, scale, v, layer, n_layers)
 
     def score(self, q, k, valid, scale):
         return window_attention(q, k, valid, scale, self.window, 1)
@@ -225,7 +219,7 @@ class RazorAttention(Policy):
 
 @preset
 @dataclasses.dataclass(frozen=True)
-class ZeroMerge(Policy):
+class ZeroMerge(_ScorerGuided, Policy):
     """ZeroMerge (Liu et al., 2025, "ZeroMerge: Parameter-Free KV Cache
     Compression for Memory-Efficient Long-Context LLMs").
 
@@ -270,24 +264,11 @@ class ZeroMerge(Policy):
                              f"window + 1 = {self.residual + self.window + 1}")
 
     @property
-    def needs_values(self) -> bool:  # type: ignore[override]
-        return self.scorer is not None and self.scorer.needs_values
-
-    @property
-    def needs_out_projection(self) -> bool:  # type: ignore[override]
-        return self.scorer is not None and self.scorer.needs_out_projection
-
-    @property
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.scorer.sums_attention if self.scorer is not None else True
 
     def sum_terms(self) -> tuple:
         return self.scorer.sum_terms() if self.scorer is not None else (float(self.decay), self.sum_queries)
-
-    def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
-        if self.scorer is not None:
-            return self.scorer._score(q, k, valid, scale, v, layer, n_layers)
-        return super()._score(q, k, valid, scale, v, layer, n_layers)
 
     def score(self, q, k, valid, scale):
         return attention_sums(q, k, valid, scale, *self.sum_terms())
