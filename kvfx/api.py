@@ -19,7 +19,7 @@ from kvfx.distributed import tensor_parallel
 from kvfx.heads import needs_heads, with_retrieval_heads
 from kvfx.integrations.transformers import TransformersForward, is_transformers_model, state_keys, store_seen
 from kvfx.store import PAGE
-from kvfx.passes import Site, assign_depths, find_sites, lend_out_projections, rewrite, stray_stores
+from kvfx.passes import Site, assign_depths, find_sites, lend_policy_inputs, rewrite, stray_stores
 from kvfx.passes.sites import module_path
 from kvfx.policies import Policy
 from kvfx.runtime import StatefulGraph, state_of
@@ -165,7 +165,7 @@ class Backend:
             if broke and site.cache == "unknown" and site.reason.startswith("attention reads keys passed into"):
                 site.reason = (f"a graph break split this attention block from its cache write ({broke}); "
                                "kvfx rewrites an attention block traced whole")
-        lend_out_projections(sites, self.policy)
+        lend_policy_inputs(sites, self.policy)
         record = GraphRecord(index=len(self.records), sites=sites, code_before=gm.code, graph_before=before.graph,
                              graph_after=gm.graph)
         self.records.append(record)
@@ -276,7 +276,7 @@ class Backend:
             sites = find_sites(gm)
             for site, depth in zip(sites, entry.depths):
                 site.depth = depth
-            lend_out_projections(sites, policy)
+            lend_policy_inputs(sites, policy)
             stray = stray_stores(gm, sites)
             if stray:  # before any graph changes: the model keeps running under the old policy
                 raise ValueError(f"kvfx.set_policy: {policy!r} cannot run on a graph already compiled: "

@@ -394,7 +394,7 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
 
 def _lent_out_projection(graph: fx.Graph, site: Site, ready: fx.Node) -> tuple:
     """(the output projection's weight [hidden, H x Dv] for the compress op,
-    the node the op goes after): ``lend_out_projections`` found it; a
+    the node the op goes after): ``lend_policy_inputs`` found it; a
     Conv1D's [H x Dv, hidden] weight is transposed in the graph (a view)."""
     if site.out_proj is None:
         return None, ready

@@ -723,6 +723,19 @@ def _untransposed(weight: fx.Node) -> tuple[fx.Node, bool]:
     return weight, True
 
 
+def _reader_weight(user: fx.Node, node: fx.Node) -> Optional[tuple[fx.Node, bool, str]]:
+    """(weight, stored [H x Dv, hidden], what) when ``user`` multiplies
+    ``node`` by a weight: a linear layer, GPT-2's Conv1D ``addmm``, or a
+    matmul (x @ W.T as FalconLinear, x @ W); else None."""
+    if _is_call(user, LINEAR) and user.args[0] is node:
+        return _arg(user, 1, "weight"), False, "linear layer"
+    if _is_call(user, {torch.addmm}) and user.args[1] is node:
+        return user.args[2], True, "addmm"
+    if _is_call(user, MATMUL) and user.args[0] is node:
+        return (*_untransposed(user.args[1]), "matmul")
+    return None
+
+
 def out_projection(site: "Site") -> tuple[Optional[fx.Node], bool, str]:
     """The weight of the linear layer that reads ``site``'s attention output
     once its heads are merged (``o_proj``, ``c_proj``, ``wo``): (weight node,
@@ -738,24 +751,15 @@ def out_projection(site: "Site") -> tuple[Optional[fx.Node], bool, str]:
         if len(users) != 1:
             return None, False, f"the attention output is read by {len(users)} nodes, not one linear layer"
         user = users[0]
-        if merged and _is_call(user, LINEAR) and user.args[0] is node:
-            weight = _arg(user, 1, "weight")
+        found = _reader_weight(user, node) if merged else None
+        if found is not None:
+            weight, transposed, what = found
             shape = tuple(getattr(_value(weight), "shape", ()))
-            if len(shape) == 2 and shape[1] == heads * dv:
-                return weight, False, ""
-            return None, False, f"the linear layer reading the attention output has a weight of shape {shape}"
-        if merged and _is_call(user, {torch.addmm}) and user.args[1] is node:  # GPT-2's Conv1D
-            weight = user.args[2]
-            shape = tuple(getattr(_value(weight), "shape", ()))
-            if len(shape) == 2 and shape[0] == heads * dv:
-                return weight, True, ""
-            return None, False, f"the addmm reading the attention output has a weight of shape {shape}"
-        if merged and _is_call(user, MATMUL) and user.args[0] is node:      # x @ W.T (FalconLinear), x @ W
-            weight, transposed = _untransposed(user.args[1])
-            shape = tuple(getattr(_value(weight), "shape", ()))
-            if len(shape) == 2 and shape[0 if transposed else 1] == heads * dv and weight.op in ("placeholder", "get_attr"):
+            # A matmul's operand is a weight only when it is a parameter, not another activation.
+            parameter = what != "matmul" or weight.op in ("placeholder", "get_attr")
+            if len(shape) == 2 and shape[0 if transposed else 1] == heads * dv and parameter:
                 return weight, transposed, ""
-            return None, False, (f"the matmul reading the attention output multiplies by {shape}, not a parameter "
+            return None, False, (f"the {what} reading the attention output multiplies by {shape}, not a parameter "
                                  f"[hidden, {heads * dv}] (or its transpose)")
         if not (_method(user, HEAD_MERGE_METHODS) or _is_call(user, HEAD_MERGE_FUNCS)):
             name = user.target if user.op == "call_method" else getattr(user.target, "__name__", str(user.target))
@@ -909,11 +913,12 @@ def _masks_from_other_caches(sites: list[Site]) -> None:
                 todo.append(a)
 
 
-def lend_out_projections(sites: list[Site], policy) -> None:
-    """For a policy that weighs values by the output projection (CriticalKV):
-    each compressible site's ``out_proj``, or the reason it has none (what
-    kvfx saw after the attention output), so the site is left alone. A
-    policy that scores values leaves a latent (MLA) cache alone, saying why."""
+def lend_policy_inputs(sites: list[Site], policy) -> None:
+    """What ``policy``'s score reads beyond q and k, per compressible site,
+    or the reason the site is left alone: values per KV head (a latent, MLA,
+    cache has one shared latent instead) and, for a policy that weighs values
+    by the output projection (CriticalKV), ``out_proj`` (or what kvfx saw
+    after the attention output)."""
     for site in sites:  # a latent's values are one shared latent, not per KV head (MLA)
         if site.compressible and site.latent and policy.needs_values:
             site.reason = (f"{type(policy).__name__} scores the values per KV head; this cache holds one latent "

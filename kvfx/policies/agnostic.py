@@ -39,8 +39,10 @@ class LagKV(Policy):
     of ``lag`` tokens; each token scores by how spread its key and value are
     once min-max normalised by the next partition's range, and each partition
     keeps its best-ranked tokens (``cross_scoring``: compare raw scores across
-    partitions instead). The last partition and the remainder are kept; a
-    prompt shorter than sinks + 2 x lag keeps its most recent tokens."""
+    partitions instead). The sinks, then the last partition and the
+    remainder (most recent first), rank above every scored token: a budget
+    too small for them keeps the sinks and the most recent tokens. A prompt
+    shorter than sinks + 2 x lag keeps its most recent tokens."""
 
     budget: Budget = 0.5
     sinks: int = 4
