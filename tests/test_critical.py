@@ -228,3 +228,34 @@ def test_the_value_norm_equals_kvpress_when_installed():
     values = torch.randn(1, model.config.num_key_value_heads, 30, attn.head_dim)
     torch.testing.assert_close(projected_value_norm(values, attn.o_proj.weight),
                                kvpress.CriticalKVPress.vwl1norm(values, attn), rtol=1e-5, atol=1e-5)
+
+
+def test_snapkv_and_its_critical_score_equal_kvpress_when_installed():
+    """The same attention, keys and values give kvpress's scores: SnapKV's is
+    the window's mean attention (so CriticalKV's epsilon weighs the same), and
+    CriticalKV(SnapKV) puts the same first stage at the top and the same
+    (score + epsilon) x ||v W_o||_1 below it."""
+    kvpress = pytest.importorskip("kvpress")
+    from types import SimpleNamespace
+    torch.manual_seed(5)
+    b, h, kv_heads, s, d, window = 1, 4, 2, 128, 16, 32
+    q, k, v = torch.randn(b, h, s, d), torch.randn(b, kv_heads, s, d), torch.randn(b, kv_heads, s, d)
+    logits = q @ k.repeat_interleave(h // kv_heads, dim=1).transpose(-1, -2) * d**-0.5
+    attentions = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    o_proj = nn.Linear(h * d, 48, bias=False)
+    module = SimpleNamespace(config=SimpleNamespace(num_attention_heads=h, head_dim=d, hidden_size=48),
+                             num_key_value_groups=h // kv_heads, o_proj=o_proj)
+    hidden, valid = torch.zeros(b, s, 48), torch.ones(b, s, dtype=torch.bool)
+    snap = kvpress.SnapKVPress(compression_ratio=0.5, window_size=window, kernel_size=5)
+    ours = kvfx.SnapKV(budget=0.5, window=window, kernel=5).score(q, k, valid, d**-0.5)
+    theirs = snap.score(module, hidden, k, v, attentions, {})
+    torch.testing.assert_close(ours[..., :-window], theirs[..., :-window], rtol=1e-5, atol=1e-7)
+
+    critical = kvpress.CriticalKVPress(snap)
+    theirs = critical.score(module, hidden, k, v, attentions, {})
+    with out_projection(o_proj.weight.detach()):
+        ours = kvfx.CriticalKV(kvfx.SnapKV(budget=0.5, window=window, kernel=5))._score(q, k, valid, d**-0.5, v)
+    top = torch.finfo(torch.float32).max
+    assert torch.equal(ours == top, theirs == top) and int((ours == top).sum()) == b * kv_heads * 32
+    rest = ours != top
+    torch.testing.assert_close(ours[rest], theirs[rest], rtol=1e-5, atol=1e-9)

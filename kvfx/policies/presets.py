@@ -35,9 +35,11 @@ class StreamingLLM(Policy):
 class SnapKV(Policy):
     """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for
     Before Generation"): score each slot by the attention the last ``window``
-    queries pay it, average-pooled over ``kernel`` neighbours as the authors'
-    code pools (the prefix only, zero-padded), averaged over a GQA group; keep
-    the observation window and the top slots per KV head."""
+    queries pay it on average (kvpress's mean: an attention weight whatever
+    the window, so an additive constant such as CriticalKV's epsilon means the
+    same for every window), average-pooled over ``kernel`` neighbours as the
+    authors' code pools (the prefix only, zero-padded), averaged over a GQA
+    group; keep the observation window and the top slots per KV head."""
 
     budget: Budget = 0.5
     window: int = 32
@@ -51,7 +53,7 @@ class SnapKV(Policy):
             fail(type(self).__name__, "window", self.window, "an int >= 1 (the observation window)")
 
     def score(self, q, k, valid, scale):
-        return window_attention(q, k, valid, scale, self.window, self.kernel)
+        return window_attention(q, k, valid, scale, self.window, self.kernel) / min(self.window, q.shape[-2])
 
 
 @preset

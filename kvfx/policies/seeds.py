@@ -152,7 +152,7 @@ class ChunkKV(_ScorerGuided, Policy):
         return self.scorer.sum_terms() if self.scorer is not None else super().sum_terms()
 
     def score(self, q, k, valid, scale):
-        return window_attention(q, k, valid, scale, self.window, 1)
+        return window_attention(q, k, valid, scale, self.window, 1) / min(self.window, q.shape[-2])
 
     def keep(self) -> TopChunks:
         return TopChunks(self.chunk)
