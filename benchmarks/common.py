@@ -55,6 +55,10 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
     return load_model(name, dtype=dtype)
 
 
+# Wrappers a benchmark's "A+B" names: A(B(...)), B a preset at the grid's budget.
+WRAPPERS = {"CriticalKV": kvfx.CriticalKV}
+
+
 def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads: tuple = (),
                 sum_queries: int = 0) -> dict[str, kvfx.Policy]:
     """Each preset at ``budget``, its always-kept tokens (sinks, window) shrunk so
@@ -72,6 +76,9 @@ def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads:
 
     for name in names:
         base, _, scorer = name.partition("+")   # "KVMerger+SnapKV": KVMerger's merges guided by SnapKV's score
+        if base in WRAPPERS:                    # "CriticalKV+SnapKV": SnapKV's score corrected by CriticalKV
+            grid[name] = WRAPPERS[base](kvfx.PRESETS[scorer](**shrunk(scorer)))
+            continue
         defaults = kvfx.PRESETS[base]()
         fields: dict[str, Any] = shrunk(base)
         if scorer:
@@ -196,7 +203,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inn
     """The options quality.py and speed.py share (``inner``: its default; None: the script decides)."""
     parser.add_argument("--models", type=list_of(str), help=f"comma-separated; default {','.join(REAL_MODELS)}")
     parser.add_argument("--policies", type=list_of(str), default=list(kvfx.PRESETS),
-                        help="comma-separated presets; A+B: preset A guided by preset B's score (KVMerger+SnapKV)")
+                        help="comma-separated presets; A+B: preset A guided by preset B's score (KVMerger+SnapKV), or B wrapped by A (CriticalKV+SnapKV)")
     parser.add_argument("--budgets", type=list_of(float), help=budgets_help)
     parser.add_argument("--inner", default=inner, choices=("eager", "aot_eager", "inductor"))
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -205,11 +212,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inn
 def check_arguments(parser: argparse.ArgumentParser, args) -> None:
     for p in args.policies:
         base, plus, scorer = p.partition("+")
-        for name in (base, scorer) if plus else (base,):
+        if base in WRAPPERS and not plus:
+            parser.error(f"--policies: {p!r}: {base} wraps a preset; name it as {base}+B (e.g. {base}+SnapKV)")
+        for name in (scorer,) if base in WRAPPERS else (base, scorer) if plus else (base,):
             if name not in kvfx.PRESETS:
                 parser.error(f"--policies: {name!r} is not a preset; presets are: {', '.join(kvfx.PRESETS)} "
-                             "(A+B: preset A guided by preset B's score, for KVMerger, ZeroMerge and ChunkKV)")
-        if plus and "scorer" not in {f.name for f in dataclasses.fields(kvfx.PRESETS[base])}:
+                             "(A+B: preset A guided by preset B's score, for KVMerger, ZeroMerge and ChunkKV; "
+                             f"or B wrapped by {', '.join(WRAPPERS)})")
+        if plus and base not in WRAPPERS and "scorer" not in {f.name for f in dataclasses.fields(kvfx.PRESETS[base])}:
             parser.error(f"--policies: {p!r}: {base} takes no scorer (A+B works for KVMerger, ZeroMerge, ChunkKV)")
     for b in args.budgets or ():
         if not 0 < b < 1:

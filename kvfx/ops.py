@@ -297,8 +297,8 @@ def store_compress(
     with prompt_lse(q, lse, sums, pol.sum_terms()), out_projection(out_proj):
         out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
-    # Only a continuous policy reads a running score again: the others keep none.
-    score = out.slot_score if pol.schedule == "continuous" else None
+    # Only a policy that ranks by a running score reads it again: the others keep none.
+    score = out.slot_score if pol.keeps_running_score else None
     store = slot_store.pack(out.k, out.v, out.slot_bias, score, out.lengths(), batch * pages, width, page)
     store.seen.fill_(length)
     index = out.index.clone() if out.index is reuse_index else out.index.contiguous()
@@ -312,7 +312,7 @@ def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, sc
     batch, kv_heads, length = k.shape[:3]
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
     index = k.new_empty(batch, kv_heads, pol.kept_length(length, layer, n_layers), dtype=torch.int64)
-    return (*_store_fakes(k, v, batch * pages, width, page, pol.schedule == "continuous"), index)
+    return (*_store_fakes(k, v, batch * pages, width, page, pol.keeps_running_score), index)
 
 
 @torch.library.custom_op("kvfx::store_read", mutates_args=())
@@ -377,8 +377,10 @@ def _store_step(
     """One decode step of a continuous policy (TOVA, ZeroMerge) over a store
     whose rows all hold ``extent.shape[1]`` slots (the new tokens included):
     the policy's step on those rows, written back in place."""
-    store = slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
     width, pol = extent.shape[1], policy_of(policy)
+    if not pol.keeps_running_score and pol.decode_length(width, q.shape[-2]) >= width:
+        return  # rows not due yet (Recompress): nothing to rank or move
+    store = slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
     views = slot_store.row_views(store, width) if q.shape[-2] == 1 and type(pol).step is Policy.step else None
     if views is not None:  # the fold's step on the pages themselves (CPU, equal full rows)
         kept = pol.fold().step_in_place(pol, q, *views, scale)

@@ -78,7 +78,7 @@ def prefill_bytes(policy, length, layer: int, n_layers: int, batch: int, kv_head
     for a continuous policy) and its tables (int64: each row's page table,
     length and page count; the tokens seen)."""
     pages, width = policy.store_pages(length, layer, n_layers, kv_heads, page)
-    state = 8 if policy.schedule == "continuous" else 4
+    state = 8 if policy.keeps_running_score else 4
     return batch * pages * page * (slot_bytes + state) + batch * kv_heads * (width + 2) * 8 + 8
 
 

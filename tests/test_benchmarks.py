@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import kvfx
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
@@ -66,6 +68,15 @@ def test_a_scorer_for_a_policy_without_one_is_refused():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--policies",
                            "SnapKV+H2O"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "SnapKV takes no scorer" in done.stderr
+
+
+def test_a_wrapper_wraps_the_named_preset_at_the_grids_budget_and_is_refused_alone():
+    policy = common.policy_grid(["CriticalKV+SnapKV"], 0.05, 512)["CriticalKV+SnapKV"]
+    assert isinstance(policy, kvfx.CriticalKV) and isinstance(policy.policy, kvfx.SnapKV)
+    assert policy.budget == 0.05 and policy.policy.sinks + policy.policy.window <= int(0.05 * 512)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--policies",
+                           "CriticalKV"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "name it as CriticalKV+B" in done.stderr
 
 
 def test_speed_quick_reports_ratios_to_the_full_cache(tmp_path):

@@ -5,6 +5,7 @@ built from score / keep / fold / schedule / plan primitives (see ``base``).
     kvfx.ChunkKV(budget=0.3, scorer=kvfx.KNorm())          # chunks ranked by any policy's score
     kvfx.Compose(kvfx.SnapKV(budget=0.3), fold_rule=kvfx.GaussianMerge())   # SnapKV's keep, KVMerger's merge
     kvfx.CriticalKV(kvfx.SnapKV(budget=0.3))               # any score weighed by what values do to the output
+    kvfx.Recompress(kvfx.KNorm(budget=0.5), every=64, target=512)   # compressed again while decoding
 """
 
 from kvfx.policies.agnostic import CUR, KeyDiff, LagKV
@@ -16,6 +17,7 @@ from kvfx.policies.fold import (Compensate, Compressed, Evict, Fold, GaussianMer
                                 evict_to)
 from kvfx.policies.keep import Keep, Kept, TopChunks, TopTokens, TopTokensAcrossHeads, protect, top_sorted
 from kvfx.policies.presets import H2O, TOVA, AdaKV, KNorm, PyramidKV, SnapKV, StreamingLLM
+from kvfx.policies.recompress import Recompress
 from kvfx.policies.registry import PRESETS, key_of, parse_policy, policy_of, rule
 from kvfx.policies.seeds import ChunkKV, KVMerger, RazorAttention, ZeroMerge
 
@@ -26,6 +28,6 @@ __all__ = [
     "AdaKV", "bias_of", "Budget", "budget_tokens", "check_budget", "ChunkKV", "Compensate", "Compose", "Compressed",
     "CriticalKV", "CUR", "Evict", "evict_to", "Fold", "GaussianMerge", "H2O", "Keep", "Kept", "key_of", "KeyDiff",
     "KNorm", "KVMerger", "LagKV", "parse_policy", "Policy", "policy_of", "PRESETS", "protect", "PyramidKV",
-    "RazorAttention", "ResidualMerge", "smax", "smin", "SnapKV", "StreamingLLM", "top_sorted", "TopChunks", "TopTokens",
+    "RazorAttention", "Recompress", "ResidualMerge", "smax", "smin", "SnapKV", "StreamingLLM", "top_sorted", "TopChunks", "TopTokens",
     "TopTokensAcrossHeads", "TOVA", "ZeroMerge",
 ]

@@ -119,6 +119,12 @@ class Policy:
         return None
 
     @property
+    def keeps_running_score(self) -> bool:
+        """Whether slots carry a running score between decode steps (a float32
+        per slot in the store): a continuous policy's, unless it ranks afresh."""
+        return self.schedule == "continuous"
+
+    @property
     def supports_padding(self) -> bool:
         """Whether a left-padded row compresses as it would alone (else kvfx.compile refuses padded batches)."""
         return self.keep().supports_padding

@@ -1,0 +1,96 @@
+"""Recompress: any one-shot policy applied again while decoding (kvpress's
+``DecodingPress``), so that a long generation's cache stays near a target
+size instead of growing with every new token."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from kvfx.kernels.gather import gather_slots
+from kvfx.policies.budgets import check_int, fail, smin
+from kvfx.policies.compose import Compose, _inherited
+from kvfx.policies.fold import NEG_INF, Evict, Fold, evict_to
+from kvfx.policies.keep import Keep, TopTokens
+from kvfx.policies.registry import shipped
+
+
+@shipped
+@dataclasses.dataclass(frozen=True)
+class Recompress(Compose):
+    """``policy`` compresses the prompt as it would alone; while decoding,
+    whenever a layer's rows reach ``target + every`` slots, the same policy
+    ranks the slots again and keeps ``target`` of them (its sinks and its
+    window -- the most recent tokens -- first), so the cache never holds
+    more than ``target + every - 1`` slots after a call. The policy's score
+    sees the slots the cache holds and the queries of that decode call (one
+    per step): a score that reads an observation window of queries reads
+    the newest query (kvpress buffers up to 256 hidden states instead).
+    The slots keep their order, so "sinks" and "window" keep their meaning
+    across recompressions. A padded batch recompresses together, when its
+    longest row is due; each row keeps at most ``target`` of its real slots.
+
+    ``policy``: a one-shot policy that evicts per token (TopTokens keep,
+    Evict fold); ``every`` >= 1 new tokens between recompressions;
+    ``target`` >= the policy's sinks + window, in slots per KV head."""
+
+    every: int = 512
+    target: int = 2048
+    # The decode step keeps the best tokens and evicts the rest, whatever rule
+    # one would name: not fields here.
+    keep_rule: Optional[Keep] = _inherited()
+    fold_rule: Optional[Fold] = _inherited()
+
+    schedule = "continuous"   # (a class attribute: ranked again while decoding)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        inner = self.policy
+        name = type(inner).__name__
+        if inner.schedule != "prefill":
+            fail("Recompress", "policy", inner, f"a policy that compresses the prompt once ({name} already ranks "
+                 "slots at every decode step)")
+        if type(inner.keep()) is not TopTokens or type(inner.fold()) is not Evict:
+            fail("Recompress", "policy", inner, "a policy that keeps its best tokens per KV head and evicts the "
+                 f"rest (TopTokens keep, Evict fold); {name} uses {type(inner.keep()).__name__} and "
+                 f"{type(inner.fold()).__name__}")
+        if inner.needs_out_projection:
+            fail("Recompress", "policy", inner, f"a policy whose score needs no output projection ({name}'s is "
+                 "lent only to the prompt's compression)")
+        check_int("Recompress", "every", self.every, 1)
+        check_int("Recompress", "target", self.target, max(1, inner.sinks + inner.window))
+
+    @property
+    def keeps_running_score(self) -> bool:  # type: ignore[override]
+        return False
+
+    def decode_length(self, total, new):
+        """Rows of ``total`` slots keep them until ``target + every``, then
+        ``target`` (+ what a multi-token call brought past a multiple of
+        ``every``): guard-free, so one compiled graph serves every step."""
+        return smin(total, self.target + (total - self.target) % self.every)
+
+    def step(self, q, k, v, slot_bias, slot_score, scale, layer: int = 0, n_layers: int = 1):
+        s, new = k.shape[2], q.shape[2]
+        n = self.decode_length(s, new)
+        if n >= s:
+            return k, v, slot_bias, slot_score
+        b, kv_heads = k.shape[:2]
+        # Each (batch, KV head) row is scored as a batch row of its own, its
+        # invalid slots moved to the front (stable: the real ones keep their
+        # order), so every score's left-padding rule applies per row.
+        valid = slot_bias != NEG_INF
+        order = torch.sort(valid.to(torch.uint8), dim=-1, stable=True).indices
+        rows_of = lambda x: x.flatten(0, 1).unsqueeze(1)  # noqa: E731
+        k1, v1 = rows_of(gather_slots(k, order)), rows_of(gather_slots(v, order))
+        valid1 = valid.gather(2, order).flatten(0, 1)
+        q1 = q.unflatten(1, (kv_heads, -1)).flatten(0, 1) if self.policy.needs_queries else None
+        score = self.policy._score(q1, k1, valid1, scale, v1, layer, n_layers)
+        keep = smin(valid1.sum(-1), n)[:, None, None]
+        kept = TopTokens().select(self.policy, score, valid1, n, keep)
+        out = evict_to(kept.index, k1, v1, valid1, slot_valid=kept.rank < keep)
+        back = lambda x: x.squeeze(1).unflatten(0, (b, kv_heads))  # noqa: E731
+        bias = back(out.slot_bias)
+        return back(out.k), back(out.v), bias, torch.zeros_like(bias)

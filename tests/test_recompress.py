@@ -1,0 +1,182 @@
+"""Recompress: a one-shot policy applied again while decoding. Its schedule
+keeps each layer under target + every slots; a recompression keeps what the
+policy ranks best among the slots held (sinks and window first, order kept),
+per row, a padded row within its own real slots; the compiled rewrite equals
+the eager reference through several recompressions with one decode graph;
+the store keeps no running score."""
+
+import pytest
+import torch
+
+import kvfx
+from kvfx.testing import cache_lengths, generate
+from kvfx.testing.reference import eager_reference
+from kvfx.testing.zoo import tiny_model
+
+NEG_INF = float("-inf")
+
+
+def lengths_by_hand(start, steps, every, target):
+    """Slots a row holds after each decode step that brings one token: once
+    it reaches target + every, it gives up ``every`` slots at a time."""
+    out, n = [], start
+    for _ in range(steps):
+        n += 1
+        while n >= target + every:
+            n -= every
+        out.append(n)
+    return out
+
+
+def test_rows_stay_under_target_plus_every_and_drop_to_target_when_due():
+    policy = kvfx.Recompress(kvfx.KNorm(budget=0.5), every=4, target=8)
+    got, n = [], 8
+    for _ in range(12):
+        n = policy.decode_length(n + 1, 1)
+        got.append(n)
+    assert got == [9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, 8] == lengths_by_hand(8, 12, 4, 8)
+    assert policy.decode_length(5, 1) == 5                       # under target: nothing to do
+    assert policy.decode_length(30, 1) == 8 + (30 - 8) % 4       # a cache above target + every comes down at once
+    rows = policy.decode_length(torch.tensor([5, 11, 12, 13]), 1)
+    assert rows.tolist() == [5, 11, 8, 9]
+
+
+def keep_by_hand(k, bias, sinks, window, n):
+    """One row: its real slots in order; sinks and window first, then the lowest key norms (KNorm), n in all."""
+    real = [i for i in range(k.shape[0]) if bias[i] != NEG_INF]
+    always = set(real[:sinks]) | set(real[len(real) - window:])
+    rest = sorted((i for i in real if i not in always), key=lambda i: (k[i].norm().item(), i))
+    return sorted(always | set(rest[: max(0, n - len(always))]))
+
+
+def test_a_recompression_keeps_the_policys_best_real_slots_of_each_row_in_order():
+    torch.manual_seed(0)
+    b, kv_heads, s, d = 2, 2, 14, 8
+    k, v = torch.randn(b, kv_heads, s, d), torch.randn(b, kv_heads, s, d)
+    bias = torch.zeros(b, kv_heads, s)
+    bias[1, 0, [0, 3, 4]] = NEG_INF            # a padded row's fillers, anywhere in the row
+    bias[1, 1, [1, 2, 9]] = NEG_INF
+    policy = kvfx.Recompress(kvfx.KNorm(budget=0.5, sinks=1, window=2), every=4, target=10)
+    q = torch.randn(b, 4, 1, d)
+    k2, v2, bias2, score2 = policy.step(q, k, v, bias, torch.zeros_like(bias), 0.3)
+    assert k2.shape[2] == 10 and not score2.any()
+    for row in range(b):
+        for head in range(kv_heads):
+            want = keep_by_hand(k[row, head], bias[row, head], 1, 2, 10)
+            real = bias2[row, head] != NEG_INF
+            assert int(real.sum()) == len(want)        # 11 real slots keep 10, 14 keep 10
+            torch.testing.assert_close(k2[row, head][real], k[row, head, want])
+            torch.testing.assert_close(v2[row, head][real], v[row, head, want])
+
+
+def test_a_step_before_the_rows_are_due_changes_nothing():
+    k = torch.randn(1, 2, 9, 8)
+    bias = torch.zeros(1, 2, 9)
+    policy = kvfx.Recompress(kvfx.KNorm(budget=0.5), every=4, target=8)
+    out = policy.step(torch.randn(1, 2, 1, 8), k, k, bias, bias, 0.3)
+    assert out[0] is k and out[2] is bias
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compiled_equals_the_eager_reference_through_several_recompressions(family):
+    model = tiny_model(family)
+    ids = torch.randint(2, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0                                      # a left-padded row
+    policy = kvfx.Recompress(kvfx.SnapKV(budget=0.5, sinks=2, window=4), every=4, target=16)
+    compiled = generate(model, ids, policy=policy, steps=12, attention_mask=mask)
+    with eager_reference(model, policy):
+        reference = generate(model, ids, steps=12, attention_mask=mask)
+    assert compiled.graph_breaks == 0 and any(r.rewritten for r in compiled.records)
+    # 20 slots after the prompt, then 11 decode calls: 17 18 19 16 17 18 19 16 17 18 19
+    assert lengths_by_hand(20, 11, 4, 16)[-1] == 19
+    assert cache_lengths(compiled.cache) == [19] * model.config.num_hidden_layers
+    assert torch.equal(compiled.tokens, reference.tokens)
+    for got, want in zip(compiled.cache.layers, reference.cache.layers):
+        torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
+    # the store keeps no running score: the bias is its only per-slot state
+    assert all(layer.slot_score.numel() == 0 for layer in compiled.cache.layers)
+    # more recompressions compile nothing new
+    longer = generate(model, ids, policy=policy, steps=30, attention_mask=mask)
+    assert len(longer.records) == len(compiled.records)
+
+
+def test_a_target_above_what_decoding_reaches_equals_the_wrapped_policy():
+    model = tiny_model("llama")
+    ids = torch.randint(2, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    snap = kvfx.SnapKV(budget=0.5, window=4)
+    alone = generate(model, ids, policy=snap, steps=6)
+    wrapped = generate(model, ids, policy=kvfx.Recompress(snap, every=8, target=64), steps=6)
+    assert torch.equal(alone.tokens, wrapped.tokens)
+    assert cache_lengths(alone.cache) == cache_lengths(wrapped.cache) == [25, 25]
+
+
+@pytest.mark.parametrize("policy, says", [
+    (kvfx.TOVA(budget=0.5), "already ranks slots at every decode step"),
+    (kvfx.RazorAttention(budget=0.5), "Compensate"),
+    (kvfx.AdaKV(budget=0.5), "TopTokensAcrossHeads"),
+    (kvfx.ChunkKV(budget=0.5), "TopChunks"),
+    (kvfx.CriticalKV(kvfx.SnapKV()), "needs no output projection"),
+])
+def test_a_policy_it_cannot_rank_again_is_refused_saying_why(policy, says):
+    with pytest.raises(ValueError, match=says):
+        kvfx.Recompress(policy)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("every", 0, "an int >= 1"), ("every", 2.5, "an int >= 1"), ("target", 5, "an int >= 6"),
+])
+def test_bad_input_names_the_field_and_the_allowed_range(field, value, allowed):
+    with pytest.raises(ValueError, match=f"Recompress.{field}={value!r} is invalid: {field} must be {allowed}"):
+        kvfx.Recompress(kvfx.SnapKV(sinks=2, window=4), **{field: value})
+
+
+def test_it_parses_from_the_command_line_form():
+    policy = kvfx.parse_policy("Recompress(KNorm(budget=0.4), every=16, target=128)")
+    assert policy == kvfx.Recompress(kvfx.KNorm(budget=0.4), every=16, target=128)
+
+
+def test_the_kept_keys_equal_kvpress_decoding_press_when_installed():
+    """KNorm at half the prompt, then compressed back to 16 slots every 4
+    decode steps: kvpress's PrefillDecodingPress(KnormPress, DecodingPress)
+    and kvfx's Recompress(KNorm) hold the same keys after each recompression
+    (the same tokens fed to both; kvpress keeps them in score order, kvfx in
+    position order)."""
+    kvpress = pytest.importorskip("kvpress")
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(2, model.config.vocab_size, (1, 32), generator=g)
+    fed = torch.randint(2, model.config.vocab_size, (1, 8), generator=g)
+    press = kvpress.PrefillDecodingPress(
+        kvpress.KnormPress(compression_ratio=0.5),
+        kvpress.DecodingPress(kvpress.KnormPress(), compression_interval=4, target_size=16))
+    theirs = []
+    with torch.no_grad(), press(model):
+        cache = DynamicCache()
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for i in range(8):
+            pos = torch.tensor([[32 + i]])
+            model(input_ids=fed[:, i:i + 1], past_key_values=cache, use_cache=True, cache_position=pos[0],
+                  position_ids=pos)
+            if i % 4 == 3:
+                theirs.append([layer.keys[0].clone() for layer in cache.layers])
+    kvfx.compile(model, kvfx.Recompress(kvfx.KNorm(budget=0.5), every=4, target=16))
+    ours = []
+    try:
+        with torch.no_grad():
+            cache = model(input_ids=ids, use_cache=True).past_key_values
+            for i in range(8):
+                cache = model(input_ids=fed[:, i:i + 1], past_key_values=cache, use_cache=True).past_key_values
+                if i % 4 == 3:
+                    ours.append([layer.keys[0].clone() for layer in cache.layers])
+    finally:
+        kvfx.restore(model)
+    for mine, other in zip(ours, theirs):
+        for k_ours, k_theirs in zip(mine, other):
+            assert k_ours.shape == k_theirs.shape == (model.config.num_key_value_heads, 16, k_ours.shape[-1])
+            for a, b in zip(k_ours, k_theirs):
+                distance = torch.cdist(a, b)
+                assert torch.equal(distance.argmin(-1).sort().values, torch.arange(16))   # one to one
+                assert float(distance.min(-1).values.max()) < 1e-4
