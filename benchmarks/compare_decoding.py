@@ -1,0 +1,235 @@
+"""Decode-time compression side by side: kvpress's PrefillDecodingPress(press,
+DecodingPress(press)) and kvfx's Recompress(policy), in one process, on the
+same model, prompts and fed tokens.
+
+Runs in the kvpress environment (benchmarks/compare_kvpress.py's docstring has its set-up command):
+
+    /tmp/kvpress_venv/bin/python benchmarks/compare_decoding.py --quick     # tiny random model, ~1 min
+    /tmp/kvpress_venv/bin/python benchmarks/compare_decoding.py             # SmolLM2-135M (writes docs/results/)
+
+Each prompt is compressed to ``target`` slots per KV head (a budget of target / prompt), then
+``3 x every`` tokens are fed one at a time (the prompt's own tokens, so that every row sees the
+same inputs): both sides compress back to ``target`` after ``every`` steps, three times. After each
+recompression, per (layer, KV head), the Jaccard index of the keys kvfx holds and the keys kvpress
+holds (a key row counts as shared when the other side holds one within 1e-3 relative distance: a
+key of a token fed after a recompression that kept other slots differs, so a first difference
+lowers the later indices too). Also: decode seconds per token (median), and the KV bytes the
+cache holds at its largest and at the end (every tensor it keeps), beside the full cache through
+plain torch.compile with the same inner compiler as kvfx, all measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+DEFAULT_OUT = HERE.parent / "docs" / "results" / "compare_decoding.json"
+METHODS = ("KNorm", "KeyDiff", "SnapKV")
+SNAPKV_WINDOW = 32   # below the `every` hidden states DecodingPress buffers between recompressions (it asserts so)
+RECOMPRESSIONS = 3
+
+
+def make_sides(method: str, budget: float, every: int, target: int):
+    import kvfx
+    import kvpress
+
+    window = min(SNAPKV_WINDOW, every // 2)
+    press = {"KNorm": kvpress.KnormPress, "KeyDiff": kvpress.KeyDiffPress,
+             "SnapKV": lambda **kw: kvpress.SnapKVPress(window_size=window, **kw)}[method]
+    policy = {"KNorm": lambda: kvfx.KNorm(budget=budget), "KeyDiff": lambda: kvfx.KeyDiff(budget=budget),
+              "SnapKV": lambda: kvfx.SnapKV(budget=budget, window=window)}[method]()
+    combined = kvpress.PrefillDecodingPress(press(compression_ratio=1 - budget),
+                                            kvpress.DecodingPress(press(), compression_interval=every,
+                                                                  target_size=target))
+    return combined, kvfx.Recompress(policy, every=every, target=target)
+
+
+def held_keys(cache) -> list:
+    """Per layer: the keys [Hkv, n, D] batch row 0 holds (a kvfx store's valid slots)."""
+    from kvfx.integrations.transformers import cache_entries, is_store
+
+    out = []
+    for entry in cache_entries(cache):
+        if is_store(entry):
+            k, _, bias, _ = entry.dense()
+            out.append(k[0][bias[0].isfinite()].view(k.shape[1], -1, k.shape[-1]).clone())
+        else:
+            out.append(entry[0][0].clone())
+    return out
+
+
+def jaccard(ours: list, theirs: list) -> list[list[float]]:
+    import torch
+
+    per_layer = []
+    for a_layer, b_layer in zip(ours, theirs):
+        row = []
+        for a, b in zip(a_layer.float(), b_layer.float()):
+            d = torch.cdist(a, b)
+            nearest = d.min(-1)
+            scale = b[nearest.indices].abs().amax(-1).clamp_min(1e-6)
+            shared = int(((a - b[nearest.indices]).abs().amax(-1) / scale < 1e-3).sum())
+            row.append(shared / (a.shape[0] + b.shape[0] - shared))
+        per_layer.append(row)
+    return per_layer
+
+
+def run_side(model, kind: str, prompts: list, steps: int, every: int, press=None) -> dict[str, Any]:
+    """Prefill each prompt, then feed ``steps`` of its own tokens; keys after each recompression."""
+    import torch
+    from transformers import DynamicCache
+
+    import common
+    from speed import _sync
+
+    device = next(model.parameters()).device
+    step_s, peak, end, checkpoints = [], [], [], []
+    for ids in prompts:
+        fed = ids[:, 1:steps + 1]
+        length, keys = ids.shape[1], []
+        with torch.no_grad(), (press(model) if press is not None else _nothing()):
+            if kind == "kvfx":
+                cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            else:
+                cache = DynamicCache()
+                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            largest = common.cache_bytes(cache)
+            for i in range(steps):
+                kwargs = {"input_ids": fed[:, i:i + 1], "past_key_values": cache, "use_cache": True}
+                if kind != "kvfx":
+                    pos = torch.tensor([[length + i]], device=device)
+                    kwargs.update(cache_position=pos[0], position_ids=pos)
+                _sync(device)
+                t0 = time.perf_counter()
+                out = model(**kwargs)
+                _sync(device)
+                step_s.append(time.perf_counter() - t0)
+                cache = out.past_key_values if out.past_key_values is not None else cache
+                largest = max(largest, common.cache_bytes(cache))
+                if (i + 1) % every == 0:
+                    keys.append(held_keys(cache))
+        peak.append(largest)
+        end.append(common.cache_bytes(cache))
+        checkpoints.append(keys)
+    return {"decode_s_per_token": statistics.median(step_s), "kv_bytes_largest": max(peak),
+            "kv_bytes_end": int(statistics.median(end)), "checkpoints": checkpoints}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None) -> int:
+    import torch
+
+    import common
+    import compare_kvpress
+    import kvfx
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model, short prompts")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--every", type=int, default=64)
+    parser.add_argument("--budget", type=float, default=0.25, help="target = budget x prompt length")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--inner", default="inductor", choices=("aot_eager", "inductor"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.context, args.every, args.inner = "llama", 160, 8, "aot_eager"
+    model, tokenizer, description = common.load(args.model)
+    model.eval()
+    prompts = compare_kvpress.build_prompts(tokenizer, [args.context], args.quick, 0)[args.context][:args.prompts]
+    # Every prompt as long as the shortest, a length budget x length is a whole number of: both
+    # sides then keep exactly target slots after the prompt, so they recompress at the same steps.
+    length = min(p.ids.shape[1] for p in prompts)
+    while (args.budget * length) % 1:
+        length -= 1
+    ids = [p.ids[:, :length] for p in prompts]
+    budget, target = args.budget, int(args.budget * length)
+    steps = RECOMPRESSIONS * args.every
+    started = time.perf_counter()
+    data: dict[str, Any] = {
+        "settings": {"model": args.model, "description": description, "context": args.context,
+                     "prompt_lengths": [x.shape[1] for x in ids], "every": args.every, "target": target,
+                     "budget": budget, "fed_tokens": steps, "inner": args.inner, "snapkv_window": SNAPKV_WINDOW},
+        "machine": common.machine(), "versions": compare_kvpress.versions(), "rows": {},
+    }
+    torch._dynamo.reset()
+    eager_forward = model.forward
+    model.forward = torch.compile(model.forward, backend=args.inner)
+    run_side(model, "compiled", ids[:1], steps, args.every)                   # warm-up: every shape it meets
+    full = run_side(model, "compiled", ids, steps, args.every)
+    model.forward = eager_forward
+    data["rows"]["full cache, torch.compile"] = {k: v for k, v in full.items() if k != "checkpoints"}
+    for method in args.methods:
+        press, policy = make_sides(method, budget, args.every, target)
+        run_side(model, "kvpress", ids[:1], steps, args.every, press=press)      # warm-up
+        theirs = run_side(model, "kvpress", ids, steps, args.every, press=press)
+        torch._dynamo.reset()
+        kvfx.compile(model, policy, inner=args.inner)
+        run_side(model, "kvfx", ids[:1], steps, args.every)                       # warm-up
+        ours = run_side(model, "kvfx", ids, steps, args.every)
+        kvfx.restore(model)
+        overlap = []
+        for mine, other in zip(ours.pop("checkpoints"), theirs.pop("checkpoints")):
+            overlap.append([jaccard(a, b) for a, b in zip(mine, other)])
+        by_checkpoint = []
+        for c in range(RECOMPRESSIONS):   # overlap[prompt][checkpoint][layer][head]
+            per_layer = [statistics.mean(statistics.mean(p[c][layer]) for p in overlap)
+                         for layer in range(len(overlap[0][c]))]
+            by_checkpoint.append({"after_steps": (c + 1) * args.every, "jaccard_mean": round(statistics.mean(per_layer), 4),
+                                  "jaccard_min_layer": round(min(per_layer), 4),
+                                  "jaccard_min_head": round(min(min(min(h) for h in p[c]) for p in overlap), 4)})
+        data["rows"][method] = {
+            "kvpress": {"spec": repr(press), **theirs}, "kvfx": {"spec": repr(policy), **ours},
+            "overlap": by_checkpoint,
+            "ratios_to_full_compiled": {
+                side: {"decode_per_token": round(r["decode_s_per_token"] / full["decode_s_per_token"], 3),
+                       "kv_bytes_end": round(r["kv_bytes_end"] / full["kv_bytes_end"], 3)}
+                for side, r in (("kvpress", theirs), ("kvfx", ours))},
+        }
+        common.progress(f"[decoding] {method}: " + "; ".join(
+            f"after {o['after_steps']}: Jaccard {o['jaccard_mean']:.3f} (min layer {o['jaccard_min_layer']:.3f})"
+            for o in by_checkpoint) + f"; decode kvfx {1000 * ours['decode_s_per_token']:.1f}ms, kvpress "
+            f"{1000 * theirs['decode_s_per_token']:.1f}ms, full {1000 * full['decode_s_per_token']:.1f}ms")
+    data["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    common.write_json(args.out, data)
+    args.out.with_suffix(".md").write_text(markdown(data))
+    return 0
+
+
+def markdown(data: dict) -> str:
+    s = data["settings"]
+    lines = [f"{s['description']}; {len(s['prompt_lengths'])} prompts of {s['prompt_lengths']} tokens, compressed to "
+             f"{s['target']} slots per KV head, then {s['fed_tokens']} fed tokens, recompressed to {s['target']} every "
+             f"{s['every']} (inner compiler {s['inner']}).", "",
+             "| method | Jaccard after each recompression, mean (min layer) | decode / token vs full compiled: kvfx, "
+             "kvpress | KV bytes at the end vs full: kvfx, kvpress |", "|---|---|---|---|"]
+    for method, row in data["rows"].items():
+        if "overlap" not in row:
+            continue
+        r = row["ratios_to_full_compiled"]
+        lines.append(f"| {method} | " + ", ".join(f"{o['jaccard_mean']:.3f} ({o['jaccard_min_layer']:.3f})"
+                                                 for o in row["overlap"])
+                     + f" | {r['kvfx']['decode_per_token']:.2f}x, {r['kvpress']['decode_per_token']:.2f}x"
+                     + f" | {r['kvfx']['kv_bytes_end']:.2f}x, {r['kvpress']['kv_bytes_end']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
