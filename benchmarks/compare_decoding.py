@@ -7,9 +7,12 @@ Runs in the kvpress environment (benchmarks/compare_kvpress.py's docstring has i
     /tmp/kvpress_venv/bin/python benchmarks/compare_decoding.py --quick     # tiny random model, ~1 min
     /tmp/kvpress_venv/bin/python benchmarks/compare_decoding.py             # SmolLM2-135M (writes docs/results/)
 
-Each prompt is compressed to ``target`` slots per KV head (a budget of target / prompt), then
-``3 x every`` tokens are fed one at a time (the prompt's own tokens, so that every row sees the
-same inputs): both sides compress back to ``target`` after ``every`` steps, three times. After each
+The prompts and the fed tokens are random token ids (seeded): no repeated token, so no two keys
+tie in a score and a kept set has one answer (a retrieval prompt's repeated filler ties in layer 0,
+and one slot kept differently there moves every later key a little). Each prompt is compressed to
+``target`` = budget x length slots per KV head, then ``3 x every`` tokens are fed one at a time
+(the same ones to every row): both sides compress back to ``target`` after ``every`` steps, three
+times. After each
 recompression, per (layer, KV head), the Jaccard index of the keys kvfx holds and the keys kvpress
 holds (a key row counts as shared when the other side holds one within 1e-3 relative distance: a
 key of a token fed after a recompression that kept other slots differs, so a first difference
@@ -91,8 +94,7 @@ def run_side(model, kind: str, prompts: list, steps: int, every: int, press=None
 
     device = next(model.parameters()).device
     step_s, peak, end, checkpoints = [], [], [], []
-    for ids in prompts:
-        fed = ids[:, 1:steps + 1]
+    for ids, fed in prompts:   # the prompt [1, S], the tokens fed one at a time [1, >= steps]
         length, keys = ids.shape[1], []
         with torch.no_grad(), (press(model) if press is not None else _nothing()):
             if kind == "kvfx":
@@ -150,21 +152,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.context, args.every, args.inner = "llama", 160, 8, "aot_eager"
-    model, tokenizer, description = common.load(args.model)
+    model, _, description = common.load(args.model)
     model.eval()
-    prompts = compare_kvpress.build_prompts(tokenizer, [args.context], args.quick, 0)[args.context][:args.prompts]
-    # Every prompt as long as the shortest, a length budget x length is a whole number of: both
-    # sides then keep exactly target slots after the prompt, so they recompress at the same steps.
-    length = min(p.ids.shape[1] for p in prompts)
+    # A length budget x length is a whole number of: both sides then keep exactly target slots
+    # after the prompt, so they recompress at the same steps.
+    length = args.context
     while (args.budget * length) % 1:
         length -= 1
-    ids = [p.ids[:, :length] for p in prompts]
-    budget, target = args.budget, int(args.budget * length)
     steps = RECOMPRESSIONS * args.every
+    g = torch.Generator().manual_seed(0)
+    ids = [(torch.randint(2, model.config.vocab_size, (1, length), generator=g),
+            torch.randint(2, model.config.vocab_size, (1, steps), generator=g)) for _ in range(args.prompts)]
+    budget, target = args.budget, int(args.budget * length)
     started = time.perf_counter()
     data: dict[str, Any] = {
         "settings": {"model": args.model, "description": description, "context": args.context,
-                     "prompt_lengths": [x.shape[1] for x in ids], "every": args.every, "target": target,
+                     "prompt_lengths": [x.shape[1] for x, _ in ids], "prompts": "random token ids", "every": args.every, "target": target,
                      "budget": budget, "fed_tokens": steps, "inner": args.inner, "snapkv_window": SNAPKV_WINDOW},
         "machine": common.machine(), "versions": compare_kvpress.versions(), "rows": {},
     }
