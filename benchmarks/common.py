@@ -203,7 +203,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inn
     """The options quality.py and speed.py share (``inner``: its default; None: the script decides)."""
     parser.add_argument("--models", type=list_of(str), help=f"comma-separated; default {','.join(REAL_MODELS)}")
     parser.add_argument("--policies", type=list_of(str), default=list(kvfx.PRESETS),
-                        help="comma-separated presets; A+B: preset A guided by preset B's score (KVMerger+SnapKV), or B wrapped by A (CriticalKV+SnapKV)")
+                        help="comma-separated presets; A+B: preset A guided by preset B's score (KVMerger+SnapKV), "
+                             "or B wrapped by A (CriticalKV+SnapKV)")
     parser.add_argument("--budgets", type=list_of(float), help=budgets_help)
     parser.add_argument("--inner", default=inner, choices=("eager", "aot_eager", "inductor"))
     parser.add_argument("--out", type=Path, default=RESULTS)

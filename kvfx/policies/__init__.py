@@ -28,6 +28,6 @@ __all__ = [
     "AdaKV", "bias_of", "Budget", "budget_tokens", "check_budget", "ChunkKV", "Compensate", "Compose", "Compressed",
     "CriticalKV", "CUR", "Evict", "evict_to", "Fold", "GaussianMerge", "H2O", "Keep", "Kept", "key_of", "KeyDiff",
     "KNorm", "KVMerger", "LagKV", "parse_policy", "Policy", "policy_of", "PRESETS", "protect", "PyramidKV",
-    "RazorAttention", "Recompress", "ResidualMerge", "smax", "smin", "SnapKV", "StreamingLLM", "top_sorted", "TopChunks", "TopTokens",
-    "TopTokensAcrossHeads", "TOVA", "ZeroMerge",
+    "RazorAttention", "Recompress", "ResidualMerge", "smax", "smin", "SnapKV", "StreamingLLM", "top_sorted",
+    "TopChunks", "TopTokens", "TopTokensAcrossHeads", "TOVA", "ZeroMerge",
 ]

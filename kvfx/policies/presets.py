@@ -6,12 +6,11 @@ import dataclasses
 from fractions import Fraction
 from typing import ClassVar
 
-from kvfx.kernels.window_scores import window_attention
 from kvfx.policies.base import Policy
 from kvfx.policies.budgets import Budget, as_fraction, budget_tokens, ceil_linear, check_int, fail, named_rule, smax
 from kvfx.policies.keep import TopTokensAcrossHeads
 from kvfx.policies.registry import preset
-from kvfx.policies.scores import attention_sums, recency
+from kvfx.policies.scores import attention_sums, recency, window_mean_attention
 
 
 @preset
@@ -35,11 +34,10 @@ class StreamingLLM(Policy):
 class SnapKV(Policy):
     """SnapKV (Li et al., 2024, "SnapKV: LLM Knows What You are Looking for
     Before Generation"): score each slot by the attention the last ``window``
-    queries pay it on average (kvpress's mean: an attention weight whatever
-    the window, so an additive constant such as CriticalKV's epsilon means the
-    same for every window), average-pooled over ``kernel`` neighbours as the
-    authors' code pools (the prefix only, zero-padded), averaged over a GQA
-    group; keep the observation window and the top slots per KV head."""
+    queries pay it on average (``scores.window_mean_attention``, kvpress's
+    mean), average-pooled over ``kernel`` neighbours as the authors' code
+    pools (the prefix only, zero-padded), averaged over a GQA group; keep the
+    observation window and the top slots per KV head."""
 
     budget: Budget = 0.5
     window: int = 32
@@ -53,7 +51,7 @@ class SnapKV(Policy):
             fail(type(self).__name__, "window", self.window, "an int >= 1 (the observation window)")
 
     def score(self, q, k, valid, scale):
-        return window_attention(q, k, valid, scale, self.window, self.kernel) / min(self.window, q.shape[-2])
+        return window_mean_attention(q, k, valid, scale, self.window, self.kernel)
 
 
 @preset
@@ -114,7 +112,7 @@ class TOVA(Policy):
     schedule: ClassVar[str] = "continuous"
 
     def score(self, q, k, valid, scale):
-        return window_attention(q, k, valid, scale, 1, 1)
+        return window_mean_attention(q, k, valid, scale, 1, 1)
 
 
 @preset

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kvfx.kernels.column_sums import column_sums
+from kvfx.kernels.window_scores import window_attention
 
 # (queries, their log-sum-exp, their column sums, the sums' (decay, queries))
 # lent by the op compressing a layer's prompt.
@@ -94,6 +95,16 @@ def attention_sums(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale:
         q = q[:, :, -queries:]
         lse = None if lse is None else lse[..., -queries:]
     return column_sums(q, k, valid, scale, decay, lse=lse)
+
+
+def window_mean_attention(q, k: torch.Tensor, valid: torch.Tensor, scale: float, window: int,
+                          kernel: int) -> torch.Tensor:
+    """The attention the last ``window`` queries pay each slot, on average
+    (kvpress's mean; the SnapKV authors sum, which ranks the same), prefix
+    pooled over ``kernel`` neighbours: an attention weight whatever the
+    window, so an additive constant (CriticalKV's epsilon) means the same for
+    every window. -> [B, Hkv, S] float32"""
+    return window_attention(q, k, valid, scale, window, kernel) / min(window, q.shape[-2])
 
 
 def recency(k: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Optional
 
-from kvfx.kernels.window_scores import window_attention
 from kvfx.policies.base import Policy
 from kvfx.policies.budgets import Budget, budget_tokens, check_int, fail, named_rule, smax
 from kvfx.policies.fold import Compensate, GaussianMerge, ResidualMerge
 from kvfx.policies.keep import TopChunks
 from kvfx.policies.registry import preset
-from kvfx.policies.scores import attention_sums, recency
+from kvfx.policies.scores import attention_sums, recency, window_mean_attention
 
 
 def _check_scorer(name: str, scorer) -> None:
@@ -152,7 +151,7 @@ class ChunkKV(_ScorerGuided, Policy):
         return self.scorer.sum_terms() if self.scorer is not None else super().sum_terms()
 
     def score(self, q, k, valid, scale):
-        return window_attention(q, k, valid, scale, self.window, 1) / min(self.window, q.shape[-2])
+        return window_mean_attention(q, k, valid, scale, self.window, 1)
 
     def keep(self) -> TopChunks:
         return TopChunks(self.chunk)
