@@ -24,6 +24,7 @@ plain torch.compile with the same inner compiler as kvfx, all measured in one ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -54,27 +55,14 @@ def make_sides(method: str, budget: float, every: int, target: int):
     return combined, kvfx.Recompress(policy, every=every, target=target)
 
 
-def held_keys(cache) -> list:
-    """Per layer: the keys [Hkv, n, D] batch row 0 holds (a kvfx store's valid slots)."""
-    from kvfx.integrations.transformers import cache_entries, is_store
-
-    out = []
-    for entry in cache_entries(cache):
-        if is_store(entry):
-            k, _, bias, _ = entry.dense()
-            out.append(k[0][bias[0].isfinite()].view(k.shape[1], -1, k.shape[-1]).clone())
-        else:
-            out.append(entry[0][0].clone())
-    return out
-
-
 def jaccard(ours: list, theirs: list) -> list[list[float]]:
     import torch
 
     per_layer = []
     for a_layer, b_layer in zip(ours, theirs):
         row = []
-        for a, b in zip(a_layer.float(), b_layer.float()):
+        for a, b in zip(a_layer, b_layer):     # one KV head: the key rows each side holds
+            a, b = a.float(), b.float()
             d = torch.cdist(a, b)
             nearest = d.min(-1)
             scale = b[nearest.indices].abs().amax(-1).clamp_min(1e-6)
@@ -90,13 +78,15 @@ def run_side(model, kind: str, prompts: list, steps: int, every: int, press=None
     from transformers import DynamicCache
 
     import common
+    from compare_kvpress import Row, kept_rows
     from speed import _sync
 
     device = next(model.parameters()).device
+    row, layers = Row(model, kind, press), model.config.num_hidden_layers
     step_s, peak, end, checkpoints = [], [], [], []
     for ids, fed in prompts:   # the prompt [1, S], the tokens fed one at a time [1, >= steps]
         length, keys = ids.shape[1], []
-        with torch.no_grad(), (press(model) if press is not None else _nothing()):
+        with torch.no_grad(), (press(model) if press is not None else contextlib.nullcontext()):
             if kind == "kvfx":
                 cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
             else:
@@ -116,20 +106,12 @@ def run_side(model, kind: str, prompts: list, steps: int, every: int, press=None
                 cache = out.past_key_values if out.past_key_values is not None else cache
                 largest = max(largest, common.cache_bytes(cache))
                 if (i + 1) % every == 0:
-                    keys.append(held_keys(cache))
+                    keys.append(kept_rows(row, cache, layers))
         peak.append(largest)
         end.append(common.cache_bytes(cache))
         checkpoints.append(keys)
     return {"decode_s_per_token": statistics.median(step_s), "kv_bytes_largest": max(peak),
             "kv_bytes_end": int(statistics.median(end)), "checkpoints": checkpoints}
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None) -> int:
@@ -167,7 +149,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     data: dict[str, Any] = {
         "settings": {"model": args.model, "description": description, "context": args.context,
-                     "prompt_lengths": [x.shape[1] for x, _ in ids], "prompts": "random token ids", "every": args.every, "target": target,
+                     "prompt_lengths": [x.shape[1] for x, _ in ids], "prompts": "random token ids",
+                     "every": args.every, "target": target,
                      "budget": budget, "fed_tokens": steps, "inner": args.inner, "snapkv_window": SNAPKV_WINDOW},
         "machine": common.machine(), "versions": compare_kvpress.versions(), "rows": {},
     }
@@ -194,7 +177,8 @@ def main(argv=None) -> int:
         for c in range(RECOMPRESSIONS):   # overlap[prompt][checkpoint][layer][head]
             per_layer = [statistics.mean(statistics.mean(p[c][layer]) for p in overlap)
                          for layer in range(len(overlap[0][c]))]
-            by_checkpoint.append({"after_steps": (c + 1) * args.every, "jaccard_mean": round(statistics.mean(per_layer), 4),
+            by_checkpoint.append({"after_steps": (c + 1) * args.every,
+                                  "jaccard_mean": round(statistics.mean(per_layer), 4),
                                   "jaccard_min_layer": round(min(per_layer), 4),
                                   "jaccard_min_head": round(min(min(min(h) for h in p[c]) for p in overlap), 4)})
         data["rows"][method] = {
