@@ -183,7 +183,7 @@ class Backend:
             return self._inner(gm, example_inputs)
         self._warn_unknown_depth(assign_depths(sites, self._root_module))
         fake_inputs = _fake_inputs(before, example_inputs)
-        plan, rewritten_inputs = rewrite(gm, example_inputs, sites, self.policy)
+        plan, rewritten_inputs = rewrite(gm, example_inputs, sites, self.policy, inline_step=self.inner == "inductor")
         record.code_after = gm.code
         self._log(record)
         if not any(s.compressible for s in sites):  # the rewrite found each site a reason (a policy's limits)

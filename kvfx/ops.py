@@ -382,10 +382,13 @@ def _store_step(
         return  # rows not due yet (Recompress): nothing to rank or move
     store = slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
     views = slot_store.row_views(store, width) if q.shape[-2] == 1 and type(pol).step is Policy.step else None
-    if views is not None:  # the fold's step on the pages themselves (CPU, equal full rows)
-        kept = pol.fold().step_in_place(pol, q, *views, scale)
-        if kept is not None:
-            lengths.fill_(kept)
+    if views is not None:  # the fold's step written into the pages themselves (CPU, equal full rows)
+        k, v, bias, old = views
+        score = pol.step_score(q, k, bias, old, scale)
+        plan = pol.fold().plan_step(pol, score, k, v, bias)
+        if plan is not None:
+            slot_store.apply_step(store, width, score, plan)
+            lengths.fill_(pol.decode_length(width, 1))
             return
     k, v, bias, score = slot_store.gather(store, width)
     slot_store.scatter(store, *pol.step(q, k, v, bias, score, scale, layer, n_layers), width)

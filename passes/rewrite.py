@@ -46,6 +46,7 @@ import torch
 from torch import fx
 
 from kvfx.buffers import buffer_attend
+from kvfx.decode_step import attention_and_step, steps_in_graph
 from kvfx.kernels.dispatch import kernel_mode
 from kvfx.kernels.paged_attention.reference import paged_attention_uniform
 from kvfx.passes.sites import SDPA, Site, _arg
@@ -75,12 +76,14 @@ class StatePlan:
 
 
 def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site], policy,
-            inline_decode: bool = True) -> tuple[StatePlan, list]:
+            inline_decode: bool = True, inline_step: bool = False) -> tuple[StatePlan, list]:
     """Rewrite ``gm`` in place for ``policy``; returns the runtime's plan and
     the example inputs of the rewritten graph (the state inputs added). The
     plan holds no tensor: the first call's inputs must not outlive it.
     ``inline_decode=False`` keeps every store's decode attention in
-    ``kvfx::store_attend`` (see ``_inline_decode``)."""
+    ``kvfx::store_attend`` (see ``_inline_decode``); ``inline_step=True``
+    (the inner compiler is Inductor) puts a continuous policy's decode step
+    beside an in-graph attention (``kvfx.decode_step``)."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     out_node = graph.output_node()
@@ -161,7 +164,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             continue
         if site.cache == "store":
             replaced = _rewrite_store(graph, site, policy, spec, layer, n_layers, kept_index, call, inline_decode,
-                                      lse, sums)
+                                      lse, sums, inline_step)
             outputs = [replaced.get(node, node) for node in outputs]
             continue
         state_outputs.append(site.k_out)
@@ -353,8 +356,12 @@ def _reused_index(site: Site, policy, layer: int, kept_index: dict):
 
 
 def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n_layers: int,
-                   kept_index: dict, call, inline_decode: bool = True, lse=None, sums=None) -> dict:
-    """Rewrite one store site; returns the graph-output nodes it replaced."""
+                   kept_index: dict, call, inline_decode: bool = True, lse=None, sums=None,
+                   inline_step: bool = False) -> dict:
+    """Rewrite one store site; returns the graph-output nodes it replaced.
+    ``inline_step``: a continuous policy's decode step may be tensor code in
+    the graph with its attention (``kvfx.decode_step``) where the attention
+    is; only Inductor performs its slot writes in place."""
     store = site.store
     replaced = {}
     q, mask, ready = _queries_and_mask(graph, site, site.node)
@@ -375,7 +382,16 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
         graph.erase_node(store)
         return replaced
     k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, extent = store.args[2:11]
-    if inline_decode and _inline_decode(site, policy, layer, k_pages):
+    inline = inline_decode and _inline_decode(site, policy, layer, k_pages)
+    if inline and inline_step and policy.schedule == "continuous" and steps_in_graph(policy):
+        with graph.inserting_after(ready):
+            out = graph.call_function(attention_and_step, (q, *store.args[2:11], site.kv_heads, float(site.scale),
+                                                           spec, layer, n_layers))
+        site.inline = attention_and_step.__name__
+        site.note = "decode attention and the policy's step in the graph (equal rows, CPU)"
+        replaced[site.node] = _replace_output(graph, site, out)
+        return replaced
+    if inline:
         with graph.inserting_after(ready):
             out = graph.call_function(paged_attention_uniform,
                                       (q, k_pages, v_pages, slot_bias, site.kv_heads, float(site.scale)))

@@ -310,6 +310,28 @@ def test_decode_attention_reads_the_store_without_the_models_mask():
     assert "paged_attention_uniform" not in run.records[1].code_after
 
 
+@pytest.mark.parametrize("policy", [kvfx.TOVA(budget=0.5), kvfx.ZeroMerge(budget=0.5, window=4)],
+                         ids=["TOVA", "ZeroMerge"])
+def test_under_inductor_a_continuous_step_is_in_the_graph_and_equals_the_eager_reference(policy):
+    model = tiny_model("llama")
+    ids = torch.randint(2, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0   # a left-padded row: fillers among its slots, stepped per row
+    run = generate(model, ids, policy=policy, inner="inductor", steps=12, attention_mask=mask)
+    decode = run.records[1]
+    assert [s.inline for s in decode.sites] == ["attention_and_step"] * 2
+    assert "store_step" not in decode.code_after and run.graph_breaks == 0
+    assert (run.cache.layers[0].lengths == policy.kept_length(40)).all()   # one slot out per token: constant
+    with eager_reference(model, policy):
+        reference = generate(model, ids, attention_mask=mask, steps=12)
+    assert torch.equal(run.tokens, reference.tokens)
+    for a, b in zip(run.logits, reference.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # aot_eager would copy the pages for the in-graph writes: the step stays kvfx's op there
+    run = generate(model, ids, policy=policy, steps=2, attention_mask=mask)
+    assert "kvfx.store_step" in run.records[1].code_after and "paged_attention_uniform" in run.records[1].code_after
+
+
 def test_in_graph_decode_attention_equals_the_paged_reference():
     from kvfx.kernels.paged_attention.reference import paged_attention_reference, paged_attention_uniform
     from kvfx import store as slot_store
@@ -349,18 +371,32 @@ def _full_rows(policy, s=13, b=2, hkv=2, groups=2, d=8, seed=0):
     return torch.randn(b, hkv * groups, 1, d, generator=g), k, v, bias, score
 
 
+def _step_in_store(policy, q, k, v, bias, score, page=4):
+    """``Fold.plan_step`` applied to a store holding the rows (``kvfx.store.apply_step``);
+    returns the store and the slots each row keeps."""
+    b, hkv, s, _ = k.shape
+    per_row = slot_store.cdiv(s, page)
+    store = slot_store.pack(k, v, bias, score, torch.full((b, hkv), s), b * hkv * per_row, per_row, page)
+    rows, old = slot_store.row_views(store, s), store.slot_score.clone()
+    new = policy.step_score(q, rows[0], rows[2], rows[3], 0.35)
+    plan = policy.fold().plan_step(policy, new, *rows[:3])
+    slot_store.apply_step(store, s, new, plan)
+    assert not torch.equal(store.slot_score, old)   # the running scores were written
+    return store, policy.decode_length(s, 1)
+
+
 @pytest.mark.parametrize("policy", [kvfx.TOVA(budget=12), kvfx.ZeroMerge(budget=12, residual=2, window=3)],
                          ids=["TOVA", "ZeroMerge"])
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "all-tied"])
-def test_a_decode_step_in_place_equals_the_step_over_copies(policy, ties):
+def test_a_decode_step_written_into_the_store_equals_the_step_over_copies(policy, ties):
     q, k, v, bias, score = _full_rows(policy)
     if ties:   # a zero query attends uniformly: every slot ties, and the tie-break must match the sort's
         q.zero_()
         score.zero_()
     want = policy.step(q, k.clone(), v.clone(), bias.clone(), score.clone(), 0.35)
-    rows = [x.clone() for x in (k, v, bias, score)]
-    kept = policy.fold().step_in_place(policy, q, *rows, 0.35)
+    store, kept = _step_in_store(policy, q, k, v, bias, score)
     assert kept == 12 == want[0].shape[2]
+    rows = slot_store.gather(store, 13)
     for got, expected in zip(rows, want):
         assert torch.equal(got[:, :, :kept], expected)
     assert (rows[2][:, :, kept:] == NEG_INF).all()   # the freed slot is masked: the store's invariant
@@ -368,47 +404,53 @@ def test_a_decode_step_in_place_equals_the_step_over_copies(policy, ties):
         assert torch.equal(rows[0][:, :, :kept], k[:, :, :kept])
 
 
-@pytest.mark.parametrize("budget", [12, 0.5], ids=["keeps-every-real-slot", "evicts-a-real-slot"])
-def test_tova_steps_a_padded_row_in_place_as_the_step_over_copies_does(budget):
-    policy = kvfx.TOVA(budget=budget)
+@pytest.mark.parametrize("policy", [kvfx.TOVA(budget=12), kvfx.ZeroMerge(budget=12, residual=2, window=3),
+                                    kvfx.TOVA(budget=0.5), kvfx.ZeroMerge(budget=0.5, residual=2, window=3)],
+                         ids=["TOVA-keeps-every-real-slot", "ZeroMerge-drops-its-filler", "TOVA-evicts-a-real-slot",
+                              "ZeroMerge-merges-a-real-slot"])
+def test_a_padded_row_steps_in_the_store_as_the_step_over_copies_does(policy):
     q, k, v, bias, score = _full_rows(policy)
-    bias[0, 1, 0] = NEG_INF   # a left-padded row: its first slot is a filler
+    filler = policy.residual if isinstance(policy, kvfx.ZeroMerge) else 0
+    bias[0, 1, filler] = NEG_INF   # a left-padded row: a filler (bias -inf) among its slots
     want = policy.step(q, k.clone(), v.clone(), bias.clone(), score.clone(), 0.35)
-    rows = [x.clone() for x in (k, v, bias, score)]
-    assert policy.fold().step_in_place(policy, q, *rows, 0.35) == 12
+    store, kept = _step_in_store(policy, q, k, v, bias, score)
+    assert kept == 12
+    rows = slot_store.gather(store, 12)
     for got, expected in zip(rows, want):
-        assert torch.equal(got[:, :, :12], expected)
-    fillers = (rows[2][0, 1, :12] == NEG_INF).sum().item()
+        assert torch.equal(got, expected)
+    fillers = (rows[2][0, 1] == NEG_INF).sum().item()
     # An integer budget of 12 holds the row's 12 real tokens: the filler goes. A fraction
-    # budget evicts one slot per step from every row: the padded row loses a real one too.
-    assert fillers == (0 if budget == 12 else 1)
-    kept_real = {tuple(x.tolist()) for x, b in zip(rows[0][0, 1, :12], rows[2][0, 1, :12]) if b > NEG_INF}
-    assert kept_real <= {tuple(x.tolist()) for x in k[0, 1, 1:]} and len(kept_real) == (12 if budget == 12 else 11)
+    # budget removes one slot per step from every row: the padded row loses a real one too.
+    assert fillers == (0 if isinstance(policy.budget, int) else 1)
 
 
 def test_one_eviction_moves_one_slot_into_the_hole_and_keeps_the_tail_in_order():
-    from kvfx.policies.fold import drop_index, drop_in_place
+    from kvfx.policies.fold import StepPlan, drop_index
 
     # rows of 8 slots, the last 3 a tail (ZeroMerge's window); slot 4 is the last top slot
     drop = torch.tensor([[[1], [4], [3]]])
     index = drop_index(drop, 8, 4)
     assert index.tolist() == [[[0, 4, 2, 3, 5, 6, 7], [0, 1, 2, 3, 5, 6, 7], [0, 1, 2, 4, 5, 6, 7]]]
-    rows = [torch.arange(8.).expand(1, 3, 8).clone()[..., None].expand(-1, -1, -1, 2).clone() for _ in range(2)]
-    bias, score = torch.zeros(1, 3, 8), torch.arange(8.).expand(1, 3, 8).clone()
-    drop_in_place(drop, 4, *rows, bias, score)
-    assert torch.equal(score[..., :7], index.float()) and torch.equal(rows[0][..., :7, 0], index.float())
-    assert (bias[..., 7] == NEG_INF).all() and (score[..., 7] == 0).all()
+    k = torch.arange(8.).expand(1, 3, 8)[..., None].expand(-1, -1, -1, 2)
+    store = slot_store.pack(k, k, torch.zeros(1, 3, 8), torch.zeros(1, 3, 8), torch.full((1, 3), 8), 6, 2, 4)
+    score = torch.arange(8.).expand(1, 3, 8)
+    slot_store.apply_step(store, 8, score, StepPlan(drop, 4))
+    keys, values, bias, kept_score = slot_store.gather(store, 8)
+    assert torch.equal(kept_score[..., :7], index.float()) and torch.equal(keys[..., :7, 0], index.float())
+    assert torch.equal(values, keys)
+    assert (bias[..., 7] == NEG_INF).all() and (kept_score[..., 7] == 0).all()
 
 
 def test_one_eviction_in_place_on_a_single_row():
-    """One batch row and one KV head (Gemma-3's 1 KV head at batch 1): the moved slot is a dense
-    slice of the row itself, which scatter_ refuses as a source unless it is copied."""
-    from kvfx.policies.fold import drop_in_place
+    """One batch row and one KV head (Gemma-3's 1 KV head at batch 1): a single dense row."""
+    from kvfx.policies.fold import StepPlan
 
-    k = torch.arange(8.).view(1, 1, 8, 1).expand(-1, -1, -1, 2).clone()
-    bias, score = torch.zeros(1, 1, 8), torch.arange(8.).view(1, 1, 8)
-    drop_in_place(torch.tensor([[[2]]]), 7, k, k.clone(), bias, score)
-    assert k[0, 0, :7, 0].tolist() == [0, 1, 7, 3, 4, 5, 6] and score[0, 0, :7].tolist() == [0, 1, 7, 3, 4, 5, 6]
+    k = torch.arange(8.).view(1, 1, 8, 1).expand(-1, -1, -1, 2)
+    store = slot_store.pack(k, k, torch.zeros(1, 1, 8), torch.zeros(1, 1, 8), torch.full((1, 1), 8), 2, 2, 4)
+    slot_store.apply_step(store, 8, torch.arange(8.).view(1, 1, 8), StepPlan(torch.tensor([[[2]]]), 7))
+    keys, _, bias, score = slot_store.gather(store, 8)
+    assert keys[0, 0, :7, 0].tolist() == [0, 1, 7, 3, 4, 5, 6] and score[0, 0, :7].tolist() == [0, 1, 7, 3, 4, 5, 6]
+    assert bias[0, 0, 7] == NEG_INF
 
 
 @pytest.mark.parametrize("policy", [kvfx.TOVA(budget=12), kvfx.ZeroMerge(budget=12, residual=2, window=3)],

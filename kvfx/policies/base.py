@@ -98,8 +98,22 @@ class Policy:
 
     def step_score(self, q, k, slot_bias, slot_score, scale) -> torch.Tensor:
         """Score a continuous policy ranks slots by at a decode step (and stores
-        as their running score): the attention of the newest query."""
-        return query_attention(q, k, slot_bias, scale)
+        as their running score): ``running_score`` of the newest query's
+        attention."""
+        return self.running_score(query_attention(q, k, slot_bias, scale), slot_score)
+
+    def running_score(self, attention, slot_score) -> torch.Tensor:
+        """The running score [B, Hkv, S] after a decode step from the newest
+        query's attention (averaged over each KV head's query heads) and the
+        score the slots held: the attention itself."""
+        return attention
+
+    @property
+    def steps_on_attention(self) -> bool:
+        """Whether ``step_score`` is ``running_score`` of the newest query's
+        attention, so a decode graph may hand the step the attention it
+        computed for the layer's output instead of computing it again."""
+        return type(self).step_score is Policy.step_score
 
     # -- plan ---------------------------------------------------------------
     def layer_budget(self, layer: int, n_layers: int) -> Budget:

@@ -80,6 +80,13 @@ class Compose(Policy):
     def step_score(self, q, k, slot_bias, slot_score, scale):
         return self.policy.step_score(q, k, slot_bias, slot_score, scale)
 
+    def running_score(self, attention, slot_score):
+        return self.policy.running_score(attention, slot_score)
+
+    @property
+    def steps_on_attention(self) -> bool:
+        return self.policy.steps_on_attention
+
     def layer_budget(self, layer, n_layers):
         return self.policy.layer_budget(layer, n_layers)
 

@@ -127,13 +127,29 @@ class Fold:
         tokens: returns (k, v, slot_bias, slot_score)."""
         raise NotImplementedError(f"{type(self).__name__} has no decode-time fold (schedule 'continuous')")
 
-    def step_in_place(self, policy, q, k, v, slot_bias, slot_score, scale) -> Optional[int]:
-        """``step`` written into k, v [B, Hkv, S, D], slot_bias, slot_score
-        [B, Hkv, S] themselves (views of a store's full rows of S real slots,
-        one new token the last): fewer and smaller operations than ``step``
-        over copies. Returns the slots each row keeps, or None (nothing
-        written) where it does not apply; equals ``step`` exactly otherwise."""
+    def plan_step(self, policy, score, k, v, slot_bias) -> Optional["StepPlan"]:
+        """The writes of ``step`` for one new token, as a ``StepPlan`` that
+        ``kvfx.step_rows`` applies to a store of equal rows in place, or None
+        where the step removes more than one slot (then ``step`` runs over
+        copies). ``score`` [B, Hkv, S]: the running score after the new
+        token's attention (``Policy.running_score``); slot_bias [B, Hkv, S]
+        and k, v [B, Hkv, >= S, D]: the rows (the new token the last slot;
+        k and v may run on past S, unread), read only. Branch-free and with no host read, so a decode graph can trace
+        it; applied, it equals ``step`` exactly."""
         return None
+
+
+class StepPlan(NamedTuple):
+    """One decode step's writes into rows of ``last + 1`` slots (``kvfx.step_rows``):
+    first ``write`` (slot [B, Hkv, 1], k, v [B, Hkv, 1, D], bias, score
+    [B, Hkv, 1]) where it is given, then slot ``last`` moves into ``drop``
+    [B, Hkv, 1] (``drop_index``: the slots after ``last`` move down one) and
+    the row's last slot is freed. ``drop`` None: the rows keep every slot
+    (only the running scores change)."""
+
+    drop: Optional[torch.Tensor]
+    last: int
+    write: Optional[tuple] = None
 
 
 def drop_index(drop: torch.Tensor, s: int, last: int) -> torch.Tensor:
@@ -145,23 +161,6 @@ def drop_index(drop: torch.Tensor, s: int, last: int) -> torch.Tensor:
     j = torch.arange(s - 1, device=drop.device)
     index = j + (j >= last)
     return torch.where((j == drop) & (drop < last), last, index)
-
-
-def drop_in_place(drop: torch.Tensor, last: int, k, v, slot_bias, slot_score) -> None:
-    """``drop_index``'s removal written into the rows k, v [B, Hkv, S, D],
-    slot_bias, slot_score [B, Hkv, S] themselves (views of a store's pages):
-    one scatter per tensor, a shift of the ``S - 1 - last`` slots after
-    ``last``, no host read. The freed last slot gets bias -inf, score 0."""
-    s = k.shape[2]
-    for x in (k, v, slot_bias, slot_score):
-        index = drop[..., None].expand(-1, -1, -1, x.shape[3]) if x.dim() == 4 else drop
-        # drop == last writes the slot onto itself; the source is copied because scatter_ refuses a
-        # source that shares memory with the rows (torch detects it where the slice is dense: one row)
-        x.scatter_(2, index, x[:, :, last:last + 1].clone())
-        if last < s - 1:
-            x[:, :, last:s - 1] = x[:, :, last + 1:s].clone()   # (overlapping ranges: through a temporary)
-    slot_bias[:, :, s - 1] = NEG_INF
-    slot_score[:, :, s - 1] = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,20 +188,12 @@ class Evict(Fold):
         bias = slot_bias.gather(2, index).masked_fill(rank >= policy.decode_length(real, new), NEG_INF)
         return gather_slots(k, index), gather_slots(v, index), bias, score.gather(2, index)
 
-    def step_in_place(self, policy, q, k, v, slot_bias, slot_score, scale) -> Optional[int]:
-        s = k.shape[2]
+    def plan_step(self, policy, score, k, v, slot_bias) -> Optional[StepPlan]:
+        s = score.shape[-1]
         n = policy.decode_length(s, 1)
-        if q.shape[-2] != 1 or n < s - 1:
-            return None  # more than one eviction: ``step``
-        score = policy.step_score(q, k, slot_bias, slot_score, scale)
-        slot_score.copy_(score)
-        if n == s - 1:
-            if bool((slot_bias == NEG_INF).any()):
-                victim = self._victim(policy, score, slot_bias)
-            else:   # full rows (the usual case): ``_victim``'s lowest slot, without its filler rule
-                victim = (s - 1) - score.flip(-1).argmin(-1, keepdim=True)
-            drop_in_place(victim, s - 1, k, v, slot_bias, slot_score)
-        return n
+        if n < s - 1:
+            return None
+        return StepPlan(self._victim(policy, score, slot_bias) if n < s else None, s - 1)
 
     @staticmethod
     def _victim(policy, score, slot_bias) -> torch.Tensor:
@@ -301,40 +292,39 @@ class ResidualMerge(Fold):
     def step(self, policy, q, k, v, slot_bias, slot_score, scale):
         total, new = k.shape[2], q.shape[2]
         score = policy.step_score(q, k, slot_bias, slot_score, scale)
-        # Merges each row needs by its own count (a padded row's invalid
-        # fillers are not counted); the other removals drop a filler.
-        filler = (slot_bias == NEG_INF) & (torch.arange(total, device=k.device) >= self.slots)
-        real = total - filler.sum(-1, keepdim=True)
-        need = real - policy.decode_length(real, new)
+        need = self._merges_needed(policy, slot_bias, new)
         for i in range(total - policy.decode_length(total, new)):
             k, v, slot_bias, score = self._merge_one(policy.window, k, v, slot_bias, score, need > i)
         return k.contiguous(), v.contiguous(), slot_bias.contiguous(), score.contiguous()
 
-    def step_in_place(self, policy, q, k, v, slot_bias, slot_score, scale) -> Optional[int]:
-        s, r, d = k.shape[2], self.slots, k.shape[3]
+    def plan_step(self, policy, score, k, v, slot_bias) -> Optional[StepPlan]:
+        s = score.shape[-1]
         n = policy.decode_length(s, 1)
-        if q.shape[-2] != 1 or n < s - 1 or bool((slot_bias[:, :, r:] == NEG_INF).any()):
-            return None  # fillers or more than one merge: ``step``
-        score = policy.step_score(q, k, slot_bias, slot_score, scale)
+        if n < s - 1:
+            return None
         if n == s:
-            slot_score.copy_(score)
-            return n
-        slot = torch.arange(s, device=k.device)
-        in_top = (slot >= r) & (slot < s - policy.window)
-        # ``_merge_one`` with every row merging: the lowest top slot into its most similar residual slot
-        low = score.masked_fill(~in_top, float("inf")).argmin(-1, keepdim=True)          # [B, Hkv, 1]
-        m = self._merge(k, v, slot_bias, score, low, slot_bias.gather(2, low).exp())
-        k.scatter_(2, m.at, m.k)
-        v.scatter_(2, m.at, m.v)
-        slot_bias.scatter_(2, m.j, m.log_count)
-        slot_score.copy_(score.scatter_(2, m.j, m.score))
-        drop_in_place(low, s - policy.window - 1, k, v, slot_bias, slot_score)
-        return n
+            return StepPlan(None, s - 1)
+        drop, m, merge = self._choose(policy.window, k, v, slot_bias, score,
+                                      self._merges_needed(policy, slot_bias, 1) > 0)
+        folded = merge[..., None]
+        write = (m.j, torch.where(folded, m.k, k.gather(2, m.at)), torch.where(folded, m.v, v.gather(2, m.at)),
+                 torch.where(merge, m.log_count, slot_bias.gather(2, m.j)),
+                 torch.where(merge, m.score, score.gather(2, m.j)))
+        return StepPlan(drop, s - policy.window - 1, write)   # the graduated token fills the hole in the top
+
+    def _merges_needed(self, policy, slot_bias, new) -> torch.Tensor:
+        """[B, Hkv, 1] merges each row needs by its own count of real slots (a
+        padded row's invalid fillers are not counted); the other removals of
+        a step drop a filler."""
+        total = slot_bias.shape[-1]
+        filler = (slot_bias == NEG_INF) & (torch.arange(total, device=slot_bias.device) >= self.slots)
+        real = total - filler.sum(-1, keepdim=True)
+        return real - policy.decode_length(real, new)
 
     def _merge(self, k, v, bias, score, low, low_count) -> "_Merged":
         """Slot ``low`` [B, Hkv, 1] (``low_count`` tokens) folded into its most
         similar residual slot j: count-weighted mean of k and v, counts added,
-        score the larger. The one computation of ``step`` and ``step_in_place``."""
+        score the larger."""
         d = k.shape[3]
         low_k = k.gather(2, low[..., None].expand(-1, -1, -1, d)).float()               # [B, Hkv, 1, D]
         low_v = v.gather(2, low[..., None].expand(-1, -1, -1, d)).float()
@@ -347,25 +337,32 @@ class ResidualMerge(Fold):
         return _Merged(j, at, mean_k.to(k.dtype), mean_v.to(v.dtype), log_count(res_count + low_count),
                        torch.maximum(score.gather(2, j), score.gather(2, low)))
 
-    def _merge_one(self, tail, k, v, bias, score, merge):
-        """Fold the lowest-scored real top slot into its most similar residual
-        slot; rows where ``merge`` ([B, Hkv, 1]) is False drop their first
-        invalid filler slot instead."""
-        b, hkv, s, _ = k.shape
-        r = self.slots
+    def _choose(self, tail, k, v, bias, score, merge) -> tuple:
+        """One removal from rows of S slots whose last ``tail`` are the tail:
+        the lowest-scored real top slot, folded into its most similar
+        residual slot (``_merge``); rows where ``merge`` [B, Hkv, 1] is False
+        drop their first invalid filler slot instead, folding nothing.
+        Returns (the slot removed [B, Hkv, 1], the merge, where it folds).
+        k, v may run past S (a store's whole row capacity): read at slots < S only."""
+        s = score.shape[-1]
         top = torch.arange(s, device=k.device)
-        in_top = (top >= r) & (top < s - tail)          # after the oldest tail token graduated
+        in_top = (top >= self.slots) & (top < s - tail)          # after the oldest tail token graduated
         low = score.masked_fill(~in_top | (bias == NEG_INF), float("inf")).argmin(-1, keepdim=True)
         filler = in_top & (bias == NEG_INF)
         merge = merge | ~filler.any(-1, keepdim=True)
         drop = torch.where(merge, low, filler.long().argmax(-1, keepdim=True))
         m = self._merge(k, v, bias, score, low, torch.where(merge, bias.gather(2, low).exp(), 0.0))  # 0: nothing folded
+        return drop, m, merge
+
+    def _merge_one(self, tail, k, v, bias, score, merge):
+        """``_choose``'s removal over copies of the rows."""
+        drop, m, merge = self._choose(tail, k, v, bias, score, merge)
         folded = merge[..., None]
         k = k.scatter(2, m.at, torch.where(folded, m.k, k.gather(2, m.at)))
         v = v.scatter(2, m.at, torch.where(folded, m.v, v.gather(2, m.at)))
         bias = bias.scatter(2, m.j, torch.where(merge, m.log_count, bias.gather(2, m.j)))
         score = score.scatter(2, m.j, torch.where(merge, m.score, score.gather(2, m.j)))
-        keep = drop_index(drop, s, s - tail - 1)   # the graduated token fills the hole in the top
+        keep = drop_index(drop, k.shape[2], k.shape[2] - tail - 1)   # the graduated token fills the hole in the top
         return gather_slots(k, keep), gather_slots(v, keep), bias.gather(2, keep), score.gather(2, keep)
 
 

@@ -275,6 +275,6 @@ class ZeroMerge(_ScorerGuided, Policy):
     def fold(self) -> ResidualMerge:
         return ResidualMerge(self.residual)
 
-    def step_score(self, q, k, slot_bias, slot_score, scale):
+    def running_score(self, attention, slot_score):
         # s <- decay * s + a: the prefill score, continued one query at a time.
-        return self.decay * slot_score + super().step_score(q, k, slot_bias, slot_score, scale)
+        return self.decay * slot_score + attention
