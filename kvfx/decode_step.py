@@ -51,8 +51,7 @@ def attention_and_step(q, k_pages, v_pages, slot_bias, slot_score, page_table, l
     # rows' [B, Hkv, capacity]), never sliced or addressed as row * capacity:
     # each use of the symbolic capacity adds a shape guard or an index
     # expression that slows the compile of a many-layer graph by minutes.
-    flat = slot_store.flat_of(store)
-    every = flat(torch.arange(width, device=q.device).expand(b, kv_heads, width))
+    every = slot_store.flat_index(store, torch.arange(width, device=q.device).expand(b, kv_heads, width))
 
     def rows_of(x):
         return x.reshape(-1).index_select(0, every).view(b, kv_heads, width)
@@ -63,6 +62,6 @@ def attention_and_step(q, k_pages, v_pages, slot_bias, slot_score, page_table, l
         torch.ops.kvfx.store_step(q, k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen,
                                   extent, policy, layer, n_layers, scale)
         return out
-    slot_store.apply_step(store, width, score, plan, flat)
+    slot_store.apply_step(store, width, score, plan)
     lengths.fill_(pol.decode_length(width, 1))
     return out

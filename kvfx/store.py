@@ -149,11 +149,17 @@ def _write(store: Store, flat: torch.Tensor, k, v, slot_bias, slot_score) -> Non
         store.slot_score.view(-1).index_copy_(0, flat, slot_score.float().reshape(-1))
 
 
-def read_slots(store: Store, slots: torch.Tensor, flat=None) -> tuple[torch.Tensor, ...]:
+def flat_index(store: Store, slots: torch.Tensor) -> torch.Tensor:
+    """Pool-wide indices [B * Hkv * n] of the row-relative ``slots`` [B, Hkv, n],
+    through the page table (any layout; index arithmetic free of symbolic
+    sizes, which a traced graph's loops analyse quickly)."""
+    return _flat_slots(store, slots).reshape(-1)
+
+
+def read_slots(store: Store, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """k, v [B, Hkv, n, D], slot_bias, slot_score [B, Hkv, n] of the row-relative
-    ``slots`` [B, Hkv, n] (copies). ``flat``: slots -> pool-wide indices
-    (default: through the page table, any layout)."""
-    index, shape = (flat or flat_of(store))(slots), slots.shape
+    ``slots`` [B, Hkv, n] (copies)."""
+    index, shape = flat_index(store, slots), slots.shape
     k = store.k_pages.view(-1, store.k_pages.shape[-1]).index_select(0, index).view(*shape, -1)
     v = store.v_pages.view(-1, store.v_pages.shape[-1]).index_select(0, index).view(*shape, -1)
     bias = store.slot_bias.view(-1).index_select(0, index).view(shape)
@@ -161,40 +167,31 @@ def read_slots(store: Store, slots: torch.Tensor, flat=None) -> tuple[torch.Tens
     return k, v, bias, score
 
 
-def write_slots(store: Store, slots: torch.Tensor, k, v, slot_bias, slot_score, flat=None) -> None:
+def write_slots(store: Store, slots: torch.Tensor, k, v, slot_bias, slot_score) -> None:
     """Write k, v [B, Hkv, n, D], bias and score [B, Hkv, n] at the row-relative
     ``slots`` [B, Hkv, n] (distinct within a row), in place."""
-    _write(store, (flat or flat_of(store))(slots), k, v, slot_bias, slot_score)
+    _write(store, flat_index(store, slots), k, v, slot_bias, slot_score)
 
 
-def flat_of(store: Store):
-    """slots [B, Hkv, n] -> their pool-wide indices [B * Hkv * n], through the
-    page table (any layout; in index arithmetic of no symbolic size, which a
-    traced graph's loops analyse quickly)."""
-    return lambda slots: _flat_slots(store, slots).reshape(-1)
-
-
-def apply_step(store: Store, width: int, score: torch.Tensor, plan, flat=None) -> None:
+def apply_step(store: Store, width: int, score: torch.Tensor, plan) -> None:
     """A continuous policy's decode step (``Fold.plan_step``'s ``StepPlan``)
     written into rows that all hold ``width`` slots, in place: the running
     ``score`` [B, Hkv, width], the plan's write, then slot ``last`` into the
     hole at ``drop`` and the slots after it down one; the freed last slot
     gets bias -inf (the invariant), score 0. A handful of slot-sized copies
-    per row, never the rows themselves. The caller sets the lengths.
-    ``flat``: as for ``read_slots``."""
+    per row, never the rows themselves. The caller sets the lengths."""
     b, hkv = store.page_table.shape[:2]
-    flat = flat or flat_of(store)
     every = torch.arange(width, device=score.device).expand(b, hkv, width)
-    store.slot_score.view(-1).index_copy_(0, flat(every), score.float().reshape(-1))
+    store.slot_score.view(-1).index_copy_(0, flat_index(store, every), score.float().reshape(-1))
     if plan.drop is None:
         return
     if plan.write is not None:
-        write_slots(store, *plan.write, flat=flat)
-    write_slots(store, plan.drop, *read_slots(store, torch.full_like(plan.drop, plan.last), flat), flat=flat)
+        write_slots(store, *plan.write)
+    write_slots(store, plan.drop, *read_slots(store, torch.full_like(plan.drop, plan.last)))
     if plan.last < width - 1:   # (read before written: the ranges overlap)
         after = torch.arange(plan.last + 1, width, device=score.device).expand(b, hkv, -1)
-        write_slots(store, after - 1, *read_slots(store, after, flat), flat=flat)
-    end = flat(torch.full_like(plan.drop, width - 1))
+        write_slots(store, after - 1, *read_slots(store, after))
+    end = flat_index(store, torch.full_like(plan.drop, width - 1))
     store.slot_bias.view(-1).index_fill_(0, end, NEG_INF)
     store.slot_score.view(-1).index_fill_(0, end, 0.0)
 

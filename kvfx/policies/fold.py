@@ -129,18 +129,19 @@ class Fold:
 
     def plan_step(self, policy, score, k, v, slot_bias) -> Optional["StepPlan"]:
         """The writes of ``step`` for one new token, as a ``StepPlan`` that
-        ``kvfx.step_rows`` applies to a store of equal rows in place, or None
+        ``kvfx.store.apply_step`` writes into a store of equal rows, or None
         where the step removes more than one slot (then ``step`` runs over
         copies). ``score`` [B, Hkv, S]: the running score after the new
         token's attention (``Policy.running_score``); slot_bias [B, Hkv, S]
         and k, v [B, Hkv, >= S, D]: the rows (the new token the last slot;
-        k and v may run on past S, unread), read only. Branch-free and with no host read, so a decode graph can trace
-        it; applied, it equals ``step`` exactly."""
+        k and v may run on past S, unread), read only. Branch-free and with
+        no host read, so a decode graph can trace it; applied, it equals
+        ``step`` exactly."""
         return None
 
 
 class StepPlan(NamedTuple):
-    """One decode step's writes into rows of ``last + 1`` slots (``kvfx.step_rows``):
+    """One decode step's writes (``kvfx.store.apply_step``):
     first ``write`` (slot [B, Hkv, 1], k, v [B, Hkv, 1, D], bias, score
     [B, Hkv, 1]) where it is given, then slot ``last`` moves into ``drop``
     [B, Hkv, 1] (``drop_index``: the slots after ``last`` move down one) and
