@@ -33,6 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from kvfx.kernels.paged_attention.reference import canonical, page_rows
 from kvfx.policies.budgets import cdiv
+from kvfx.policies.fold import drop_index
 
 #: slots per page: small enough that a row wastes little (< one page), large
 #: enough that a page is one contiguous read of P * D elements.
@@ -156,44 +157,47 @@ def flat_index(store: Store, slots: torch.Tensor) -> torch.Tensor:
     return _flat_slots(store, slots).reshape(-1)
 
 
-def read_slots(store: Store, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """k, v [B, Hkv, n, D], slot_bias, slot_score [B, Hkv, n] of the row-relative
-    ``slots`` [B, Hkv, n] (copies)."""
-    index, shape = flat_index(store, slots), slots.shape
-    k = store.k_pages.view(-1, store.k_pages.shape[-1]).index_select(0, index).view(*shape, -1)
-    v = store.v_pages.view(-1, store.v_pages.shape[-1]).index_select(0, index).view(*shape, -1)
-    bias = store.slot_bias.view(-1).index_select(0, index).view(shape)
-    score = store.slot_score.view(-1).index_select(0, index).view(shape) if store.slot_score.numel() else None
-    return k, v, bias, score
-
-
-def write_slots(store: Store, slots: torch.Tensor, k, v, slot_bias, slot_score) -> None:
-    """Write k, v [B, Hkv, n, D], bias and score [B, Hkv, n] at the row-relative
-    ``slots`` [B, Hkv, n] (distinct within a row), in place."""
-    _write(store, flat_index(store, slots), k, v, slot_bias, slot_score)
-
-
 def apply_step(store: Store, width: int, score: torch.Tensor, plan) -> None:
     """A continuous policy's decode step (``Fold.plan_step``'s ``StepPlan``)
-    written into rows that all hold ``width`` slots, in place: the running
-    ``score`` [B, Hkv, width], the plan's write, then slot ``last`` into the
-    hole at ``drop`` and the slots after it down one; the freed last slot
-    gets bias -inf (the invariant), score 0. A handful of slot-sized copies
-    per row, never the rows themselves. The caller sets the lengths."""
+    written into rows that all hold ``width`` slots, in place: the plan's
+    write, then slot ``last`` into the hole at ``drop`` and the slots after it
+    down one (``drop_index``); the freed last slot gets bias -inf (the
+    invariant), score 0, and every slot its running ``score`` [B, Hkv, width].
+    The caller sets the lengths.
+
+    Every read of the store comes before its writes: the slots that change
+    (a handful per row) are read, then written with one ``index_copy_`` per
+    tensor; the scores are written over the row, then at the moved slots. A
+    write followed by a read of the same pages would make a traced graph
+    copy the whole store (functionalisation keeps the version read)."""
     b, hkv = store.page_table.shape[:2]
-    every = torch.arange(width, device=score.device).expand(b, hkv, width)
-    store.slot_score.view(-1).index_copy_(0, flat_index(store, every), score.float().reshape(-1))
+    every = flat_index(store, torch.arange(width, device=score.device).expand(b, hkv, width))
+    score = score.float()
     if plan.drop is None:
+        store.slot_score.view(-1).index_copy_(0, every, score.reshape(-1))
         return
-    if plan.write is not None:
-        write_slots(store, *plan.write)
-    write_slots(store, plan.drop, *read_slots(store, torch.full_like(plan.drop, plan.last)))
-    if plan.last < width - 1:   # (read before written: the ranges overlap)
-        after = torch.arange(plan.last + 1, width, device=score.device).expand(b, hkv, -1)
-        write_slots(store, after - 1, *read_slots(store, after))
-    end = flat_index(store, torch.full_like(plan.drop, width - 1))
+    keep = drop_index(plan.drop, width, plan.last)                        # [B, Hkv, width - 1]: old slot of each new slot
+    # The slots whose content changes: the hole, then last .. width - 2 (the
+    # shifted tail). Where drop == last the two share a slot and a source.
+    changed = torch.cat([plan.drop, torch.arange(plan.last, width - 1, device=score.device).expand(b, hkv, -1)], 2)
+    source = keep.gather(2, changed.clamp(max=width - 2))                 # (drop == last == width - 1: a freed slot)
+    rows, shape = flat_index(store, source), source.shape
+    k, v = (pages.view(-1, pages.shape[-1]).index_select(0, rows).view(*shape, -1)
+            for pages in (store.k_pages, store.v_pages))
+    bias, moved_score = store.slot_bias.view(-1).index_select(0, rows).view(shape), score.gather(2, source)
+    if plan.write is not None:   # the merged slot: not a hole, not in the tail
+        slot, k_new, v_new, bias_new, score_new = plan.write
+        changed, k, v = torch.cat([slot, changed], 2), torch.cat([k_new, k], 2), torch.cat([v_new, v], 2)
+        bias, moved_score = torch.cat([bias_new.float(), bias], 2), torch.cat([score_new.float(), moved_score], 2)
+    at, end = flat_index(store, changed), flat_index(store, torch.full_like(plan.drop, width - 1))
+    store.k_pages.view(-1, k.shape[-1]).index_copy_(0, at, k.reshape(-1, k.shape[-1]))
+    store.v_pages.view(-1, v.shape[-1]).index_copy_(0, at, v.reshape(-1, v.shape[-1]))
+    store.slot_bias.view(-1).index_copy_(0, at, bias.reshape(-1))
     store.slot_bias.view(-1).index_fill_(0, end, NEG_INF)
-    store.slot_score.view(-1).index_fill_(0, end, 0.0)
+    scores = store.slot_score.view(-1)
+    scores.index_copy_(0, every, score.reshape(-1))   # every slot's running score, then the moves (no read between)
+    scores.index_copy_(0, at, moved_score.reshape(-1))
+    scores.index_fill_(0, end, 0.0)
 
 
 def append(store: Store, k_new: torch.Tensor, v_new: torch.Tensor) -> None:

@@ -122,13 +122,13 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         layer = site.layer if site.layer is not None else site.index
         n_layers = site.depth or max((s.layer for s in sites if s.layer is not None), default=0) + 1
         if site.latent and continuous:
-            site.reason = (f"latent cache: {type(policy).__name__} ranks slots per head at every decode step; kvfx "
-                           "runs continuous policies on per-head caches only")
+            site.reason = (f"latent cache: {type(policy).__name__} {policy.while_decoding}, per head; kvfx runs "
+                           "continuous policies on per-head caches only")
             continue
         if site.bias_from == "positions" and (continuous or site.latent):
             site.reason = (f"the per-head position bias (ALiBi) is corrected once, when {type(policy).__name__} "
                            "compresses the prompt; " + ("a latent cache is not per head" if site.latent else
-                                                        "a continuous policy moves slots at every decode step"))
+                                                        f"{type(policy).__name__} {policy.while_decoding}"))
             continue
         lse = sums = None
         if site.phase == "prefill" and policy.sums_attention and not (site.cache == "buffer" and continuous):
@@ -137,8 +137,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             outputs = [site.node if node is old else node for node in outputs]
         if site.cache == "buffer":
             if continuous:
-                site.reason = (f"{type(policy).__name__} ranks slots at every decode step; kvfx runs continuous "
-                               "policies on returned caches and slot stores, not on module buffers yet")
+                site.reason = (f"{type(policy).__name__} {policy.while_decoding}; kvfx runs continuous policies on "
+                               "returned caches and slot stores, not on module buffers yet")
                 continue
 
             def placeholder(name):

@@ -157,3 +157,14 @@ def test_policy_grid_fits_the_always_kept_tokens_in_the_budget():
     for policy in grid.values():
         assert policy.sinks + policy.window <= int(0.05 * 512)
     assert grid["RazorAttention"].retrieval_heads == ((1, 0),)
+
+
+def test_decode_step_quick_times_the_attention_alone_with_each_step_and_the_full_cache(tmp_path):
+    data = _run("decode_step.py", tmp_path)
+    us = data["us_per_call"]
+    width = kvfx.policies.budget_tokens(0.35, 256)
+    assert list(us) == [f"attention over {width} slots", "TOVA: attention + step", "ZeroMerge: attention + step",
+                        "full cache: SDPA over 256"]
+    assert all(t > 0 for t in us.values())
+    assert data["keys_moved"] == {"TOVA: attention + step": True, "ZeroMerge: attention + step": True}
+    assert "| ZeroMerge: attention + step |" in (tmp_path / "decode_step.md").read_text()

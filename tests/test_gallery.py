@@ -17,9 +17,14 @@ COMPRESSED = ["nanogpt", "bmm", "sinks", "latent", "alibi", "gpt-fast", "meta-ll
 LEFT_ALONE = {  # entry, policy -> what the reason must name
     ("gpt-fast", "TOVA"): "TOVA ranks slots at every decode step; kvfx runs continuous policies on returned caches "
                           "and slot stores, not on module buffers yet",
-    ("alibi", "TOVA"): "the per-head position bias (ALiBi) is corrected once, when TOVA compresses the prompt; a "
-                       "continuous policy moves slots at every decode step",
+    ("alibi", "TOVA"): "the per-head position bias (ALiBi) is corrected once, when TOVA compresses the prompt; TOVA "
+                       "ranks slots at every decode step",
+    # Recompress is continuous too, and the reason says what it does while decoding
+    ("gpt-fast", "Recompress"): "Recompress compresses again every 8 new tokens; kvfx runs continuous policies on "
+                                "returned caches and slot stores, not on module buffers yet",
 }
+LEFT_ALONE_POLICIES = {"TOVA": lambda: kvfx.TOVA(budget=0.5),
+                       "Recompress": lambda: kvfx.Recompress(kvfx.KNorm(budget=0.5), every=8, target=16)}
 
 
 def ids():
@@ -139,8 +144,8 @@ def test_left_alone_forms_name_what_kvfx_saw(name, policy, caplog):
     runs as it would without kvfx."""
     import logging
 
-    policy = getattr(kvfx, policy)(budget=0.5)
-    why = LEFT_ALONE[name, type(policy).__name__]
+    why = LEFT_ALONE[name, policy]
+    policy = LEFT_ALONE_POLICIES[policy]()
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="kvfx"):
         warnings.simplefilter("always")
         compiled, be = run(name, policy)

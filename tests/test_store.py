@@ -3,6 +3,8 @@ it (kvfx.integrations.transformers_store): pages hold exactly the kept slots
 of each (batch, KV head) row, decode writes in place, and compiled kvfx over
 the store equals the eager reference for every preset."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -332,6 +334,38 @@ def test_under_inductor_a_continuous_step_is_in_the_graph_and_equals_the_eager_r
     assert "kvfx.store_step" in run.records[1].code_after and "paged_attention_uniform" in run.records[1].code_after
 
 
+@dataclasses.dataclass(frozen=True)
+class _TwoPerToken(kvfx.TOVA):
+    """TOVA removing two slots per new token: a step ``plan_step`` cannot plan."""
+
+    def decode_length(self, total, new):
+        return total - 2 * new
+
+
+@pytest.mark.parametrize("policy", [kvfx.TOVA(budget=12), kvfx.ZeroMerge(budget=12, residual=2, window=3),
+                                    _TwoPerToken(budget=12)], ids=["TOVA", "ZeroMerge", "two-per-token"])
+def test_attention_and_step_equals_the_attention_then_the_ops_step(policy):
+    """``kvfx.decode_step.attention_and_step`` (run eagerly here) returns the
+    in-graph attention's output and leaves the store as ``kvfx::store_step``
+    does after it; a step removing more than one slot falls back to the op."""
+    from kvfx.decode_step import attention_and_step
+    from kvfx.kernels.paged_attention.reference import paged_attention_uniform
+    from kvfx.policies import key_of
+
+    q, k, v, bias, score = _full_rows(policy, b=1)
+    b, hkv, s, _ = k.shape
+    stores = [slot_store.pack(k, v, bias, score, torch.full((b, hkv), s), b * hkv * 4, 4, 4) for _ in range(2)]
+    extent, spec = torch.empty(0, s), key_of(policy)
+    got = attention_and_step(q, *stores[0].tensors(), extent, hkv, 0.35, spec, 0, 1)
+    want = paged_attention_uniform(q, *stores[1].tensors()[:3], hkv, 0.35)
+    torch.ops.kvfx.store_step(q, *stores[1].tensors(), extent, spec, 0, 1, 0.35)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(stores[0].lengths, stores[1].lengths)
+    assert (stores[0].lengths == policy.decode_length(s, 1)).all()
+    for x, y in zip(slot_store.dense(stores[0]), slot_store.dense(stores[1])):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
 def test_in_graph_decode_attention_equals_the_paged_reference():
     from kvfx.kernels.paged_attention.reference import paged_attention_reference, paged_attention_uniform
     from kvfx import store as slot_store
@@ -439,6 +473,34 @@ def test_one_eviction_moves_one_slot_into_the_hole_and_keeps_the_tail_in_order()
     assert torch.equal(kept_score[..., :7], index.float()) and torch.equal(keys[..., :7, 0], index.float())
     assert torch.equal(values, keys)
     assert (bias[..., 7] == NEG_INF).all() and (kept_score[..., 7] == 0).all()
+
+
+@pytest.mark.parametrize("last", [4, 7], ids=["a-tail-after-last", "last-is-the-newest"])
+def test_apply_step_writes_every_hole_and_a_merge_as_the_gather_over_copies(last):
+    """Each row drops another slot, the hole at ``last`` included (the
+    graduating tail token or TOVA's new token evicted), while slot 0 takes a
+    merged slot (``StepPlan.write``): the store equals the write then the
+    ``drop_index`` gather over copies, with the freed last slot masked."""
+    from kvfx.policies.fold import StepPlan, drop_index
+
+    s, rows, d = 8, last, 2
+    drop = torch.arange(1, last + 1).view(1, rows, 1)
+    k = (torch.arange(s * rows, dtype=torch.float32).view(1, rows, s, 1) + torch.tensor([0., 0.5])).contiguous()
+    v, bias, score = -k, torch.rand(1, rows, s), torch.rand(1, rows, s)
+    store = slot_store.pack(k, v, bias, score, torch.full((1, rows), s), rows * 2, 2, 4)
+    write = (torch.zeros_like(drop), torch.full((1, rows, 1, d), -7.), torch.full((1, rows, 1, d), 7.),
+             torch.full((1, rows, 1), 2.), torch.full((1, rows, 1), 9.))
+    slot_store.apply_step(store, s, score, StepPlan(drop, last, write))
+    want = [x.clone() for x in (k, v, bias, score)]
+    for x, new in zip(want, write[1:]):
+        x[:, :, :1] = new
+    index = drop_index(drop, s, last)
+    got = slot_store.gather(store, s)
+    for x, y in zip(got[:2], want[:2]):
+        assert torch.equal(x[:, :, :s - 1], y.gather(2, index[..., None].expand(-1, -1, -1, d)))
+    for x, y in zip(got[2:], want[2:]):
+        assert torch.equal(x[:, :, :s - 1], y.gather(2, index))
+    assert (got[2][..., s - 1] == NEG_INF).all() and (got[3][..., s - 1] == 0).all()
 
 
 def test_one_eviction_in_place_on_a_single_row():

@@ -133,6 +133,12 @@ class Policy:
         return None
 
     @property
+    def while_decoding(self) -> str:
+        """What a continuous policy does to the cache while decoding, as a
+        warning says it ("TOVA ranks slots at every decode step")."""
+        return "ranks slots at every decode step"
+
+    @property
     def keeps_running_score(self) -> bool:
         """Whether slots carry a running score between decode steps (a float32
         per slot in the store): a continuous policy's, unless it ranks afresh."""

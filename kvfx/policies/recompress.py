@@ -45,6 +45,10 @@ class Recompress(Compose):
 
     schedule = "continuous"   # (a class attribute: ranked again while decoding)
 
+    @property
+    def while_decoding(self) -> str:  # type: ignore[override]
+        return f"compresses again every {self.every} new tokens"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         inner = self.policy
