@@ -206,7 +206,7 @@ def append(store: Store, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     q = k_new.shape[2]
     slots = store.lengths[..., None] + torch.arange(q, device=k_new.device)
     zeros = torch.zeros(slots.shape, dtype=torch.float32, device=k_new.device)
-    _write(store, _flat_slots(store, slots).reshape(-1), k_new, v_new, zeros, zeros)
+    _write(store, flat_index(store, slots), k_new, v_new, zeros, zeros)
     store.lengths.add_(q)
     store.seen.add_(q)
 
@@ -261,7 +261,7 @@ def scatter(store: Store, k, v, slot_bias, slot_score, width: int = 0) -> None:
     ``paged_attention_uniform`` reads as the whole mask)."""
     n = k.shape[2]
     slots = torch.arange(n, device=k.device).expand(*k.shape[:2], n)
-    _write(store, _flat_slots(store, slots).reshape(-1), k, v, slot_bias, slot_score)
+    _write(store, flat_index(store, slots), k, v, slot_bias, slot_score)
     if width > n:
         freed = torch.arange(n, width, device=k.device).expand(*k.shape[:2], width - n)
         store.slot_bias.view(-1).index_fill_(0, _flat_slots(store, freed).reshape(-1), NEG_INF)

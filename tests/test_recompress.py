@@ -113,6 +113,7 @@ def test_a_target_above_what_decoding_reaches_equals_the_wrapped_policy():
 
 @pytest.mark.parametrize("policy, says", [
     (kvfx.TOVA(budget=0.5), "already ranks slots at every decode step"),
+    (kvfx.Recompress(kvfx.KNorm(budget=0.5), every=8, target=16), "already compresses again every 8 new tokens"),
     (kvfx.RazorAttention(budget=0.5), "Compensate"),
     (kvfx.AdaKV(budget=0.5), "TopTokensAcrossHeads"),
     (kvfx.ChunkKV(budget=0.5), "TopChunks"),

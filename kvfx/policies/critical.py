@@ -38,7 +38,7 @@ class CriticalKV(Compose):
         super().__post_init__()
         if self.policy.schedule != "prefill":
             fail("CriticalKV", "policy", self.policy, "a policy that compresses the prompt once (CriticalKV "
-                 f"corrects prompt scores; {type(self.policy).__name__} ranks slots again at every decode step)")
+                 f"corrects prompt scores; {type(self.policy).__name__} {self.policy.while_decoding})")
         check_fraction("CriticalKV", "first_stage", self.first_stage)
         eps = self.epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:

@@ -54,8 +54,8 @@ class Recompress(Compose):
         inner = self.policy
         name = type(inner).__name__
         if inner.schedule != "prefill":
-            fail("Recompress", "policy", inner, f"a policy that compresses the prompt once ({name} already ranks "
-                 "slots at every decode step)")
+            fail("Recompress", "policy", inner, f"a policy that compresses the prompt once ({name} already "
+                 f"{inner.while_decoding})")
         if type(inner.keep()) is not TopTokens or type(inner.fold()) is not Evict:
             fail("Recompress", "policy", inner, "a policy that keeps its best tokens per KV head and evicts the "
                  f"rest (TopTokens keep, Evict fold); {name} uses {type(inner.keep()).__name__} and "
