@@ -26,6 +26,7 @@ from kvfx.kernels.paged_attention import paged_attention
 from kvfx.kernels.paged_attention.reference import paged_sink_weight
 from kvfx.policies import bias_of, policy_of
 from kvfx.policies.base import Policy
+from kvfx.policies.expected import rotary_embedding
 from kvfx.policies.scores import out_projection, prompt_lse
 from kvfx.policies.budgets import cdiv
 
@@ -50,6 +51,7 @@ def compress(
     q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
     policy: str, layer: int, n_layers: int, scale: float, score_keys: Optional[Tensor] = None,
     lse: Optional[Tensor] = None, sums: Optional[Tensor] = None, out_proj: Optional[Tensor] = None,
+    rotary: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compress one layer's prompt cache with the policy whose registry key is
     ``policy`` (``kvfx.policies.key_of``). q: [B, H, Sq, D] (None for a policy
@@ -62,11 +64,14 @@ def compress(
     S]: the column sums themselves (``kvfx::attention_column_sums``, summed
     with the policy's ``sum_terms``). ``out_proj`` [hidden, H x Dv]: the
     weight of the linear layer reading the attention output, lent to a score
-    that weighs values by it (``CriticalKV``). Returns fresh contiguous (k,
+    that weighs values by it (``CriticalKV``). ``rotary`` [2, B or 1, 1, S,
+    r]: the cos and sin of the queries' rotary embedding, lent with q taken
+    before it to a score that ``needs_rotary`` (``ExpectedAttention``; None:
+    unrotated queries). Returns fresh contiguous (k,
     v, slot_bias, slot_score, index) with n = policy.kept_length(S) slots."""
     pol = policy_of(policy)
     valid = valid_slots(mask, k.shape[0], k.shape[2], k.device)
-    with prompt_lse(q, lse, sums, pol.sum_terms()), out_projection(out_proj):
+    with prompt_lse(q, lse, sums, pol.sum_terms()), out_projection(out_proj), rotary_embedding(rotary):
         out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index, score_keys)
     # A custom op's outputs may not alias its inputs (the reused index would).
     index = out.index.clone() if out.index is reuse_index else out.index.contiguous()
@@ -75,7 +80,7 @@ def compress(
 
 @compress.register_fake
 def _compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, score_keys=None, lse=None,
-                   sums=None, out_proj=None):
+                   sums=None, out_proj=None, rotary=None):
     batch, kv_heads, length, _ = k.shape
     n = policy_of(policy).kept_length(length, layer, n_layers)
     return (
@@ -283,18 +288,18 @@ def _store_mark_fake(k, v, page):
 def store_compress(
     q: Optional[Tensor], k: Tensor, v: Tensor, mask: Optional[Tensor], reuse_index: Optional[Tensor],
     policy: str, layer: int, n_layers: int, scale: float, page: int, lse: Optional[Tensor] = None,
-    sums: Optional[Tensor] = None, out_proj: Optional[Tensor] = None,
+    sums: Optional[Tensor] = None, out_proj: Optional[Tensor] = None, rotary: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Compress one layer's prompt k, v [B, Hkv, S, D] with ``policy`` into a
     new slot store of ``page``-slot pages: each (batch, KV head) row holds its
     own kept slots (``Policy.store_pages`` sizes it), a running score only for
     a continuous policy. Returns the store's eight tensors (seen = S) and the
-    kept indices (for ChunkKV's reuse). ``lse``, ``sums``, ``out_proj``: as
-    for ``kvfx::compress``."""
+    kept indices (for ChunkKV's reuse). ``lse``, ``sums``, ``out_proj``,
+    ``rotary``: as for ``kvfx::compress``."""
     pol = policy_of(policy)
     batch, kv_heads, length = k.shape[:3]
     valid = valid_slots(mask, batch, length, k.device)
-    with prompt_lse(q, lse, sums, pol.sum_terms()), out_projection(out_proj):
+    with prompt_lse(q, lse, sums, pol.sum_terms()), out_projection(out_proj), rotary_embedding(rotary):
         out = pol.compress(q, k, v, valid, scale, layer, n_layers, reuse_index)
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)
     # Only a policy that ranks by a running score reads it again: the others keep none.
@@ -307,7 +312,7 @@ def store_compress(
 
 @store_compress.register_fake
 def _store_compress_fake(q, k, v, mask, reuse_index, policy, layer, n_layers, scale, page, lse=None, sums=None,
-                         out_proj=None):
+                         out_proj=None, rotary=None):
     pol = policy_of(policy)
     batch, kv_heads, length = k.shape[:3]
     pages, width = pol.store_pages(length, layer, n_layers, kv_heads, page)

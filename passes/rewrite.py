@@ -174,10 +174,11 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
         if site.phase == "prefill":
             reuse = _reused_index(site, policy, layer, kept_index)
             out_proj, ready = _lent_out_projection(graph, site, ready)
+            q, rotary, ready = _lent_rotary(graph, site, policy, q, ready)
             k_c, v_c, bias, score, index = call(
                 torch.ops.kvfx.compress.default,
                 (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer, n_layers,
-                 float(site.scale), site.score_k, lse, sums, out_proj), ready)
+                 float(site.scale), site.score_k, lse, sums, out_proj, rotary), ready)
             kept_index[layer] = index
             with graph.inserting_after(index):
                 seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})
@@ -260,20 +261,11 @@ def _queries_and_mask(graph: fx.Graph, site: Site, after: fx.Node) -> tuple[fx.N
     """The queries as [B, H, Sq, D] (unfolded from bmm's [B*H, Sq, D]) and the
     mask kvfx's ops read (a masked_fill condition turned into a 4-D keep
     mask), inserted after ``after``; returns them and the last node inserted."""
-    q, mask = site.q, site.mask
+    mask = site.mask
     if isinstance(mask, fx.Node) and mask.meta["example_value"].dim() == 2:  # Meta's [Sq, S]: kvfx reads 4-D
         with graph.inserting_after(after):
             mask = after = graph.call_function(operator.getitem, (mask, (None, None, Ellipsis)))
-    if site.fold:
-        with graph.inserting_after(after):
-            q = after = graph.call_method("unflatten", (site.q, 0, (-1, site.heads)))
-    if site.gqa == "tile":  # KV heads tiled (h % Hkv): query heads in repeat_kv's order (h // r), as kvfx's ops read
-        with graph.inserting_after(after):
-            q = after = graph.call_method("unflatten", (q, 1, (-1, site.kv_heads)))
-        with graph.inserting_after(after):
-            q = after = graph.call_method("transpose", (q, 1, 2))
-        with graph.inserting_after(after):
-            q = after = graph.call_method("flatten", (q, 1, 2))
+    q, after = _as_query_heads(graph, site, site.q, after)
     if site.fill is not None:
         mask = site.fill
         if not site.fill_keeps:
@@ -289,6 +281,63 @@ def _queries_and_mask(graph: fx.Graph, site: Site, after: fx.Node) -> tuple[fx.N
             with graph.inserting_after(after):
                 mask = after = graph.call_function(torch.where, (mask, site.mask, float("-inf")))
     return q, mask, after
+
+
+def _as_query_heads(graph: fx.Graph, site: Site, q: fx.Node, after: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """Queries shaped as the site's attention reads them, as [B, H, Sq, D]
+    in repeat_kv's head order (kvfx's ops read that), inserted after ``after``."""
+    if site.fold:
+        with graph.inserting_after(after):
+            q = after = graph.call_method("unflatten", (q, 0, (-1, site.heads)))
+    if site.gqa == "tile":  # KV heads tiled (h % Hkv): query heads in repeat_kv's order (h // r), as kvfx's ops read
+        with graph.inserting_after(after):
+            q = after = graph.call_method("unflatten", (q, 1, (-1, site.kv_heads)))
+        with graph.inserting_after(after):
+            q = after = graph.call_method("transpose", (q, 1, 2))
+        with graph.inserting_after(after):
+            q = after = graph.call_method("flatten", (q, 1, 2))
+    return q, after
+
+
+def _lent_rotary(graph: fx.Graph, site: Site, policy, q: fx.Node, ready: fx.Node) -> tuple:
+    """(the queries the compress op scores, the rotary embedding it is lent,
+    the last node inserted): for a policy that ``needs_rotary``, the queries
+    before their rotary embedding, taken through the same layout ops as the
+    rotated ones, and RoPE's cos and sin stacked as [2, B or 1, 1, S, r]
+    (channel i pairs with i + r/2) or [2, B or 1, 1, S, r/2, 2] (2i with
+    2i + 1); ``lend_policy_inputs`` found them. None for unrotated queries."""
+    if not policy.needs_rotary or not isinstance(site.rotary, dict):
+        return q, None, ready
+    rope = site.rotary
+    x, cos, sin = rope["x"], rope["cos"], rope["sin"]
+
+    def insert(kind, target, args):
+        nonlocal ready
+        with graph.inserting_after(ready):
+            ready = getattr(graph, kind)(target, args)
+        return ready
+
+    for op in rope["chain"]:  # the rotated queries' casts and layout ops, replayed on the unrotated ones
+        with graph.inserting_after(ready):
+            x = ready = graph.node_copy(op, lambda arg, op=op, x=x: x if arg is op.args[0] else arg)
+    q, ready = _as_query_heads(graph, site, x, ready)
+    if rope.get("complex"):  # cos + i sin
+        parts = insert("call_function", torch.view_as_real, (cos,))
+        cos = insert("call_function", operator.getitem, (parts, (Ellipsis, 0)))
+        sin = insert("call_function", operator.getitem, (parts, (Ellipsis, 1)))
+    if rope["widen"]:  # one entry per channel pair: both channels of a pair turn alike
+        if rope["layout"] == "half":
+            cos = insert("call_function", torch.cat, ((cos, cos), -1))
+            sin = insert("call_function", torch.cat, ((sin, sin), -1))
+        else:
+            cos = insert("call_function", torch.repeat_interleave, (cos, 2, -1))
+            sin = insert("call_function", torch.repeat_interleave, (sin, 2, -1))
+    both = insert("call_function", torch.stack, ((cos, sin),))
+    if rope["cos"].meta["example_value"].shape[1] != 1:
+        both = insert("call_method", "transpose", (both, 2, 3))     # [B, S, 1, r]: RoPE before the heads' transpose
+    if rope["layout"] == "pairs":
+        both = insert("call_method", "unflatten", (both, -1, (-1, 2)))
+    return q, both, ready
 
 
 def _head_bias(graph: fx.Graph, site: Site, after: fx.Node) -> tuple[fx.Node, fx.Node]:
@@ -369,9 +418,10 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
         reuse = _reused_index(site, policy, layer, kept_index)
         page = store.args[2]
         out_proj, ready = _lent_out_projection(graph, site, ready)
+        q, rotary, ready = _lent_rotary(graph, site, policy, q, ready)
         items = call(torch.ops.kvfx.store_compress.default,
                      (q if policy.needs_queries else None, site.k, site.v, mask, reuse, spec, layer,
-                      n_layers, float(site.scale), page, lse, sums, out_proj), ready)
+                      n_layers, float(site.scale), page, lse, sums, out_proj, rotary), ready)
         kept_index[layer] = items[-1]
         # The mark's outputs are what dynamo writes into the layer: take the
         # compressed store's instead (getitem nodes moved after them).
@@ -524,10 +574,11 @@ def _rewrite_buffer(graph: fx.Graph, site: Site, policy, spec: str, layer: int, 
             new_len = graph.call_method("size", (k_new, -2))
         q, mask, ready = _queries_and_mask(graph, site, new_len)
         out_proj, ready = _lent_out_projection(graph, site, ready)
+        q, rotary, ready = _lent_rotary(graph, site, policy, q, ready)
         k_c, v_c, bias, _score, kept = call(
             torch.ops.kvfx.compress.default,
             (q if policy.needs_queries else None, k_new, v_new, mask, reuse, spec, layer, n_layers,
-             float(site.scale), None, lse, sums, out_proj), ready)
+             float(site.scale), None, lse, sums, out_proj, rotary), ready)
         kept_index[layer] = kept
         with graph.inserting_after(kept):
             seen = graph.call_function(torch.full, ([], new_len), {"dtype": torch.int64})

@@ -79,6 +79,7 @@ class Site:
     score_k: Any = dataclasses.field(default=None, repr=False)     # latent: the per-head keys attention reads
     v_attn: Any = dataclasses.field(default=None, repr=False)      # latent: the per-head values attention reads
     out_proj: Any = dataclasses.field(default=None, repr=False)    # (weight node, stored transposed) of o_proj
+    rotary: Any = dataclasses.field(default=None, repr=False)      # rotary_of's dict, or "none" (unrotated q)
 
     @property
     def compressible(self) -> bool:
@@ -772,6 +773,192 @@ def out_projection(site: "Site") -> tuple[Optional[fx.Node], bool, str]:
     return None, False, "no linear layer within 16 layout ops of the attention output"
 
 
+MUL = {operator.mul, torch.mul}
+ADD = {operator.add, torch.add}
+NEG = {operator.neg, torch.neg}
+# What may lie between the query projection and attention in a model without
+# a rotary embedding: layout, casts, a fused projection's split, a scale.
+PROJECTIONS = LINEAR | {torch.addmm, torch.baddbmm} | MATMUL
+SPLITS = {"split", "chunk", "unbind"}
+
+
+def _last_slice(node) -> Optional[slice]:
+    """s when ``node`` is ``x[..., s]`` (or x[:, :, :, s] of a 4-D x)."""
+    if not _is_call(node, {operator.getitem}) or not isinstance(node.args[1], tuple):
+        return None
+    *lead, last = node.args[1]
+    if not isinstance(last, slice) or not all(i is Ellipsis or i == slice(None) for i in lead):
+        return None
+    if Ellipsis not in lead and len(lead) != _value(node.args[0]).dim() - 1:
+        return None
+    return last
+
+
+def _halves(node) -> Optional[tuple]:
+    """(x, first) when ``node`` is a half of x's last dim: x[..., :h] (first)
+    or x[..., h:], h = half of x's last dim."""
+    last = _last_slice(node)
+    if last is None or last.step not in (None, 1):
+        return None
+    x = node.args[0]
+    half = _value(x).shape[-1] // 2
+    if last == slice(None, half):
+        return x, True
+    return (x, False) if last == slice(half, None) else None
+
+
+def _turned(node) -> Optional[tuple]:
+    """(x, layout) when ``node`` is x with each channel pair turned a quarter,
+    (a, b) -> (-b, a): HF's ``rotate_half(x)`` = cat((-x[..., h:], x[..., :h]))
+    ("half": channel i pairs with i + h) or GPT-J's ``rotate_every_two(x)`` =
+    stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) ("pairs": 2i with 2i + 1)."""
+    if _method(node, {"flatten"}) and node.args[1:] in ((-2,), (3,)):
+        inner = node.args[0]
+        if not _is_call(inner, {torch.stack}) or _arg(inner, 1, "dim", 0) not in (-1, 4):
+            return None
+        layout, odd_step, even_step = "pairs", slice(1, None, 2), slice(None, None, 2)
+        parts = inner.args[0]
+        if len(parts) != 2 or not _is_call(parts[0], NEG):
+            return None
+        odd, even = parts[0].args[0], parts[1]
+        if _last_slice(odd) == odd_step and _last_slice(even) == even_step and odd.args[0] is even.args[0]:
+            return odd.args[0], layout
+        return None
+    if not _is_call(node, CAT) or _arg(node, 1, "dim", 0) not in (-1, 3):
+        return None
+    parts = node.args[0]
+    if len(parts) != 2 or not _is_call(parts[0], NEG):
+        return None
+    high, low = _halves(parts[0].args[0]), _halves(parts[1])
+    if high and low and high[0] is low[0] and not high[1] and low[1]:
+        return high[0], "half"
+    return None
+
+
+def _products(node) -> list:
+    """Both orders of a product's operands."""
+    return [tuple(node.args), tuple(node.args[::-1])] if _is_call(node, MUL) and len(node.args) == 2 else []
+
+
+def _rope_turned(node) -> Optional[dict]:
+    """``x * cos + turn(x) * sin`` (HF, GPT-J; either order in each product
+    and in the sum), turn a quarter turn of each channel pair (``_turned``)."""
+    if not _is_call(node, ADD) or len(node.args) != 2:
+        return None
+    for plain, turned in (node.args, node.args[::-1]):
+        for x, cos in _products(plain):
+            for r, sin in _products(turned):
+                found = _turned(r)
+                if found and found[0] is x and isinstance(cos, fx.Node) and isinstance(sin, fx.Node):
+                    return dict(x=x, cos=cos, sin=sin, layout=found[1], widen=False)
+    return None
+
+
+def _rope_split(node) -> Optional[dict]:
+    """cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1), x1, x2 the halves
+    of x: the half-split rotation written out (cos and sin half as wide)."""
+    if not _is_call(node, CAT) or _arg(node, 1, "dim", 0) not in (-1, 3) or len(node.args[0]) != 2:
+        return None
+    first, second = node.args[0]
+    if not (_is_call(first, {operator.sub, torch.sub}) and _is_call(second, ADD)):
+        return None
+    for x1, cos in _products(first.args[0]):
+        for x2, sin in _products(first.args[1]):
+            a, b = _halves(x1), _halves(x2)
+            if not (a and b and a[0] is b[0] and a[1] and not b[1]):
+                continue
+            terms = {frozenset(map(id, pair)) for side in second.args for pair in _products(side)[:1]}
+            if terms == {frozenset((id(x1), id(sin))), frozenset((id(x2), id(cos)))}:
+                return dict(x=a[0], cos=cos, sin=sin, layout="half", widen=True)
+    return None
+
+
+def _rope_complex(node) -> Optional[dict]:
+    """view_as_real(view_as_complex(x.float().reshape(..., -1, 2)) * freqs).flatten(3):
+    Meta's reference form, channel 2i turning with 2i + 1 by the complex
+    ``freqs`` (cos and sin its real and imaginary parts, one per pair)."""
+    if not (_method(node, {"flatten"}) and node.args[1:] in ((3,), (-2,))):
+        return None
+    real = node.args[0]
+    if not _is_call(real, {torch.view_as_real}):
+        return None
+    for turned, freqs in _products(real.args[0]):
+        if _is_call(turned, {torch.view_as_complex}) and isinstance(freqs, fx.Node):
+            pairs = turned.args[0]
+            if not (_method(pairs, {"reshape", "view"}) or _is_call(pairs, {torch.reshape})):
+                return None
+            x = pairs.args[0]
+            while _method(x, CAST_METHODS):
+                x = x.args[0]
+            return dict(x=x, cos=freqs, sin=freqs, layout="pairs", widen=True, complex=True)
+    return None
+
+
+def _rope(node) -> Optional[dict]:
+    """The rotary embedding that produced ``node``: x (the input), its cos and
+    sin, the channel pairing; also when it rotates only x's first r channels
+    and passes the rest (Phi, GPT-NeoX, GPT-J): cat((rope(x[..., :r]), x[..., r:]), -1)."""
+    found = _rope_turned(node) or _rope_split(node) or _rope_complex(node)
+    if found is not None or not _is_call(node, CAT) or _arg(node, 1, "dim", 0) not in (-1, 3):
+        return found
+    if len(node.args[0]) != 2:
+        return None
+    rotated, passed = node.args[0]
+    found = _rope_turned(rotated) or _rope_split(rotated) or _rope_complex(rotated)
+    if found is None or not isinstance(passed, fx.Node):
+        return None
+    part = found["x"]
+    r = _value(part).shape[-1]
+    if _last_slice(part) != slice(None, r) or _last_slice(passed) != slice(r, None) or passed.args[0] is not part.args[0]:
+        return None
+    return {**found, "x": part.args[0]}
+
+
+def _projected(node: fx.Node) -> tuple[bool, fx.Node]:
+    """(True, the projection) when ``node`` comes straight from a linear
+    projection (through layout ops, casts, a fused projection's split, a
+    scale by a number), else (False, the first node that is none of these)."""
+    for _ in range(24):
+        if _is_call(node, PROJECTIONS) or (node.op == "call_module"):
+            return True, node
+        if _is_layout(node) or _method(node, CAST_METHODS | SPLITS) or _is_call(node, {torch.split, torch.chunk}):
+            node = node.args[0]
+        elif _is_call(node, {operator.getitem}) and isinstance(node.args[1], (int, slice, tuple)):
+            node = node.args[0]
+        elif _is_call(node, MUL | {operator.truediv}) and any(isinstance(a, (int, float)) for a in node.args):
+            node = next(a for a in node.args if isinstance(a, fx.Node))
+        else:
+            return False, node
+    return False, node
+
+
+def rotary_of(site: "Site") -> tuple[Any, str]:
+    """What ``site``'s queries are before their rotary embedding: (dict(x=
+    the queries before RoPE, chain= the layout ops from RoPE's output to
+    attention's q, cos, sin as the model multiplies by them (complex= True:
+    one complex tensor, cos + i sin), layout= "half" or "pairs", widen=
+    whether cos and sin hold one entry per channel pair),
+    "") for the forms ``_rope`` reads; ("none", "") for queries with no
+    rotary embedding (straight from a projection); (None, what kvfx saw)."""
+    node, chain = site.q, []
+    while _is_layout(node) or _method(node, CAST_METHODS):
+        chain.append(node)
+        node = node.args[0]
+    found = _rope(node)
+    if found is not None:
+        shapes = [tuple(getattr(_value(found[n]), "shape", ())) for n in ("x", "cos", "sin")]
+        if len(shapes[1]) != 4 or shapes[1] != shapes[2] or 1 not in shapes[1][1:3]:
+            return None, f"its rotary embedding's cos {shapes[1]} is not [B, 1, S, r] or [B, S, 1, r] beside q {shapes[0]}"
+        return {**found, "chain": tuple(reversed(chain))}, ""
+    straight, seen = _projected(site.q)
+    if straight:
+        return "none", ""
+    name = seen.target if seen.op == "call_method" else getattr(seen.target, "__name__", str(seen.target))
+    return None, (f"its queries reach attention through {name} (at {seen.name}), neither a rotary embedding kvfx "
+                  "reads (q * cos + rotate_half(q) * sin, its interleaved, written-out and complex forms) nor "
+                  "straight from a projection")
+
+
 def find_sites(gm: fx.GraphModule) -> list[Site]:
     """One ``Site`` per attention call in ``gm``, in graph order."""
     sites: list[Site] = []
@@ -923,6 +1110,15 @@ def lend_policy_inputs(sites: list[Site], policy) -> None:
         if site.compressible and site.latent and policy.needs_values:
             site.reason = (f"{type(policy).__name__} scores the values per KV head; this cache holds one latent "
                            "shared by every head (MLA)")
+    if policy.needs_rotary:
+        for site in sites:
+            if site.compressible and site.latent:
+                site.reason = (f"{type(policy).__name__} reads the queries before their rotary embedding; this "
+                               "cache's queries read a latent (MLA)")
+            elif site.compressible and site.rotary is None:
+                site.rotary, seen = rotary_of(site)
+                if site.rotary is None:
+                    site.reason = f"{type(policy).__name__} reads the queries before their rotary embedding: {seen}"
     if not policy.needs_out_projection:
         return
     for site in sites:

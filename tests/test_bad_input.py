@@ -23,6 +23,9 @@ BAD_FIELDS = [
     ("ZeroMerge", dict(decay=0.0), "decay"), ("ZeroMerge", dict(budget=5, window=8), "budget"),
     ("LagKV", dict(lag=0), "lag"), ("LagKV", dict(cross_scoring=1), "cross_scoring"),
     ("CUR", dict(leverage="keys"), "leverage"), ("CUR", dict(local_window=-1), "local_window"),
+    ("ExpectedAttention", dict(n_future_positions=0), "n_future_positions"),
+    ("ExpectedAttention", dict(use_covariance=1), "use_covariance"), ("ExpectedAttention", dict(use_vnorm="yes"), "use_vnorm"),
+    ("ExpectedAttention", dict(epsilon=-1e-3), "epsilon"), ("ExpectedAttention", dict(epsilon=float("nan")), "epsilon"),
 ]
 
 

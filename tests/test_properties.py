@@ -22,6 +22,7 @@ def make_policy(name: str, budget):
         "ChunkKV": dict(window=2, chunk=2), "RazorAttention": dict(sinks=1, window=2, retrieval_heads=((1, 0),)),
         "ZeroMerge": dict(residual=1, window=2), "AdaKV": dict(window=2, kernel=3),
         "KeyDiff": {}, "LagKV": dict(sinks=1, lag=4), "CUR": dict(sinks=1, local_window=4),
+        "ExpectedAttention": dict(sinks=1, n_future_positions=16),
     }[name]
     return kvfx.PRESETS[name](budget=budget, **small)
 

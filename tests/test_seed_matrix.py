@@ -1,4 +1,5 @@
-"""Every seed method, continuous baseline, per-layer / per-head budget and query-agnostic score on
+"""Every seed method, continuous baseline, per-layer / per-head budget, query-agnostic score and
+ExpectedAttention (the queries before RoPE, found in each architecture's graph) on
 the architecture matrix: prefill + 32 decode steps, at most 2 graphs, no
 graph break, compressible layers at the policy's length -- eager attention
 and materialised masks included, whatever the layers' lengths.
@@ -27,6 +28,7 @@ METHODS = {
     "KeyDiff": kvfx.KeyDiff(budget=0.35),
     "LagKV": kvfx.LagKV(budget=0.35, sinks=2, lag=4),
     "CUR": kvfx.CUR(budget=0.35, sinks=2, local_window=4),
+    "ExpectedAttention": kvfx.ExpectedAttention(budget=0.35, sinks=2, n_future_positions=16),
 }
 # Not here: nothing to compress (every window binds; ALiBi), or a latent cache kvfx compresses on transformers'
 # own layers, not in a slot store (tests/test_matrix.py and tests/test_gallery.py cover it).

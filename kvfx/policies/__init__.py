@@ -13,6 +13,7 @@ from kvfx.policies.base import Policy
 from kvfx.policies.budgets import Budget, budget_tokens, check_budget, smax, smin
 from kvfx.policies.compose import Compose
 from kvfx.policies.critical import CriticalKV
+from kvfx.policies.expected import ExpectedAttention
 from kvfx.policies.fold import (Compensate, Compressed, Evict, Fold, GaussianMerge, ResidualMerge, bias_of,
                                 evict_to)
 from kvfx.policies.keep import Keep, Kept, TopChunks, TopTokens, TopTokensAcrossHeads, protect, top_sorted
@@ -26,7 +27,7 @@ for _rule in (TopTokens, TopChunks, TopTokensAcrossHeads, Evict, Compensate, Res
 
 __all__ = [
     "AdaKV", "bias_of", "Budget", "budget_tokens", "check_budget", "ChunkKV", "Compensate", "Compose", "Compressed",
-    "CriticalKV", "CUR", "Evict", "evict_to", "Fold", "GaussianMerge", "H2O", "Keep", "Kept", "key_of", "KeyDiff",
+    "CriticalKV", "CUR", "Evict", "evict_to", "ExpectedAttention", "Fold", "GaussianMerge", "H2O", "Keep", "Kept", "key_of", "KeyDiff",
     "KNorm", "KVMerger", "LagKV", "parse_policy", "Policy", "policy_of", "PRESETS", "protect", "PyramidKV",
     "RazorAttention", "Recompress", "ResidualMerge", "smax", "smin", "SnapKV", "StreamingLLM", "top_sorted",
     "TopChunks", "TopTokens", "TopTokensAcrossHeads", "TOVA", "ZeroMerge",

@@ -51,6 +51,10 @@ class Policy:
     #: whether ``_score`` reads the weight of the linear layer after the
     #: attention (``scores.lent_out_projection``): the rewrite finds and lends it
     needs_out_projection: ClassVar[bool] = False
+    #: whether ``score`` reads the queries *before* their rotary embedding
+    #: (``q`` is then those) and the embedding itself
+    #: (``expected.lent_rotary``): the rewrite finds and lends both
+    needs_rotary: ClassVar[bool] = False
     #: whether ``score`` sums the prompt's whole causal attention
     #: (``scores.attention_sums``): the rewrite then has the prompt's attention
     #: return its log-sum-exp (one pass over q.k instead of two) or, on the

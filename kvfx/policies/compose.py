@@ -62,6 +62,10 @@ class Compose(Policy):
         return self.policy.needs_out_projection
 
     @property
+    def needs_rotary(self) -> bool:  # type: ignore[override]
+        return self.policy.needs_rotary
+
+    @property
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.policy.sums_attention
 

@@ -63,6 +63,9 @@ class Recompress(Compose):
         if inner.needs_out_projection:
             fail("Recompress", "policy", inner, f"a policy whose score needs no output projection ({name}'s is "
                  "lent only to the prompt's compression)")
+        if inner.needs_rotary:
+            fail("Recompress", "policy", inner, f"a policy whose score needs no rotary embedding ({name}'s "
+                 "queries before it are lent only to the prompt's compression)")
         check_int("Recompress", "every", self.every, 1)
         check_int("Recompress", "target", self.target, max(1, inner.sinks + inner.window))
 

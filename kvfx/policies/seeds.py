@@ -37,6 +37,10 @@ class _ScorerGuided:
     def needs_out_projection(self) -> bool:
         return self.scorer is not None and self.scorer.needs_out_projection
 
+    @property
+    def needs_rotary(self) -> bool:
+        return self.scorer is not None and self.scorer.needs_rotary
+
     def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
         if self.scorer is not None:
             return self.scorer._score(q, k, valid, scale, v, layer, n_layers)

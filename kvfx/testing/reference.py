@@ -17,6 +17,7 @@ from kvfx.integrations.transformers import cache_argument, cache_of
 from kvfx.kernels.attention import slot_attention_reference
 from kvfx.ops import valid_slots
 from kvfx.policies import Policy
+from kvfx.policies.expected import rotary_embedding
 from kvfx.policies.scores import out_projection
 
 # The attribute holding the linear layer after the attention, per model family.
@@ -34,6 +35,18 @@ def module_out_projection(module) -> torch.Tensor | None:
             return layer.weight.t()
     return None
 
+
+
+def unrotated(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The queries [B, H, S, D] before HF's half-split rotary embedding with
+    cos, sin [B, S, r] (the first r channels rotated, the rest left)."""
+    r = cos.shape[-1]
+    cos, sin = cos[:, None].to(query.dtype), sin[:, None].to(query.dtype)
+    part, rest = query[..., :r], query[..., r:]
+    turned = torch.cat((-part[..., r // 2:], part[..., : r // 2]), -1)
+    return torch.cat(((part * cos - turned * sin) / (cos * cos + sin * sin), rest), -1)
+
+
 NAME = "kvfx_reference"
 
 
@@ -44,6 +57,7 @@ class _Reference:
         self.cache = None
         self.state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # layer -> (slot_bias, slot_score)
         self.kept_index: dict[int, torch.Tensor] = {}                  # layer -> kept indices (ChunkKV reuse)
+        self.rotary: dict[int, tuple] = {}                             # layer -> the prompt's (cos, sin)
 
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -55,8 +69,13 @@ class _Reference:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scale)
             valid = valid_slots(attention_mask, key.shape[0], key.shape[2], key.device)
             reuse = self.kept_index.get(self.policy.reuse_source(layer))
-            with out_projection(module_out_projection(module)):
-                kept = self.policy.compress(query, key, value, valid, scale, layer, self.n_layers, reuse)
+            lent, scored = None, query
+            if self.policy.needs_rotary:  # ExpectedAttention: the queries before RoPE, and RoPE's cos and sin
+                cos, sin = self.rotary.get(layer, (None, None))
+                if cos is not None:
+                    scored, lent = unrotated(query, cos, sin), torch.stack((cos, sin))[:, :, None]
+            with out_projection(module_out_projection(module)), rotary_embedding(lent):
+                kept = self.policy.compress(scored, key, value, valid, scale, layer, self.n_layers, reuse)
             self.kept_index[layer] = kept.index
             cache_layer.keys, cache_layer.values = kept.k.contiguous(), kept.v.contiguous()
             self.state[layer] = (kept.slot_bias, kept.slot_score)
@@ -96,10 +115,18 @@ def eager_reference(model, policy: Policy):
             kwargs[name] = reference.cache = DynamicCache(config=model.config)
         return args, kwargs
 
-    handle = model.register_forward_pre_hook(pre, with_kwargs=True)
+    def keep_rotary(module, args, kwargs):
+        if "position_embeddings" in kwargs and kwargs["position_embeddings"] is not None:
+            reference.rotary[module.layer_idx] = kwargs["position_embeddings"]
+        return args, kwargs
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(keep_rotary, with_kwargs=True) for m in model.modules()
+                if hasattr(m, "layer_idx") and policy.needs_rotary]
     model.set_attn_implementation(NAME)
     try:
         yield reference
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.set_attn_implementation(previous)

@@ -34,6 +34,7 @@ SMALL = {
     "PyramidKV": dict(window=4, beta=2.0), "AdaKV": dict(window=4), "KVMerger": dict(exempt_layers=()),
     "ChunkKV": dict(window=4, chunk=4), "ZeroMerge": dict(residual=2, window=4),
     "KeyDiff": {}, "LagKV": dict(sinks=2, lag=8), "CUR": dict(sinks=2, local_window=8),
+    "ExpectedAttention": dict(sinks=2, n_future_positions=16),
     # retrieval heads on both ranks of a 2-way split (rank 0 holds heads 0-1, rank 1 heads 2-3)
     "RazorAttention": dict(sinks=2, window=4, retrieval_heads=((0, 1), (1, 2), (1, 3))),
 }
