@@ -776,9 +776,7 @@ def out_projection(site: "Site") -> tuple[Optional[fx.Node], bool, str]:
 MUL = {operator.mul, torch.mul}
 ADD = {operator.add, torch.add}
 NEG = {operator.neg, torch.neg}
-# What may lie between the query projection and attention in a model without
-# a rotary embedding: layout, casts, a fused projection's split, a scale.
-PROJECTIONS = LINEAR | {torch.addmm, torch.baddbmm} | MATMUL
+# A fused projection's split, between it and the queries of a model without RoPE.
 SPLITS = {"split", "chunk", "unbind"}
 
 
@@ -919,8 +917,12 @@ def _projected(node: fx.Node) -> tuple[bool, fx.Node]:
     projection (through layout ops, casts, a fused projection's split, a
     scale by a number), else (False, the first node that is none of these)."""
     for _ in range(24):
-        if _is_call(node, PROJECTIONS) or (node.op == "call_module"):
+        if _is_call(node, LINEAR | {torch.addmm}):
             return True, node
+        if _is_call(node, MATMUL) and len(node.args) == 2:  # x @ W, W a parameter (not a per-position matrix)
+            weight = _untransposed(node.args[1])[0]
+            return (True, node) if isinstance(weight, fx.Node) and weight.op in ("placeholder", "get_attr") else (
+                False, node)
         if _is_layout(node) or _method(node, CAST_METHODS | SPLITS) or _is_call(node, {torch.split, torch.chunk}):
             node = node.args[0]
         elif _is_call(node, {operator.getitem}) and isinstance(node.args[1], (int, slice, tuple)):
