@@ -412,10 +412,10 @@ def _store_step_fake(q, k_pages, v_pages, slot_bias, slot_score, page_table, len
 # kvfx compresses caches for inference: no gradient flows through its ops.
 # Registering that keeps a forward run with grad enabled from failing inside
 # AOTAutograd.
-compress.register_autograd(lambda ctx, *grads: (None,) * 13)
+compress.register_autograd(lambda ctx, *grads: (None,) * 14)
 attention_lse.register_autograd(lambda ctx, *grads: (None,) * 4)
 attention_column_sums.register_autograd(lambda ctx, *grads: (None,) * 6)
 attend.register_autograd(lambda ctx, *grads: (None,) * 11)
 step.register_autograd(lambda ctx, *grads: (None,) * 9)
-store_compress.register_autograd(lambda ctx, *grads: (None,) * 13)
+store_compress.register_autograd(lambda ctx, *grads: (None,) * 14)
 store_attend.register_autograd(lambda ctx, *grads: (None,) * 9)
