@@ -794,7 +794,13 @@ def _last_slice(node) -> Optional[slice]:
 
 def _halves(node) -> Optional[tuple]:
     """(x, first) when ``node`` is a half of x's last dim: x[..., :h] (first)
-    or x[..., h:], h = half of x's last dim."""
+    or x[..., h:], h = half of x's last dim, or a part of x.chunk(2, -1) (gpt-oss)."""
+    if _is_call(node, {operator.getitem}) and node.args[1] in (0, 1):
+        parts = node.args[0]
+        chunked = _is_call(parts, {torch.chunk}) or _method(parts, {"chunk"})
+        if chunked and _arg(parts, 1, "chunks") == 2 and _arg(parts, 2, "dim", 0) in (-1, _value(parts.args[0]).dim() - 1):
+            return parts.args[0], node.args[1] == 0
+        return None
     last = _last_slice(node)
     if last is None or last.step not in (None, 1):
         return None

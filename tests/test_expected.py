@@ -151,6 +151,22 @@ def complex_rope(x, pos, base=10000.0):
     return turned.flatten(3).type_as(x)
 
 
+def gpt_oss_case():
+    """gpt-oss: the written-out half-split form over torch.chunk halves, YaRN-scaled RoPE."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import _apply_rotary_emb
+
+    model = tiny_model("gpt_oss", attn="eager")
+    attn = model.model.layers[1].self_attn                # layer 0 slides: its cache is bounded, left as is
+
+    def rope(x, p):
+        cos, sin = model.model.rotary_emb(x[None], torch.tensor([[p]]))          # [1, 1, D/2], attention factor in
+        return _apply_rotary_emb(x[None], cos, sin)[0]
+
+    def queries(hidden):
+        return attn.q_proj(hidden).view(*hidden.shape[:2], -1, attn.head_dim).transpose(1, 2)
+    return model, attn, rope, queries
+
+
 def gallery_case(name):
     """The hand-written gallery's own half-split RoPE (written out, cos and sin half as wide),
     or (meta-complex) Meta's complex form."""
@@ -172,13 +188,13 @@ def gallery_case(name):
     return entry, model, attn, rope, queries
 
 
-@pytest.mark.parametrize("name", ["gptj", "meta-llama", "meta-complex", "gpt-fast", "nanogpt"])
+@pytest.mark.parametrize("name", ["gptj", "gpt_oss", "meta-llama", "meta-complex", "gpt-fast", "nanogpt"])
 def test_the_op_is_lent_the_queries_before_rope_and_where_rope_turns_them(name, monkeypatch):
     """Through the graph: the queries the score reads are the projection's
     (before RoPE), and the rotation it carries them by equals the model's own
     RoPE averaged over the next positions (GPT-J's interleaved partial form,
-    the gallery's written-out half-split form, Meta's complex form, none for
-    nanoGPT)."""
+    gpt-oss's and the gallery's written-out half-split forms, Meta's complex
+    form, none for nanoGPT)."""
     from kvfx.policies import expected
     from kvfx.testing import gallery
 
@@ -192,8 +208,8 @@ def test_the_op_is_lent_the_queries_before_rope_and_where_rope_turns_them(name, 
                         score(q, k, v, valid, scale, rotation, *a))
     policy = kvfx.ExpectedAttention(budget=0.5, n_future_positions=FUTURE)
     seen = {}
-    if name == "gptj":
-        model, attn, rope, queries = gptj_case()
+    if name in ("gptj", "gpt_oss"):
+        model, attn, rope, queries = gptj_case() if name == "gptj" else gpt_oss_case()
         ids = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
         hook = attn.register_forward_pre_hook(keeping(seen, "h"), with_kwargs=True)
         with torch.no_grad():
@@ -211,7 +227,7 @@ def test_the_op_is_lent_the_queries_before_rope_and_where_rope_turns_them(name, 
         assert all(s.compressible for r in backend.records for s in r.sites)
         from kvfx.testing.gallery import HEAD_DIM as dim
     assert lent, "the score never ran"
-    q, rotation = lent[0]                                                  # layer 0's
+    q, rotation = lent[0]                                                  # the first compressed layer's
     with torch.no_grad():
         torch.testing.assert_close(q, queries(seen["h"]), rtol=1e-5, atol=1e-5)
     expect = rotation_by_basis(rope, dim, range(PROMPT, PROMPT + FUTURE))
