@@ -15,6 +15,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a slow check beside a faster one of the same behaviour; "
+                                       "KVFX_SLOW=1 runs it (CI runs the faster subset)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KVFX_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow check: KVFX_SLOW=1 runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
