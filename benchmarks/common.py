@@ -56,7 +56,7 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
 
 
 # Wrappers a benchmark's "A+B" names: A(B(...)), B a preset at the grid's budget.
-WRAPPERS = {"CriticalKV": kvfx.CriticalKV}
+WRAPPERS = {"CriticalKV": kvfx.CriticalKV, "ThinK": kvfx.ThinK}
 
 
 def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads: tuple = (),
@@ -76,7 +76,8 @@ def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads:
 
     for name in names:
         base, _, scorer = name.partition("+")   # "KVMerger+SnapKV": KVMerger's merges guided by SnapKV's score
-        if base in WRAPPERS:                    # "CriticalKV+SnapKV": SnapKV's score corrected by CriticalKV
+        if base in WRAPPERS:                    # "CriticalKV+SnapKV": SnapKV's score corrected by CriticalKV;
+            # "ThinK+SnapKV": SnapKV's tokens, then half of each head's key channels zeroed (ThinK's defaults)
             grid[name] = WRAPPERS[base](kvfx.PRESETS[scorer](**shrunk(scorer)))
             continue
         defaults = kvfx.PRESETS[base]()
@@ -204,7 +205,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inn
     parser.add_argument("--models", type=list_of(str), help=f"comma-separated; default {','.join(REAL_MODELS)}")
     parser.add_argument("--policies", type=list_of(str), default=list(kvfx.PRESETS),
                         help="comma-separated presets; A+B: preset A guided by preset B's score (KVMerger+SnapKV), "
-                             "or B wrapped by A (CriticalKV+SnapKV)")
+                             "or B wrapped by A (CriticalKV+SnapKV, ThinK+SnapKV)")
     parser.add_argument("--budgets", type=list_of(float), help=budgets_help)
     parser.add_argument("--inner", default=inner, choices=("eager", "aot_eager", "inductor"))
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -9,7 +9,7 @@ from kvfx.explain import Report, explain
 from kvfx.heads import find_retrieval_heads, load_head_map, save_head_map
 from kvfx.policies import (CUR, H2O, PRESETS, TOVA, AdaKV, ChunkKV, Compensate, Compose, CriticalKV, Evict,
                            ExpectedAttention, GaussianMerge, KeyDiff, KNorm, KVMerger, LagKV, Policy, PyramidKV, RazorAttention,
-                           Recompress, ResidualMerge, SnapKV, StreamingLLM, TopChunks, TopTokens, TopTokensAcrossHeads,
+                           Recompress, ResidualMerge, SnapKV, StreamingLLM, ThinK, TopChunks, TopTokens, TopTokensAcrossHeads,
                            ZeroMerge, parse_policy)
 from kvfx.runtime import PositionError, tokens_seen
 
@@ -17,6 +17,6 @@ __all__ = [
     "AdaKV", "backend", "Backend", "ChunkKV", "Compensate", "compile", "Compose", "CriticalKV", "CUR", "Evict",
     "ExpectedAttention", "explain", "find_retrieval_heads", "GaussianMerge", "GraphRecord", "H2O", "KeyDiff", "KNorm", "KVMerger", "LagKV",
     "load_head_map", "parse_policy", "Policy", "PositionError", "PRESETS", "PyramidKV", "RazorAttention", "Recompress",
-    "Report", "ResidualMerge", "restore", "save_head_map", "set_policy", "SnapKV", "StreamingLLM", "tokens_seen",
+    "Report", "ResidualMerge", "restore", "save_head_map", "set_policy", "SnapKV", "StreamingLLM", "ThinK", "tokens_seen",
     "TopChunks", "TopTokens", "TopTokensAcrossHeads", "TOVA", "ZeroMerge",
 ]

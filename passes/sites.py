@@ -1118,6 +1118,10 @@ def lend_policy_inputs(sites: list[Site], policy) -> None:
         if site.compressible and site.latent and policy.needs_values:
             site.reason = (f"{type(policy).__name__} scores the values per KV head; this cache holds one latent "
                            "shared by every head (MLA)")
+    for site in sites:  # a latent's key channels are shared by every head and are not the queries' (MLA)
+        if site.compressible and site.latent and policy.cuts_key_channels:
+            site.reason = (f"{type(policy).__name__} zeroes key channels per KV head against the queries' channels; "
+                           "this cache holds one latent shared by every head (MLA)")
     if policy.needs_rotary:
         for site in sites:
             if site.compressible and site.latent:

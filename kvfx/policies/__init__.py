@@ -6,6 +6,7 @@ built from score / keep / fold / schedule / plan primitives (see ``base``).
     kvfx.Compose(kvfx.SnapKV(budget=0.3), fold_rule=kvfx.GaussianMerge())   # SnapKV's keep, KVMerger's merge
     kvfx.CriticalKV(kvfx.SnapKV(budget=0.3))               # any score weighed by what values do to the output
     kvfx.Recompress(kvfx.KNorm(budget=0.5), every=64, target=512)   # compressed again while decoding
+    kvfx.ThinK(kvfx.SnapKV(budget=0.5), key_channels=0.5)  # and half of each head's key channels zeroed
 """
 
 from kvfx.policies.agnostic import CUR, KeyDiff, LagKV
@@ -21,6 +22,7 @@ from kvfx.policies.presets import H2O, TOVA, AdaKV, KNorm, PyramidKV, SnapKV, St
 from kvfx.policies.recompress import Recompress
 from kvfx.policies.registry import PRESETS, key_of, parse_policy, policy_of, rule
 from kvfx.policies.seeds import ChunkKV, KVMerger, RazorAttention, ZeroMerge
+from kvfx.policies.think import ThinK
 
 for _rule in (TopTokens, TopChunks, TopTokensAcrossHeads, Evict, Compensate, ResidualMerge, GaussianMerge):
     rule(_rule)
@@ -30,5 +32,5 @@ __all__ = [
     "CriticalKV", "CUR", "Evict", "evict_to", "ExpectedAttention", "Fold", "GaussianMerge", "H2O", "Keep", "Kept", "key_of", "KeyDiff",
     "KNorm", "KVMerger", "LagKV", "parse_policy", "Policy", "policy_of", "PRESETS", "protect", "PyramidKV",
     "RazorAttention", "Recompress", "ResidualMerge", "smax", "smin", "SnapKV", "StreamingLLM", "top_sorted",
-    "TopChunks", "TopTokens", "TopTokensAcrossHeads", "TOVA", "ZeroMerge",
+    "ThinK", "TopChunks", "TopTokens", "TopTokensAcrossHeads", "TOVA", "ZeroMerge",
 ]

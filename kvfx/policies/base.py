@@ -60,6 +60,9 @@ class Policy:
     #: return its log-sum-exp (one pass over q.k instead of two) or, on the
     #: CPU, the sums themselves (``sum_terms`` says which).
     sums_attention: ClassVar[bool] = False
+    #: whether ``cut_channels`` zeroes key channels after the fold (ThinK):
+    #: the keys must then be per KV head (not a latent, MLA)
+    cuts_key_channels: ClassVar[bool] = False
     #: whether sinks + window must fit in a token budget (not for a policy
     #: whose budget sizes only part of what it keeps, like RazorAttention).
     window_within_budget: ClassVar[bool] = True
@@ -221,7 +224,7 @@ class Policy:
         ``score_keys`` [B, H, S, D]: score on these keys instead (a latent
         cache's per-head keys), averaged over the heads each of k's shares."""
         if reuse_index is not None:
-            return evict_to(reuse_index, k, v, valid)
+            return self.cut_channels(q, valid, evict_to(reuse_index, k, v, valid))
         s = k.shape[2]
         n = self.budget_length(s, layer, n_layers)
         if score_keys is None:
@@ -234,7 +237,12 @@ class Policy:
         kept = self.keep().select(self, score, valid, n - fold.reserve, rows)
         out = fold.apply(self, k, v, valid, score, kept, n, rows)
         heads = self.full_heads(layer)
-        return whole_heads(out, k, v, valid, heads) if heads and out.k.shape[2] < s else out
+        out = whole_heads(out, k, v, valid, heads) if heads and out.k.shape[2] < s else out
+        return self.cut_channels(q, valid, out)
+
+    def cut_channels(self, q, valid, out: Compressed) -> Compressed:
+        """After the fold: a cut along head_dim of the kept keys (ThinK); none here."""
+        return out
 
     def step(self, q, k, v, slot_bias, slot_score, scale, layer: int = 0, n_layers: int = 1):
         """One decode step of a continuous policy: returns (k, v, slot_bias, slot_score)."""

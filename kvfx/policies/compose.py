@@ -69,6 +69,13 @@ class Compose(Policy):
     def sums_attention(self) -> bool:  # type: ignore[override]
         return self.policy.sums_attention
 
+    @property
+    def cuts_key_channels(self) -> bool:  # type: ignore[override]
+        return self.policy.cuts_key_channels
+
+    def cut_channels(self, q, valid, out):
+        return self.policy.cut_channels(q, valid, out)
+
     def sum_terms(self) -> tuple:
         return self.policy.sum_terms()
 
