@@ -59,8 +59,12 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
 WRAPPERS = {"CriticalKV": kvfx.CriticalKV, "ThinK": kvfx.ThinK}
 
 
+# Policies built for the model's tokenizer (KVzip's repeat instruction is token ids).
+FOR_TOKENIZER = {"KVzip": kvfx.KVzip}
+
+
 def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads: tuple = (),
-                sum_queries: int = 0) -> dict[str, kvfx.Policy]:
+                sum_queries: int = 0, tokenizer=None) -> dict[str, kvfx.Policy]:
     """Each preset at ``budget``, its always-kept tokens (sinks, window) shrunk so
     they fit in the budget of the shortest prompt: a 256-token window would
     otherwise hold a 5% budget at 25% of a 1k prompt. ``sum_queries`` > 0: after
@@ -75,6 +79,9 @@ def policy_grid(names: list[str], budget: float, shortest: int, retrieval_heads:
                 "window": max(1, min(defaults.window, tokens // 2)) if defaults.window else 0}
 
     for name in names:
+        if name in FOR_TOKENIZER:               # kvpress's defaults (4 sinks), the instruction from the tokenizer
+            grid[name] = FOR_TOKENIZER[name].for_tokenizer(tokenizer, budget=budget)
+            continue
         base, _, scorer = name.partition("+")   # "KVMerger+SnapKV": KVMerger's merges guided by SnapKV's score
         if base in WRAPPERS:                    # "CriticalKV+SnapKV": SnapKV's score corrected by CriticalKV;
             # "ThinK+SnapKV": SnapKV's tokens, then half of each head's key channels zeroed (ThinK's defaults)
@@ -213,6 +220,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, budgets_help: str, inn
 
 def check_arguments(parser: argparse.ArgumentParser, args) -> None:
     for p in args.policies:
+        if p in FOR_TOKENIZER:
+            continue
         base, plus, scorer = p.partition("+")
         if base in WRAPPERS and not plus:
             parser.error(f"--policies: {p!r}: {base} wraps a preset; name it as {base}+B (e.g. {base}+SnapKV)")

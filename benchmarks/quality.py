@@ -318,7 +318,7 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
     first = True
     for budget in settings.budgets:
         for pname, policy in common.policy_grid(list(settings.policies), budget, shortest, heads,
-                                                settings.sum_queries).items():
+                                                settings.sum_queries, tokenizer).items():
             if first:  # one trace per model; every later policy is a rewrite of the same graphs
                 common.fresh_compile(model, policy, settings.inner)
                 first = False

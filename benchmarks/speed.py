@@ -253,7 +253,7 @@ def make_prompts(model, contexts, batch: int, device, seed: int = 0) -> dict[int
 
 
 def run_model(name: str, settings: Settings) -> dict[str, Any]:
-    model, _, description = common.load(name, dtype=getattr(torch, settings.dtype))
+    model, tokenizer, description = common.load(name, dtype=getattr(torch, settings.dtype))
     device = next(model.parameters()).device
     common.progress(f"[speed] {description}")
     prompts = make_prompts(model, settings.contexts, settings.batch, device)
@@ -263,7 +263,7 @@ def run_model(name: str, settings: Settings) -> dict[str, Any]:
     common.progress(f"[speed] {name} {SAME}: {_summary(rows[SAME])}")
     for budget in settings.budgets:
         for pname, policy in common.policy_grid(list(settings.policies), budget, min(settings.contexts),
-                                                sum_queries=settings.sum_queries).items():
+                                                sum_queries=settings.sum_queries, tokenizer=tokenizer).items():
             row = measure(model, policy, prompts, settings)
             row.update(policy=pname, budget=budget, spec=repr(policy))
             rows[f"{pname}@{budget:g}"] = row

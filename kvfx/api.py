@@ -117,7 +117,7 @@ class Backend:
     then hand the graph to ``inner``. ``records`` lists every graph compiled."""
 
     def __init__(self, policy: Policy, inner: Union[str, Callable] = "inductor",
-                 model: Optional[torch.nn.Module] = None) -> None:
+                 model: Optional[torch.nn.Module] = None, forwards_prompts: bool = False) -> None:
         if not isinstance(policy, Policy):
             raise TypeError(f"kvfx.backend: policy must be a kvfx policy (e.g. kvfx.SnapKV(budget=0.5)), got {policy!r}")
         if isinstance(inner, str) and inner not in INNER_BACKENDS:
@@ -127,6 +127,8 @@ class Backend:
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"kvfx.backend: model must be the torch.nn.Module being compiled, got {type(model).__name__}")
         integrations.install_patches(lambda module: _kvfx_backend_of(module) is not None)
+        # kvfx.compile's transformers forward runs each call: it can feed a prompt twice (KVzip)
+        self.forwards_prompts = forwards_prompts
         self.inner = inner
         self.model = model
         self.policy = self._for_model(policy)
@@ -143,13 +145,21 @@ class Backend:
         """``policy`` completed for the model: RazorAttention's retrieval heads
         found where it names none; for a model split over ranks (transformers'
         tensor parallelism) this rank's heads and reductions across ranks."""
+        if policy.reconstructs and not self.forwards_prompts:
+            raise ValueError(f"kvfx: {type(policy).__name__} feeds the prompt a second time through the model's "
+                             "forward, which only kvfx.compile's transformers forward does: use kvfx.compile(model, "
+                             f"policy) on a transformers model (got {type(self.model).__name__ if self.model is not None else 'a bare backend'})")
         if self.model is None:
             if needs_heads(policy):
                 raise ValueError("kvfx.backend: RazorAttention(retrieval_heads=None) finds its retrieval heads by "
                                  "probing the model: pass model= to kvfx.backend (or use kvfx.compile), or give "
                                  "retrieval_heads=... (() for none)")
             return policy
-        return tensor_parallel(self.model, with_retrieval_heads(policy, self.model))
+        placed = tensor_parallel(self.model, with_retrieval_heads(policy, self.model))
+        if policy.reconstructs and placed is not policy:
+            raise ValueError(f"kvfx: {type(policy).__name__} on a model split over ranks is not supported: each rank "
+                             "would choose its slots from its own heads' scores alone")
+        return placed
 
     def _inner(self, gm: fx.GraphModule, example_inputs):
         return compile_inner(self.inner, gm, example_inputs, **self._compile_options)
@@ -418,7 +428,7 @@ def compile(model: torch.nn.Module, policy: Policy, *, inner: Union[str, Callabl
                                         or max_cache_bytes < 1):
         raise ValueError(f"kvfx.compile: max_cache_bytes={max_cache_bytes!r} is invalid: max_cache_bytes must be an "
                          "int >= 1 (bytes), or None for no cap")
-    be = backend(policy, inner=inner, model=model)
+    be = Backend(policy, inner, model, forwards_prompts=is_transformers_model(model))
     _room_for_layer_frames(model)
     original = getattr(model, "_kvfx_original_forward", None) or model.forward
     model.forward = compiled_forward(model, be, original, page_size=page_size, max_cache_bytes=max_cache_bytes,

@@ -18,7 +18,7 @@ import torch
 from kvfx.api import Backend, GraphRecord, compiled_forward
 from kvfx.integrations.transformers import (cache_argument, cache_bytes, cache_entries, entry_bytes, is_store,
                                             is_transformers_model, kv_pairs, output_cache)
-from kvfx.policies import Policy
+from kvfx.policies import Policy, StreamingLLM
 from kvfx.store import prefill_bytes
 from kvfx.runtime import state_of
 
@@ -216,7 +216,14 @@ def _layer_memory(report: Report, full_cache, kept_cache, policy: Policy) -> lis
         slot_bytes = fk.shape[3] * fk.element_size() + fv.shape[3] * fv.element_size()
         full = batch * kv_heads * slot_bytes * (sympy.Min(S, site.bounded) if site is not None and site.bounded else S)
         measured = entry_bytes(kept)                           # everything the layer holds, slot state included
-        if site is not None and site.compressible and is_store(kept):
+        if site is not None and site.compressible and is_store(kept) and policy.reconstructs:
+            # KVzip ranks every layer's slots together: a layer's share depends on the scores. The
+            # formula is an even share of the budget; 'held now' is what this prompt left.
+            even = StreamingLLM(budget=policy.budget, sinks=0)
+            kvfx = prefill_bytes(even, S, layer, site.depth or 1, batch, kv_heads, slot_bytes, kept.page)
+            action = "compressed (slot store; its share of a budget over all layers: formula = an even share)"
+            nominal = int(kept.lengths.sum()) * (slot_bytes + kept.store.state_bytes_per_slot)
+        elif site is not None and site.compressible and is_store(kept):
             kvfx = prefill_bytes(policy, S, layer, site.depth or 1, batch, kv_heads, slot_bytes, kept.page)
             action = "compressed (slot store)"
             nominal = int(kept.lengths.sum()) * (slot_bytes + kept.store.state_bytes_per_slot)
@@ -274,7 +281,7 @@ def explain(model: torch.nn.Module, *args, policy: Optional[Policy] = None, inne
             original = model._kvfx_original_forward
         else:
             original = getattr(model, "_kvfx_original_forward", None) or model.forward
-            backend = Backend(policy, inner, model)
+            backend = Backend(policy, inner, model, forwards_prompts=is_transformers_model(model))
             forward = compiled_forward(model, backend, _fresh_code(original))
         full = original(*args, **kwargs)
         out = forward(*args, **kwargs)

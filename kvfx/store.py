@@ -311,3 +311,26 @@ def dense(store: Store):
     inspection and tests: a copy). Reads the longest length on the host."""
     width = int(store.lengths.max()) if store.lengths.numel() else 0
     return gather(store, width)
+
+
+def keep_slots(store: Store, keep: torch.Tensor) -> Store:
+    """A store holding, of each row, only the slots ``keep`` [B, Hkv, W] marks
+    (W: the longest row), in order, in exactly the pages they need (KVzip's
+    choice across layers, made after its prefill). Reads the kept counts on
+    the host: this runs between calls, once."""
+    k, v, bias, score = dense(store)
+    width = k.shape[2]
+    keep = keep[..., :width] & (bias != NEG_INF)
+    position = torch.arange(width, device=keep.device)
+    order = torch.where(keep, position, position + width).argsort(-1)   # kept slots first, in order
+    lengths = keep.sum(-1)
+    pages = cdiv(lengths, store.page)
+
+    def take(x):
+        return x.gather(2, order.view(*order.shape, *([1] * (x.dim() - 3))).expand_as(x))
+
+    bias = take(bias).masked_fill(position >= lengths[..., None], NEG_INF)
+    kept = pack(take(k), take(v), bias, take(score) if store.slot_score.numel() else None, lengths,
+                int(pages.sum()), max(1, int(pages.max())), store.page)
+    kept.seen.copy_(store.seen)
+    return kept

@@ -204,9 +204,21 @@ class TransformersForward:
         fresh = [i for i, layer in layers if not layer.is_initialized]
         if fresh or not layers:  # a prefill: the only call that reads the mask on the host
             self._check_padding(kwargs)
+        policy = self.backend.policy
         if not layers:
+            if policy.reconstructs and cache_of(kwargs) is not None:
+                raise RuntimeError(f"kvfx: {type(policy).__name__} keeps each layer's slots in kvfx's slot store, which "
+                                   f"this call's cache ({type(cache_of(kwargs)).__name__}) does not hold"
+                                   + (f": {self.disabled}" if self.disabled else ""))
             return run(*args, **kwargs)
-        policy, new = self.backend.policy, _new_tokens(args, kwargs)
+        reconstruction = None
+        if fresh and policy.reconstructs:   # KVzip: [prompt, repeat instruction, prompt] in one prefill
+            from kvfx.integrations.reconstruct import check_every_layer_held, reconstruction_call
+
+            check_every_layer_held(policy, cache_of(kwargs), layers)
+            args, kwargs, valid, finish = reconstruction_call(policy, self.model, args, kwargs)
+            reconstruction = (valid, finish)
+        new = _new_tokens(args, kwargs)
         if fresh and self.max_cache_bytes is not None:
             self._check_prefill_bytes(args, kwargs, fresh, new)
         if self.max_cache_bytes is not None:
@@ -222,12 +234,27 @@ class TransformersForward:
             for _, layer in layers:
                 layer.prepare_step(new, policy)
         try:
-            out = run(*args, **kwargs)
+            if reconstruction is None:
+                out = run(*args, **kwargs)
+            else:
+                from kvfx.policies.kvzip import collecting
+
+                with collecting() as scores:
+                    out = run(*args, **kwargs)
         except Exception as err:
             why = _store_unreadable(err)
             if why is None or len(fresh) != len(layers):
                 raise
+            if reconstruction is not None:
+                raise RuntimeError(f"kvfx: {type(policy).__name__} keeps each layer's slots in kvfx's slot store, "
+                                   f"which cannot serve this model: {why}") from err
             return self._without_store(run, args, kwargs, why, fresh)
+        if reconstruction is not None:
+            from kvfx.integrations.reconstruct import keep_chosen
+
+            valid, finish = reconstruction
+            keep_chosen(policy, layers, scores, valid)
+            out, new = finish(out), valid.shape[1]
         n_layers = self.n_layers or len(layers)
         for i, layer in layers:
             if not layer.is_initialized:
@@ -322,15 +349,11 @@ class TransformersForward:
         return found
 
     def _check_padding(self, kwargs) -> None:
-        from kvfx.ops import valid_slots
+        from kvfx.integrations.reconstruct import padding_mask
 
         policy = self.backend.policy
-        mask = kwargs.get("attention_mask")
-        if policy.supports_padding or not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
-            return
-        # 2-D: the padding mask itself; 4-D (generate builds one for a compileable cache): its last query's row
-        valid = mask if mask.dim() == 2 else valid_slots(mask, mask.shape[0], mask.shape[-1], mask.device)
-        if not bool(valid.bool().all()):
+        valid = None if policy.supports_padding else padding_mask(kwargs.get("attention_mask"))
+        if valid is not None and not bool(valid.all()):
             raise ValueError(
                 f"kvfx: {policy!r} cannot compress a left-padded batch so that each row matches running it alone "
                 "(its chunks start at each row's first token). Generate the rows one at a time, or pad none of them.")

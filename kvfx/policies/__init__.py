@@ -17,6 +17,7 @@ from kvfx.policies.critical import CriticalKV
 from kvfx.policies.expected import ExpectedAttention
 from kvfx.policies.fold import (Compensate, Compressed, Evict, Fold, GaussianMerge, ResidualMerge, bias_of,
                                 evict_to)
+from kvfx.policies.kvzip import KVzip
 from kvfx.policies.keep import Keep, Kept, TopChunks, TopTokens, TopTokensAcrossHeads, protect, top_sorted
 from kvfx.policies.presets import H2O, TOVA, AdaKV, KNorm, PyramidKV, SnapKV, StreamingLLM
 from kvfx.policies.recompress import Recompress
@@ -30,7 +31,7 @@ for _rule in (TopTokens, TopChunks, TopTokensAcrossHeads, Evict, Compensate, Res
 __all__ = [
     "AdaKV", "bias_of", "Budget", "budget_tokens", "check_budget", "ChunkKV", "Compensate", "Compose", "Compressed",
     "CriticalKV", "CUR", "Evict", "evict_to", "ExpectedAttention", "Fold", "GaussianMerge", "H2O", "Keep", "Kept", "key_of", "KeyDiff",
-    "KNorm", "KVMerger", "LagKV", "parse_policy", "Policy", "policy_of", "PRESETS", "protect", "PyramidKV",
+    "KNorm", "KVMerger", "KVzip", "LagKV", "parse_policy", "Policy", "policy_of", "PRESETS", "protect", "PyramidKV",
     "RazorAttention", "Recompress", "ResidualMerge", "smax", "smin", "SnapKV", "StreamingLLM", "top_sorted",
     "ThinK", "TopChunks", "TopTokens", "TopTokensAcrossHeads", "TOVA", "ZeroMerge",
 ]

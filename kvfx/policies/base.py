@@ -63,6 +63,9 @@ class Policy:
     #: whether ``cut_channels`` zeroes key channels after the fold (ThinK):
     #: the keys must then be per KV head (not a latent, MLA)
     cuts_key_channels: ClassVar[bool] = False
+    #: whether the prompt is fed twice, the second time after an instruction to
+    #: repeat it, and each layer's kept slots chosen after the call (KVzip)
+    reconstructs: ClassVar[bool] = False
     #: whether sinks + window must fit in a token budget (not for a policy
     #: whose budget sizes only part of what it keeps, like RazorAttention).
     window_within_budget: ClassVar[bool] = True

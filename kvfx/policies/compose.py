@@ -37,6 +37,9 @@ class Compose(Policy):
         name = type(self).__name__
         if not isinstance(self.policy, Policy):
             fail(name, "policy", self.policy, "a kvfx policy (e.g. kvfx.SnapKV(budget=0.3))")
+        if self.policy.reconstructs:
+            fail(name, "policy", self.policy, f"a policy compressed in its prefill's graph ({type(self.policy).__name__} "
+                 "chooses every layer's slots after its reconstruction prefill: wrap nothing around it)")
         if self.keep_rule is not None and not isinstance(self.keep_rule, Keep):
             fail(name, "keep_rule", self.keep_rule, "a keep rule (kvfx.TopTokens(), kvfx.TopChunks(...))")
         if self.fold_rule is not None and not isinstance(self.fold_rule, Fold):

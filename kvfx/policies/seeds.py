@@ -21,6 +21,9 @@ from kvfx.policies.scores import attention_sums, recency, window_mean_attention
 def _check_scorer(name: str, scorer) -> None:
     if scorer is not None and not isinstance(scorer, Policy):
         fail(name, "scorer", scorer, "a kvfx policy whose score ranks the tokens (e.g. kvfx.SnapKV()), or None")
+    if scorer is not None and scorer.reconstructs:
+        fail(name, "scorer", scorer, "a policy that scores the prompt in its own prefill (KVzip scores a second, "
+             "reconstruction prefill)")
 
 
 class _ScorerGuided:

@@ -10,6 +10,7 @@ transformers, so compiled kvfx can be compared against it step by step.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -120,6 +121,8 @@ def eager_reference(model, policy: Policy):
             reference.rotary[module.layer_idx] = kwargs["position_embeddings"]
         return args, kwargs
 
+    if policy.reconstructs:
+        model.forward = _reconstructing(model, reference)
     handles = [model.register_forward_pre_hook(pre, with_kwargs=True)]
     handles += [m.register_forward_pre_hook(keep_rotary, with_kwargs=True) for m in model.modules()
                 if hasattr(m, "layer_idx") and policy.needs_rotary]
@@ -130,3 +133,29 @@ def eager_reference(model, policy: Policy):
         for handle in handles:
             handle.remove()
         model.set_attn_implementation(previous)
+        if policy.reconstructs:
+            del model.forward
+
+
+def _reconstructing(model, reference: _Reference):
+    """The model's forward, its prefill fed as [prompt, repeat instruction,
+    prompt] (KVzip); after it, each head's slots the policy does not keep
+    are masked (bias -inf) in the reference's rectangular cache."""
+    from kvfx.integrations.reconstruct import reconstruction_call
+    from kvfx.policies.kvzip import collecting
+
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if reference.state:
+            return original(*args, **kwargs)
+        args, kwargs, valid, finish = reconstruction_call(reference.policy, model, args, kwargs)
+        with collecting() as scores:
+            out = original(*args, **kwargs)
+        for layer, keep in reference.policy.kept_slots(scores, valid).items():
+            bias, score = reference.state[layer]
+            reference.state[layer] = (bias.masked_fill(~keep, float("-inf")), score)
+        return finish(out)
+
+    return forward
