@@ -10,7 +10,7 @@ import torch
 
 import kvfx
 from kvfx.policies.scores import key_diff, lag_relative, leverage
-from kvfx.testing import assert_equivalent, cache_lengths, generate
+from kvfx.testing import assert_equivalent, assert_padded_row_keeps_what_it_keeps_alone, generate
 from kvfx.testing.zoo import tiny_model
 
 PROMPT = 40
@@ -117,17 +117,8 @@ def test_a_padded_row_keeps_what_it_keeps_alone(name):
     averages real keys only, so left padding changes nothing the row keeps."""
     policy, _ = BY_HAND[name]
     model = tiny_model("llama")
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(1, model.config.vocab_size, (2, PROMPT), generator=gen)
-    mask = torch.ones_like(ids)
-    ids[1, :10], mask[1, :10] = 0, 0
-    both = generate(model, ids, attention_mask=mask, policy=policy, steps=1)
-    alone = generate(model, ids[1:, 10:], policy=policy, steps=1)
-    for layer in range(model.config.num_hidden_layers):
-        padded, single = both.cache.layers[layer], alone.cache.layers[layer]
-        live = torch.isfinite(padded.dense()[2][1])                  # [Hkv, slots]: the row's real kept slots
-        for head in range(live.shape[0]):
-            torch.testing.assert_close(padded.keys[1, head][live[head]], single.keys[0, head], rtol=0, atol=1e-5)
+    ids = torch.randint(1, model.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(2))
+    assert_padded_row_keeps_what_it_keeps_alone(model, policy, ids, pad=10)
 
 
 @pytest.mark.parametrize("policy", [kvfx.KeyDiff(budget=1 << 20), kvfx.LagKV(budget=1 << 20, lag=8),

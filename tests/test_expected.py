@@ -14,7 +14,7 @@ import torch
 
 import kvfx
 from kvfx.policies.expected import expected_attention, future_rotation, rotary_embedding
-from kvfx.testing import assert_equivalent, generate
+from kvfx.testing import assert_equivalent, assert_padded_row_keeps_what_it_keeps_alone, generate
 from kvfx.testing.reference import eager_reference, unrotated
 from kvfx.testing.zoo import tiny_model
 
@@ -270,15 +270,7 @@ def test_a_padded_row_keeps_what_it_keeps_alone():
     policy = kvfx.ExpectedAttention(budget=0.3, n_future_positions=FUTURE)
     model = tiny_model("llama")
     ids = torch.randint(1, model.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones_like(ids)
-    ids[1, :10], mask[1, :10] = 0, 0
-    both = generate(model, ids, attention_mask=mask, policy=policy, steps=1)
-    alone = generate(model, ids[1:, 10:], policy=policy, steps=1)
-    for layer in range(model.config.num_hidden_layers):
-        padded, single = both.cache.layers[layer], alone.cache.layers[layer]
-        live = torch.isfinite(padded.dense()[2][1])
-        for head in range(live.shape[0]):
-            torch.testing.assert_close(padded.keys[1, head][live[head]], single.keys[0, head], rtol=0, atol=1e-4)
+    assert_padded_row_keeps_what_it_keeps_alone(model, policy, ids, pad=10, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -111,3 +111,36 @@ def assert_rewritten(model, policy: Policy, input_ids, *, attention_mask=None, i
         for s in record.rewritten:
             assert s.op in record.code_after, f"graph {record.index}: {s.module} is marked rewritten but {s.op} is absent"
     return run
+
+
+def against_reference(model, input_ids, policy: Policy, *, steps: int = 16, attention_mask=None,
+                      inner: str = "aot_eager") -> tuple[Run, Run]:
+    """The same greedy generation compiled with ``policy`` and under its eager
+    reference (``kvfx.testing.reference``): (compiled, reference). Asserts
+    the compiled one rewrote a site without a graph break and that both chose
+    the same tokens; compare their logits and caches further as you need."""
+    from kvfx.testing.reference import eager_reference
+
+    compiled = generate(model, input_ids, attention_mask=attention_mask, policy=policy, inner=inner, steps=steps)
+    with eager_reference(model, policy):
+        reference = generate(model, input_ids, attention_mask=attention_mask, steps=steps)
+    assert compiled.graph_breaks == 0, f"{compiled.graph_breaks} graph break(s)"
+    assert any(r.rewritten for r in compiled.records), "kvfx rewrote no attention site: nothing was checked"
+    assert torch.equal(compiled.tokens, reference.tokens), (
+        f"greedy tokens differ from the eager reference:\n{compiled.tokens}\n{reference.tokens}")
+    return compiled, reference
+
+
+def assert_padded_row_keeps_what_it_keeps_alone(model, policy: Policy, input_ids, pad: int,
+                                                atol: float = 1e-5) -> None:
+    """Row 1 of ``input_ids`` [2, S], left-padded by ``pad`` tokens, keeps in
+    every layer and KV head the keys it keeps when it runs alone."""
+    ids, mask = input_ids.clone(), torch.ones_like(input_ids)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    both = generate(model, ids, attention_mask=mask, policy=policy, steps=1)
+    alone = generate(model, ids[1:, pad:], policy=policy, steps=1)
+    for layer, (padded, single) in enumerate(zip(both.cache.layers, alone.cache.layers)):
+        live = torch.isfinite(padded.dense()[2][1])                  # [Hkv, slots]: the row's real kept slots
+        for head in range(live.shape[0]):
+            torch.testing.assert_close(padded.keys[1, head][live[head]], single.keys[0, head], rtol=0, atol=atol,
+                                       msg=lambda m: f"layer {layer}, KV head {head}: {m}")
