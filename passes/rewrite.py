@@ -131,7 +131,8 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
                                                         f"{type(policy).__name__} {policy.while_decoding}"))
             continue
         lse = sums = None
-        if site.phase == "prefill" and policy.sums_attention and not (site.cache == "buffer" and continuous):
+        if site.phase == "prefill" and (policy.sums_attention or policy.needs_lse) and not (
+                site.cache == "buffer" and continuous):
             old = site.node
             lse, sums = _prompt_lse(graph, site, policy)
             outputs = [site.node if node is old else node for node in outputs]
@@ -496,7 +497,7 @@ def _prompt_lse(graph: fx.Graph, site: Site, policy) -> tuple:
     # The sums are per cache KV head: over keys repeated per query head
     # (repeat_kv), the same attention reads the cache's own k, v grouped.
     kv = (k, v) if k_val.shape[1] == site.kv_heads else _cache_kv(site, k_val)
-    fused = kv is not None and kernel_mode() is None and kvfx.ops.sums_supported(
+    fused = kv is not None and kernel_mode() is None and policy.sums_attention and kvfx.ops.sums_supported(
         q_val, *(x.meta["example_value"] for x in kv))
     with graph.inserting_after(node):
         if fused:

@@ -121,6 +121,18 @@ def test_compiled_equals_the_eager_reference_on_a_padded_batch(family):
     assert all(int(layer.seen) == PROMPT + 5 for layer in layers)
 
 
+def test_an_unpadded_prompt_takes_the_fused_attentions_log_sum_exp_and_equals_the_reference():
+    """No padding: the doubled prefill runs without a mask, its attention lends each query's log-sum-exp
+    (kvfx::attention_lse), and a chat header is not repeated."""
+    model = tiny_model("llama")
+    ids = torch.randint(2, model.config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(5))
+    policy = kvfx.KVzip(budget=0.3, repeat=REPEAT, prefix=3)
+    compiled, reference = against_reference(model, ids, policy, steps=4)
+    assert "kvfx.attention_lse" in compiled.records[0].code_after
+    for a, b in zip(compiled.logits, reference.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_the_score_is_the_models_own_attention_and_the_prompts_logits_come_back():
     """Independent of kvfx's score function: the eager model's attention weights on
     [prompt, repeat, prompt] give the slots each head keeps; the compiled store holds

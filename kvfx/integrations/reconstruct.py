@@ -44,9 +44,13 @@ def reconstruction_call(policy, model, args: tuple, kwargs: dict) -> tuple[tuple
     mask = padding_mask(kwargs.get("attention_mask"))
     valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask[:, -length:]
     repeat = torch.tensor(policy.repeat, dtype=ids.dtype, device=ids.device).expand(batch, -1)
-    again = valid & (valid.long().cumsum(-1) > policy.prefix)    # the chat header is not repeated
+    # The chat header is not repeated: the second copy starts ``prefix`` tokens in, and a padded row
+    # masks what is left of its header there.
+    again = (valid & (valid.long().cumsum(-1) > policy.prefix))[:, policy.prefix:]
     doubled = torch.cat([valid, torch.ones_like(repeat, dtype=torch.bool), again], dim=1).long()
-    kwargs = dict(kwargs, input_ids=torch.cat([ids, repeat, ids], dim=1), attention_mask=doubled)
+    # Unpadded rows need no mask: the model's causal attention then takes its fused path.
+    kwargs = dict(kwargs, input_ids=torch.cat([ids, repeat, ids[:, policy.prefix:]], dim=1),
+                  attention_mask=None if bool(doubled.all()) else doubled)
     parameters = inspect.signature(model.forward).parameters
     if "position_ids" in parameters:
         kwargs["position_ids"] = (doubled.cumsum(-1) - 1).clamp(min=0)

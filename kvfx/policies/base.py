@@ -60,6 +60,9 @@ class Policy:
     #: return its log-sum-exp (one pass over q.k instead of two) or, on the
     #: CPU, the sums themselves (``sum_terms`` says which).
     sums_attention: ClassVar[bool] = False
+    #: whether ``compress`` reads each prompt query's log-sum-exp
+    #: (``scores.lent_lse``): the rewrite has the prompt's attention return it
+    needs_lse: ClassVar[bool] = False
     #: whether ``cut_channels`` zeroes key channels after the fold (ThinK):
     #: the keys must then be per KV head (not a latent, MLA)
     cuts_key_channels: ClassVar[bool] = False

@@ -24,6 +24,7 @@ from kvfx.policies.budgets import as_fraction, cdiv, ceil_linear, check_int, fai
 from kvfx.policies.fold import identity
 from kvfx.policies.keep import Keep, TopTokensAcrossHeads
 from kvfx.policies.registry import shipped
+from kvfx.policies.scores import lent_lse
 
 # What the prompt's compression of each layer scored, while a reconstruction call runs.
 _collected: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("kvfx_kvzip_scores", default=None)
@@ -42,18 +43,20 @@ def collecting() -> Iterator[dict]:
 
 
 def reconstruction_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float,
-                          context: int, unseen: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          context: int, unseen: Optional[torch.Tensor] = None,
+                          lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B, Hkv, context] float32: for each of the first ``context`` slots, the
     largest causal attention (softmax over every real key up to the query)
     that a real query at a position >= ``context`` pays it, the max also
     over the query heads of each KV head. q: [B, H, L, D], k: [B, Hkv, L, D],
     valid: [B, L]. ``unseen`` [B, context]: slots left out of the softmax
     (kvpress's reconstruction attends to the chat header's first sinks
-    only); they score 0. Padding slots score -inf."""
+    only); they score 0. ``lse`` [B, H, L]: each query's causal log-sum-exp,
+    when the prompt's attention lent it. Padding slots score -inf."""
     b, h, length, d = q.shape
     kv_heads = k.shape[1]
     if unseen is None and bool(valid.all()):
-        return _unpadded_scores(q, k, scale, context)
+        return _unpadded_scores(q, k, scale, context, lse)
     keys_valid = valid if unseen is None else valid & ~F.pad(unseen, (0, length - context))
     keys = k.float().repeat_interleave(h // kv_heads, dim=1)
     best = torch.full((b, h, context), float("-inf"), device=q.device)
@@ -72,7 +75,8 @@ def reconstruction_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
     return best.masked_fill(~valid[:, None, :context], float("-inf"))
 
 
-def _unpadded_scores(q: torch.Tensor, k: torch.Tensor, scale: float, context: int) -> torch.Tensor:
+def _unpadded_scores(q: torch.Tensor, k: torch.Tensor, scale: float, context: int,
+                     lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``reconstruction_scores`` of rows with no padding: each query's
     log-sum-exp from the fused causal attention kernel, then only the
     context's columns, whose log-probability q.k - lse is one matmul of
@@ -80,7 +84,9 @@ def _unpadded_scores(q: torch.Tensor, k: torch.Tensor, scale: float, context: in
     context): half the q.k of the full rows, and no softmax over them."""
     b, h, length, d = q.shape
     kv_heads, group = k.shape[1], h // k.shape[1]
-    lse = causal_lse(q, k.repeat_interleave(group, dim=1), scale)[:, :, context:]        # [B, H, L - S]
+    if lse is None:
+        lse = causal_lse(q, k.repeat_interleave(group, dim=1), scale)
+    lse = lse[:, :, context:].float()                                                      # [B, H, L - S]
     context_keys = F.pad(k[:, :, :context].float(), (0, 1), value=1.0).transpose(-1, -2)   # [B, Hkv, D + 1, S]
     best = torch.full((b, kv_heads, context), float("-inf"), device=q.device)
     for start in range(context, length, QUERY_CHUNK):
@@ -119,8 +125,8 @@ class KVzip(Policy):
     head) kept -- ``layerwise=True``: each
     layer's best ``budget`` of its own -- so each layer and KV head keeps its
     own count (the slot store holds exactly that). The second prompt's keys
-    are dropped. It costs a prefill of 2S + len(repeat) tokens for an
-    S-token prompt.
+    are dropped. It costs a prefill of 2S + len(repeat) - prefix tokens
+    for an S-token prompt.
 
     Build it for a tokenizer with ``KVzip.for_tokenizer(tokenizer, budget=...)``
     (kvpress's instruction and chat-template suffix). It runs under
@@ -134,6 +140,8 @@ class KVzip(Policy):
 
     #: the prompt is fed twice (``kvfx.integrations.reconstruct``)
     reconstructs: ClassVar[bool] = True
+    #: the prompt's attention lends each query's log-sum-exp to the score
+    needs_lse: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -174,8 +182,8 @@ class KVzip(Policy):
 
     # -- the prefill of [context, repeat, context] ------------------------------
     def context_length(self, length):
-        """Context tokens of a reconstruction prefill of ``length`` tokens."""
-        return (length - len(self.repeat)) // 2
+        """Context tokens of a reconstruction prefill of ``length`` = 2S + len(repeat) - prefix tokens."""
+        return (length - len(self.repeat) + self.prefix) // 2
 
     def budget_length(self, length, layer: int = 0, n_layers: int = 1):
         # The prefill keeps every context slot; the allocation across layers follows the call.
@@ -198,7 +206,8 @@ class KVzip(Policy):
             raise RuntimeError("kvfx: KVzip's prefill ran outside a reconstruction call: its prompt must be fed "
                                "twice by kvfx.compile's transformers forward (or kvfx.testing.reference)")
         context = self.context_length(k.shape[2])
-        scores[layer] = reconstruction_scores(q, k, valid, scale, context, self.header(valid[:, :context]))
+        scores[layer] = reconstruction_scores(q, k, valid, scale, context, self.header(valid[:, :context]),
+                                              lent_lse(q))
         valid = valid[:, :context]
         return self.cut_channels(q, valid, identity(k[:, :, :context], v[:, :, :context], valid))
 

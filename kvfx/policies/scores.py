@@ -39,6 +39,12 @@ def prompt_lse(q: Optional[torch.Tensor], lse: Optional[torch.Tensor], sums: Opt
         _PROMPT_LSE.reset(token)
 
 
+def lent_lse(q: torch.Tensor) -> Optional[torch.Tensor]:
+    """The log-sum-exp [B, H, Sq] the prompt's attention lent for these very queries, or None."""
+    lent = _PROMPT_LSE.get()
+    return lent[1] if lent is not None and lent[0] is q else None
+
+
 _OUT_PROJECTION: contextvars.ContextVar = contextvars.ContextVar("kvfx_out_projection", default=None)
 
 
