@@ -60,6 +60,9 @@ def test_the_score_is_the_largest_attention_a_reconstruction_query_pays():
     for b, unseen in enumerate([(1, 2), (3, 4)]):
         torch.testing.assert_close(got[b], scores_by_hand(q[b], k[b], valid[b], 0.4, 5, unseen), rtol=1e-5,
                                    atol=1e-7)
+    # Unpadded, the header's mass leaves each query's fused log-sum-exp instead.
+    got = reconstruction_scores(q[:1], k[:1], valid[:1], 0.4, 5, header[:1])
+    torch.testing.assert_close(got[0], scores_by_hand(q[0], k[0], valid[0], 0.4, 5, (1, 2)), rtol=1e-5, atol=1e-7)
 
 
 def kept_by_hand(policy, scores, valid):                  # scores: {layer: [Hkv, S]}, valid: [S] (one row)

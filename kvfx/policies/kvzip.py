@@ -55,8 +55,8 @@ def reconstruction_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
     when the prompt's attention lent it. Padding slots score -inf."""
     b, h, length, d = q.shape
     kv_heads = k.shape[1]
-    if unseen is None and bool(valid.all()):
-        return _unpadded_scores(q, k, scale, context, lse)
+    if bool(valid.all()):
+        return _unpadded_scores(q, k, scale, context, lse, unseen)
     keys_valid = valid if unseen is None else valid & ~F.pad(unseen, (0, length - context))
     keys = k.float().repeat_interleave(h // kv_heads, dim=1)
     best = torch.full((b, h, context), float("-inf"), device=q.device)
@@ -76,12 +76,14 @@ def reconstruction_scores(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
 
 
 def _unpadded_scores(q: torch.Tensor, k: torch.Tensor, scale: float, context: int,
-                     lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     lse: Optional[torch.Tensor] = None, unseen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``reconstruction_scores`` of rows with no padding: each query's
     log-sum-exp from the fused causal attention kernel, then only the
     context's columns, whose log-probability q.k - lse is one matmul of
     [q·scale, -lse] by [k, 1] (every reconstruction query sees the whole
-    context): half the q.k of the full rows, and no softmax over them."""
+    context): half the q.k of the full rows, and no softmax over them.
+    ``unseen`` slots (a chat header's) leave the softmax: each query's
+    normaliser loses their mass, log(1 - sum exp(q.k - lse)) over them."""
     b, h, length, d = q.shape
     kv_heads, group = k.shape[1], h // k.shape[1]
     if lse is None:
@@ -89,12 +91,22 @@ def _unpadded_scores(q: torch.Tensor, k: torch.Tensor, scale: float, context: in
     lse = lse[:, :, context:].float()                                                      # [B, H, L - S]
     context_keys = F.pad(k[:, :, :context].float(), (0, 1), value=1.0).transpose(-1, -2)   # [B, Hkv, D + 1, S]
     best = torch.full((b, kv_heads, context), float("-inf"), device=q.device)
+    if unseen is not None:
+        if not bool(unseen.any()):
+            unseen = None
+        else:  # the header's columns, a few: the last unseen slot bounds them (read once per layer)
+            width = int(unseen.any(0).nonzero().max()) + 1
     for start in range(context, length, QUERY_CHUNK):
         end = min(start + QUERY_CHUNK, length)
         shifted = torch.cat([q[:, :, start:end].float() * scale, -lse[:, :, start - context:end - context, None]], -1)
         logp = shifted.view(b, kv_heads, group * (end - start), d + 1) @ context_keys         # a KV head's queries
+        if unseen is not None:
+            hidden = unseen[:, None, None, :width]
+            mass = logp[..., :width].masked_fill(~hidden, float("-inf")).logsumexp(-1, keepdim=True)
+            logp = logp - torch.log(torch.clamp(-torch.expm1(mass), min=1e-30))
         best = torch.maximum(best, logp.amax(dim=2))
-    return best.exp()
+    best = best.exp()
+    return best if unseen is None else best.masked_fill(unseen[:, None], 0.0)
 
 
 def causal_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
