@@ -77,6 +77,39 @@ def test_a_step_before_the_rows_are_due_changes_nothing():
     assert out[0] is k and out[2] is bias
 
 
+def chunks_by_hand(k, window, chunk, n):
+    """One batch row [Hkv, S, D], ChunkKV guided by KNorm (score -|k|): the
+    score summed over heads, chunks of ``chunk`` slots from the first, the
+    newest ``window`` slots and the partial chunk before them kept, then the
+    best whole chunks (mean score) while they fit within ``n``."""
+    s = k.shape[1]
+    token = (-k.norm(dim=-1)).sum(0)
+    prefix = s - window
+    full = prefix // chunk
+    always = list(range(full * chunk, s))
+    means = [(float(token[c * chunk:(c + 1) * chunk].mean()), c) for c in range(full)]
+    best = sorted(means, key=lambda m: (-m[0], m[1]))[: max(0, (n - len(always)) // chunk)]
+    return sorted([c * chunk + i for _, c in best for i in range(chunk)] + always)
+
+
+def test_a_chunk_policy_keeps_whole_chunks_again_the_same_slots_in_every_head():
+    torch.manual_seed(3)
+    b, kv_heads, s, d = 2, 2, 27, 8
+    k, v = torch.randn(b, kv_heads, s, d), torch.randn(b, kv_heads, s, d)
+    bias = torch.zeros(b, kv_heads, s)
+    policy = kvfx.Recompress(kvfx.ChunkKV(budget=0.5, window=3, chunk=4, scorer=kvfx.KNorm()), every=4, target=18)
+    # 27 slots are due: target + (27 - 18) % 4 = 19 allowed, of which whole chunks fit 3 + 0 (24 % 4) + 4 x 4
+    assert policy.decode_length(27, 1) == 19
+    assert policy.decode_length(20, 1) == 20 and policy.decode_length(22, 1) == 3 + 3 + 4 * 3  # due at 22: 18 allowed; 19 % 4 = 3
+    k2, v2, bias2, score2 = policy.step(torch.randn(b, 4, 1, d), k, v, bias, torch.zeros_like(bias), 0.3)
+    assert k2.shape[2] == 19 and not bias2.any() and not score2.any()
+    for row in range(b):
+        want = chunks_by_hand(k[row], 3, 4, 19)
+        assert len(want) == 19
+        torch.testing.assert_close(k2[row], k[row][:, want])
+        torch.testing.assert_close(v2[row], v[row][:, want])
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_compiled_equals_the_eager_reference_through_several_recompressions(family):
     model = tiny_model(family)
@@ -101,6 +134,23 @@ def test_compiled_equals_the_eager_reference_through_several_recompressions(fami
     assert len(longer.records) == len(compiled.records)
 
 
+def test_a_chunk_policy_compiled_equals_its_eager_reference_while_decoding():
+    model = tiny_model("llama")
+    ids = torch.randint(2, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    policy = kvfx.Recompress(kvfx.ChunkKV(budget=0.5, window=4, chunk=4), every=4, target=16)
+    compiled = generate(model, ids, policy=policy, steps=12)
+    with eager_reference(model, policy):
+        reference = generate(model, ids, steps=12)
+    assert compiled.graph_breaks == 0 and any(r.rewritten for r in compiled.records)
+    assert torch.equal(compiled.tokens, reference.tokens)
+    lengths = cache_lengths(compiled.cache)
+    assert lengths == cache_lengths(reference.cache) and max(lengths) < 16 + 4
+    for got, want in zip(compiled.cache.layers, reference.cache.layers):
+        torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
+    longer = generate(model, ids, policy=policy, steps=30)
+    assert len(longer.records) == len(compiled.records)
+
+
 def test_a_target_above_what_decoding_reaches_equals_the_wrapped_policy():
     model = tiny_model("llama")
     ids = torch.randint(2, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -116,7 +166,7 @@ def test_a_target_above_what_decoding_reaches_equals_the_wrapped_policy():
     (kvfx.Recompress(kvfx.KNorm(budget=0.5), every=8, target=16), "already compresses again every 8 new tokens"),
     (kvfx.RazorAttention(budget=0.5), "Compensate"),
     (kvfx.AdaKV(budget=0.5), "TopTokensAcrossHeads"),
-    (kvfx.ChunkKV(budget=0.5), "TopChunks"),
+    (kvfx.ChunkKV(budget=0.5, reuse_every=2), "reuses another layer's choice"),
     (kvfx.CriticalKV(kvfx.SnapKV()), "needs no output projection"),
 ])
 def test_a_policy_it_cannot_rank_again_is_refused_saying_why(policy, says):

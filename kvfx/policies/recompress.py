@@ -13,7 +13,7 @@ from kvfx.kernels.gather import gather_slots
 from kvfx.policies.budgets import check_int, fail, smin
 from kvfx.policies.compose import Compose, _inherited
 from kvfx.policies.fold import NEG_INF, Evict, Fold, evict_to
-from kvfx.policies.keep import Keep, TopTokens
+from kvfx.policies.keep import Keep, TopChunks, TopTokens
 from kvfx.policies.registry import shipped
 
 
@@ -32,7 +32,13 @@ class Recompress(Compose):
     across recompressions. A padded batch recompresses together, when its
     longest row is due; each row keeps at most ``target`` of its real slots.
 
-    ``policy``: a one-shot policy that evicts per token (TopTokens keep,
+    A policy that keeps whole chunks (ChunkKV) keeps them again: the slots
+    held are cut into chunks from the first, the newest ``window`` slots and
+    the partial chunk before them stay, and the best chunks (scores summed
+    over the KV heads) fill the rest, so a recompression keeps the largest
+    whole-chunk count within ``target`` and every head keeps the same slots.
+
+    ``policy``: a one-shot policy that evicts (TopTokens or TopChunks keep,
     Evict fold); ``every`` >= 1 new tokens between recompressions;
     ``target`` >= the policy's sinks + window, in slots per KV head."""
 
@@ -56,10 +62,13 @@ class Recompress(Compose):
         if inner.schedule != "prefill":
             fail("Recompress", "policy", inner, f"a policy that compresses the prompt once ({name} already "
                  f"{inner.while_decoding})")
-        if type(inner.keep()) is not TopTokens or type(inner.fold()) is not Evict:
-            fail("Recompress", "policy", inner, "a policy that keeps its best tokens per KV head and evicts the "
-                 f"rest (TopTokens keep, Evict fold); {name} uses {type(inner.keep()).__name__} and "
-                 f"{type(inner.fold()).__name__}")
+        if type(inner.keep()) not in (TopTokens, TopChunks) or type(inner.fold()) is not Evict:
+            fail("Recompress", "policy", inner, "a policy that keeps its best tokens per KV head, or whole "
+                 f"chunks, and evicts the rest (TopTokens or TopChunks keep, Evict fold); {name} uses "
+                 f"{type(inner.keep()).__name__} and {type(inner.fold()).__name__}")
+        if inner.reuse_source(1) is not None or inner.reuse_source(2) is not None:
+            fail("Recompress", "policy", inner, "a policy whose every layer chooses its own slots (each layer "
+                 f"recompresses alone while decoding; {name} reuses another layer's choice)")
         if inner.needs_out_projection:
             fail("Recompress", "policy", inner, f"a policy whose score needs no output projection ({name}'s is "
                  "lent only to the prompt's compression)")
@@ -77,7 +86,8 @@ class Recompress(Compose):
         """Rows of ``total`` slots keep them until ``target + every``, then
         ``target`` (+ what a multi-token call brought past a multiple of
         ``every``): guard-free, so one compiled graph serves every step."""
-        return smin(total, self.target + (total - self.target) % self.every)
+        n = smin(total, self.target + (total - self.target) % self.every)
+        return self.keep().fit(self.policy, n, total)   # (whole chunks: the largest count within n)
 
     def step(self, q, k, v, slot_bias, slot_score, scale, layer: int = 0, n_layers: int = 1):
         s, new = k.shape[2], q.shape[2]
@@ -85,6 +95,8 @@ class Recompress(Compose):
         if n >= s:
             return k, v, slot_bias, slot_score
         b, kv_heads = k.shape[:2]
+        if isinstance(self.keep(), TopChunks):
+            return self._keep_chunks(q, k, v, slot_bias, scale, n, layer, n_layers)
         # Each (batch, KV head) row is scored as a batch row of its own, its
         # invalid slots moved to the front (stable: the real ones keep their
         # order), so every score's left-padding rule applies per row.
@@ -101,3 +113,13 @@ class Recompress(Compose):
         back = lambda x: x.squeeze(1).unflatten(0, (b, kv_heads))  # noqa: E731
         bias = back(out.slot_bias)
         return back(out.k), back(out.v), bias, torch.zeros_like(bias)
+
+    def _keep_chunks(self, q, k, v, slot_bias, scale, n, layer, n_layers):
+        """The chunk keep over rows every KV head shares (a chunk policy keeps
+        the same slots in every head and refuses padded rows, so every slot
+        held is real): each head scored, the heads summed per chunk."""
+        valid = slot_bias[:, 0] != NEG_INF
+        score = self.policy._score(q if self.policy.needs_queries else None, k, valid, scale, v, layer, n_layers)
+        kept = self.keep().select(self.policy, score, valid, n)
+        out = evict_to(kept.index, k, v, valid)
+        return out.k, out.v, out.slot_bias, torch.zeros_like(out.slot_bias)
