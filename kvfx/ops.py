@@ -383,9 +383,13 @@ def _store_step(
     whose rows all hold ``extent.shape[1]`` slots (the new tokens included):
     the policy's step on those rows, written back in place."""
     width, pol = extent.shape[1], policy_of(policy)
-    if not pol.keeps_running_score and pol.decode_length(width, q.shape[-2]) >= width:
-        return  # rows not due yet (Recompress): nothing to rank or move
+    if pol.idle_step(width, q.shape[-2]):
+        return  # rows not due yet (Recompress): nothing to rank, move or gather
     store = slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
+    if pol.step_scores_only(width, q.shape[-2]):   # (Recompress gathering attention): no copy of the values
+        k, _, bias, score = slot_store.gather(store, width, values=False)
+        slot_store.write_scores(store, width, pol.step(q, k, None, bias, score, scale, layer, n_layers)[3])
+        return
     views = slot_store.row_views(store, width) if q.shape[-2] == 1 and type(pol).step is Policy.step else None
     if views is not None:  # the fold's step written into the pages themselves (CPU, equal full rows)
         k, v, bias, old = views

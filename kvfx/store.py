@@ -211,14 +211,25 @@ def append(store: Store, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     store.seen.add_(q)
 
 
-def gather(store: Store, width: int):
+def gather(store: Store, width: int, values: bool = True):
     """The first ``width`` slots of every row as rectangles (a copy): k, v
-    [B, Hkv, width, D], slot_bias (-inf past a row's length), slot_score [B, Hkv, width]."""
-    pages = [store.k_pages, store.v_pages, store.slot_bias] + ([store.slot_score] if store.slot_score.numel() else [])
+    [B, Hkv, width, D] (v None unless ``values``), slot_bias (-inf past a
+    row's length), slot_score [B, Hkv, width]."""
+    pages = [store.k_pages, store.slot_bias] + ([store.v_pages] if values else [])
+    pages += [store.slot_score] if store.slot_score.numel() else []
     rows = [x[:, :, :width] for x in page_rows(store.page_table, cdiv(width, store.page), *pages, in_place=False)]
+    k, bias = rows.pop(0), rows.pop(0)
+    v = rows.pop(0) if values else None
     valid = torch.arange(width, device=store.lengths.device) < store.lengths[..., None]
-    bias = rows[2].masked_fill(~valid, NEG_INF)
-    return rows[0], rows[1], bias, rows[3] if len(rows) > 3 else torch.zeros_like(bias)
+    bias = bias.masked_fill(~valid, NEG_INF)
+    return k, v, bias, rows[0] if rows else torch.zeros_like(bias)
+
+
+def write_scores(store: Store, width: int, slot_score: torch.Tensor) -> None:
+    """Overwrite the running score of every row's first ``width`` slots with
+    slot_score [B, Hkv, width], in place (keys, values and bias stay)."""
+    slots = torch.arange(width, device=slot_score.device).expand(*slot_score.shape[:2], width)
+    store.slot_score.view(-1).index_copy_(0, flat_index(store, slots), slot_score.float().reshape(-1))
 
 
 def row_views(store: Store, width: int):

@@ -3,7 +3,8 @@ keeps each layer under target + every slots; a recompression keeps what the
 policy ranks best among the slots held (sinks and window first, order kept),
 per row, a padded row within its own real slots; the compiled rewrite equals
 the eager reference through several recompressions with one decode graph;
-the store keeps no running score."""
+a window score (SnapKV) ranks by the attention its last ``window`` decode
+queries paid, gathered step by step in the running score."""
 
 import pytest
 import torch
@@ -77,6 +78,38 @@ def test_a_step_before_the_rows_are_due_changes_nothing():
     assert out[0] is k and out[2] is bias
 
 
+def test_a_window_score_ranks_by_the_attention_of_the_last_window_queries_before_the_recompression():
+    """SnapKV under Recompress: the last ``window`` decode calls before a
+    recompression add their queries' attention to each slot's running score;
+    the recompression then keeps what SnapKV keeps when those queries score
+    the same slots at once (its score: the window's attention, pooled)."""
+    torch.manual_seed(5)
+    b, kv_heads, heads, d, target, every = 2, 2, 4, 8, 10, 5
+    snap = kvfx.SnapKV(budget=0.5, sinks=1, window=3, kernel=3)
+    policy = kvfx.Recompress(snap, every=every, target=target)
+    assert policy.keeps_running_score and not kvfx.Recompress(kvfx.KNorm()).keeps_running_score
+    k, v = torch.randn(b, kv_heads, target, d), torch.randn(b, kv_heads, target, d)
+    bias, score = torch.zeros(b, kv_heads, target), torch.zeros(b, kv_heads, target)
+    queries = []
+    for step in range(every):
+        q = torch.randn(b, heads, 1, d)
+        queries.append(q)
+        k_all = torch.cat([k, torch.randn(b, kv_heads, 1, d)], 2)
+        v_all = torch.cat([v, torch.randn(b, kv_heads, 1, d)], 2)
+        pad = lambda x: torch.nn.functional.pad(x, (0, 1))  # noqa: E731
+        out = policy.step(q, k_all, v_all, pad(bias), pad(score), 0.3)
+        if step < every - 1:
+            k, v, bias, score = out
+            assert k.shape[2] == target + step + 1
+            # only the last 3 calls before the recompression gather attention
+            assert bool(score.any()) == (step >= every - 3)
+    want = kvfx.SnapKV(budget=target, sinks=1, window=3, kernel=3).compress(
+        torch.cat(queries[-3:], 2), k_all, v_all, torch.ones(b, target + every, dtype=torch.bool), 0.3)
+    assert out[0].shape[2] == target and not out[3].any()
+    torch.testing.assert_close(out[0], want.k)
+    torch.testing.assert_close(out[1], want.v)
+
+
 def chunks_by_hand(k, window, chunk, n):
     """One batch row [Hkv, S, D], ChunkKV guided by KNorm (score -|k|): the
     score summed over heads, chunks of ``chunk`` slots from the first, the
@@ -127,8 +160,8 @@ def test_compiled_equals_the_eager_reference_through_several_recompressions(fami
     assert torch.equal(compiled.tokens, reference.tokens)
     for got, want in zip(compiled.cache.layers, reference.cache.layers):
         torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
-    # the store keeps no running score: the bias is its only per-slot state
-    assert all(layer.slot_score.numel() == 0 for layer in compiled.cache.layers)
+    # SnapKV's window attention is gathered in a running score, one float per slot
+    assert all(layer.slot_score.numel() > 0 for layer in compiled.cache.layers)
     # more recompressions compile nothing new
     longer = generate(model, ids, policy=policy, steps=30, attention_mask=mask)
     assert len(longer.records) == len(compiled.records)

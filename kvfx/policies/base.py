@@ -152,6 +152,26 @@ class Policy:
         return "ranks slots at every decode step"
 
     @property
+    def observed_window(self) -> Optional[tuple[int, int]]:
+        """(window, kernel) when the score is the attention the last
+        ``window`` queries pay each slot, the prefix pooled over ``kernel``
+        neighbours (SnapKV's): ``Recompress`` then gathers that attention
+        decode step by step instead of scoring with one step's query. None:
+        any other score."""
+        return None
+
+    def idle_step(self, length, new) -> bool:
+        """Whether a decode step over rows of ``length`` slots, ``new`` of them
+        this call's, changes nothing (a schedule not due and no score to
+        gather): the store skips it."""
+        return False
+
+    def step_scores_only(self, length, new) -> bool:
+        """Whether such a step changes the running score alone (its keys and
+        values stay): the store then reads no values and writes the score."""
+        return False
+
+    @property
     def keeps_running_score(self) -> bool:
         """Whether slots carry a running score between decode steps (a float32
         per slot in the store): a continuous policy's, unless it ranks afresh."""

@@ -82,6 +82,10 @@ class Compose(Policy):
     def sum_terms(self) -> tuple:
         return self.policy.sum_terms()
 
+    @property
+    def observed_window(self):  # type: ignore[override]
+        return self.policy.observed_window
+
     def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
         return self.policy._score(q, k, valid, scale, v, layer, n_layers)
 

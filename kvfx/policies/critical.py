@@ -52,6 +52,10 @@ class CriticalKV(Compose):
     def needs_out_projection(self) -> bool:  # type: ignore[override]
         return True
 
+    @property
+    def observed_window(self):  # type: ignore[override]
+        return None   # (the policy's attention, corrected: not the attention alone)
+
     def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
         self._check_values(k, v)
         weight = lent_out_projection()

@@ -53,6 +53,10 @@ class SnapKV(Policy):
     def score(self, q, k, valid, scale):
         return window_mean_attention(q, k, valid, scale, self.window, self.kernel)
 
+    @property
+    def observed_window(self) -> tuple[int, int]:  # type: ignore[override]
+        return (self.window, self.kernel)
+
 
 @preset
 @dataclasses.dataclass(frozen=True)

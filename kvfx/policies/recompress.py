@@ -25,10 +25,13 @@ class Recompress(Compose):
     ranks the slots again and keeps ``target`` of them (its sinks and its
     window -- the most recent tokens -- first), so the cache never holds
     more than ``target + every - 1`` slots after a call. The policy's score
-    sees the slots the cache holds and the queries of that decode call (one
-    per step): a score that reads an observation window of queries reads
-    the newest query (kvpress buffers up to 256 hidden states instead).
-    The slots keep their order, so "sinks" and "window" keep their meaning
+    sees the slots the cache holds. A score that is the attention of the
+    last ``window`` queries (SnapKV, PyramidKV, ChunkKV: ``observed_window``)
+    gets exactly that: the decode calls of the last ``window`` tokens before
+    a recompression add the attention their queries pay each slot to the
+    slot's running score (kvpress buffers the hidden states and recomputes
+    their queries instead), pooled at the recompression as at the prompt.
+    Any other score reads the decode call's own queries. The slots keep their order, so "sinks" and "window" keep their meaning
     across recompressions. A padded batch recompresses together, when its
     longest row is due; each row keeps at most ``target`` of its real slots.
 
@@ -80,7 +83,19 @@ class Recompress(Compose):
 
     @property
     def keeps_running_score(self) -> bool:  # type: ignore[override]
-        return False
+        return self.policy.observed_window is not None   # (the attention gathered before a recompression)
+
+    @property
+    def due(self) -> int:
+        """Slots at which rows are recompressed (a longer row: at once)."""
+        return self.target + self.every
+
+    def idle_step(self, length, new) -> bool:
+        observed = self.policy.observed_window
+        return self.decode_length(length, new) >= length and (observed is None or length <= self.due - observed[0])
+
+    def step_scores_only(self, length, new) -> bool:
+        return self.decode_length(length, new) >= length and not self.idle_step(length, new)
 
     def decode_length(self, total, new):
         """Rows of ``total`` slots keep them until ``target + every``, then
@@ -92,11 +107,14 @@ class Recompress(Compose):
     def step(self, q, k, v, slot_bias, slot_score, scale, layer: int = 0, n_layers: int = 1):
         s, new = k.shape[2], q.shape[2]
         n = self.decode_length(s, new)
+        observed = self.policy.observed_window
+        if observed is not None and not self.idle_step(s, new):
+            slot_score = slot_score + self.observed_attention(q, k, slot_bias, scale)
         if n >= s:
             return k, v, slot_bias, slot_score
         b, kv_heads = k.shape[:2]
         if isinstance(self.keep(), TopChunks):
-            return self._keep_chunks(q, k, v, slot_bias, scale, n, layer, n_layers)
+            return self._keep_chunks(q, k, v, slot_bias, slot_score, scale, n, layer, n_layers)
         # Each (batch, KV head) row is scored as a batch row of its own, its
         # invalid slots moved to the front (stable: the real ones keep their
         # order), so every score's left-padding rule applies per row.
@@ -105,8 +123,11 @@ class Recompress(Compose):
         rows_of = lambda x: x.flatten(0, 1).unsqueeze(1)  # noqa: E731
         k1, v1 = rows_of(gather_slots(k, order)), rows_of(gather_slots(v, order))
         valid1 = valid.gather(2, order).flatten(0, 1)
-        q1 = q.unflatten(1, (kv_heads, -1)).flatten(0, 1) if self.policy.needs_queries else None
-        score = self.policy._score(q1, k1, valid1, scale, v1, layer, n_layers)
+        if observed is not None:
+            score = pooled(rows_of(slot_score.gather(2, order)), observed)
+        else:
+            q1 = q.unflatten(1, (kv_heads, -1)).flatten(0, 1) if self.policy.needs_queries else None
+            score = self.policy._score(q1, k1, valid1, scale, v1, layer, n_layers)
         keep = smin(valid1.sum(-1), n)[:, None, None]
         kept = TopTokens().select(self.policy, score, valid1, n, keep)
         out = evict_to(kept.index, k1, v1, valid1, slot_valid=kept.rank < keep)
@@ -114,12 +135,49 @@ class Recompress(Compose):
         bias = back(out.slot_bias)
         return back(out.k), back(out.v), bias, torch.zeros_like(bias)
 
-    def _keep_chunks(self, q, k, v, slot_bias, scale, n, layer, n_layers):
+    def observed_attention(self, q, k, slot_bias, scale) -> torch.Tensor:
+        """The attention this call's queries among the last ``window`` before
+        the next recompression pay each slot (causal within the call), summed
+        over those queries, averaged over each KV head's query heads.
+        q: [B, H, Sq, D], k: [B, Hkv, S, D] (the call's tokens last). -> [B, Hkv, S]"""
+        window = self.policy.observed_window[0]
+        b, h, sq, d = q.shape
+        hkv, s = k.shape[1], k.shape[2]
+        seen = torch.arange(s - sq + 1, s + 1, device=q.device)          # slots each query sees
+        counted = seen > max(self.due, s) - window
+        groups = q.float().view(b, hkv, h // hkv, sq, d)
+        logits = groups @ k.float()[:, :, None].transpose(-1, -2) * scale + slot_bias[:, :, None, None, :]
+        visible = torch.arange(s, device=q.device) < seen[:, None]       # [Sq, S]
+        probs = logits.masked_fill(~visible, NEG_INF).softmax(-1).nan_to_num(0.0)
+        return (probs * counted[:, None]).sum(3).mean(2)
+
+    def _keep_chunks(self, q, k, v, slot_bias, slot_score, scale, n, layer, n_layers):
         """The chunk keep over rows every KV head shares (a chunk policy keeps
         the same slots in every head and refuses padded rows, so every slot
         held is real): each head scored, the heads summed per chunk."""
         valid = slot_bias[:, 0] != NEG_INF
-        score = self.policy._score(q if self.policy.needs_queries else None, k, valid, scale, v, layer, n_layers)
+        observed = self.policy.observed_window
+        if observed is not None:
+            score = pooled(slot_score, observed)
+        else:
+            score = self.policy._score(q if self.policy.needs_queries else None, k, valid, scale, v, layer,
+                                       n_layers)
         kept = self.keep().select(self.policy, score, valid, n)
         out = evict_to(kept.index, k, v, valid)
         return out.k, out.v, out.slot_bias, torch.zeros_like(out.slot_bias)
+
+
+def pooled(attention: torch.Tensor, observed: tuple[int, int]) -> torch.Tensor:
+    """SnapKV's ranking of the attention gathered over its observation window
+    [..., S]: the slots before the last ``window`` average-pooled over
+    ``kernel`` neighbours (zero-padded, as at the prompt), the window as it is
+    (it is kept anyway)."""
+    window, kernel = observed
+    s = attention.shape[-1]
+    w = min(window, s)
+    if kernel == 1 or s <= w:
+        return attention
+    flat = attention.reshape(-1, 1, s)
+    prefix = torch.nn.functional.avg_pool1d(flat[..., : s - w], kernel, stride=1, padding=kernel // 2,
+                                            count_include_pad=True)
+    return torch.cat([prefix, flat[..., s - w:]], dim=-1).view_as(attention)

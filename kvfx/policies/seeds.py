@@ -160,6 +160,10 @@ class ChunkKV(_ScorerGuided, Policy):
     def score(self, q, k, valid, scale):
         return window_mean_attention(q, k, valid, scale, self.window, 1)
 
+    @property
+    def observed_window(self) -> Optional[tuple[int, int]]:  # type: ignore[override]
+        return (self.window, 1) if self.scorer is None else self.scorer.observed_window
+
     def keep(self) -> TopChunks:
         return TopChunks(self.chunk)
 
