@@ -19,6 +19,11 @@ key of a token fed after a recompression that kept other slots differs, so a fir
 lowers the later indices too). Also: decode seconds per token (median), and the KV bytes the
 cache holds at its largest and at the end (every tensor it keeps), beside the full cache through
 plain torch.compile with the same inner compiler as kvfx, all measured in one run.
+
+Diagnostics for SnapKV (what keeps kvpress's decode-time kept sets from kvfx's): ``--kernel 1``
+turns SnapKV's pooling off on both sides (kvpress pools over its cache's order, which after a
+compression is score order); ``--own-positions`` rotates each query kvpress recomputes from its
+buffer at its own position (stock kvpress rotates them all at the current token's).
 """
 
 from __future__ import annotations
@@ -40,19 +45,49 @@ SNAPKV_WINDOW = 32   # below the `every` hidden states DecodingPress buffers bet
 RECOMPRESSIONS = 3
 
 
-def make_sides(method: str, budget: float, every: int, target: int):
+def make_sides(method: str, budget: float, every: int, target: int, kernel: int = 5):
     import kvfx
     import kvpress
 
     window = min(SNAPKV_WINDOW, every // 2)
     press = {"KNorm": kvpress.KnormPress, "KeyDiff": kvpress.KeyDiffPress,
-             "SnapKV": lambda **kw: kvpress.SnapKVPress(window_size=window, **kw)}[method]
+             "SnapKV": lambda **kw: kvpress.SnapKVPress(window_size=window, kernel_size=kernel, **kw)}[method]
     policy = {"KNorm": lambda: kvfx.KNorm(budget=budget), "KeyDiff": lambda: kvfx.KeyDiff(budget=budget),
-              "SnapKV": lambda: kvfx.SnapKV(budget=budget, window=window)}[method]()
+              "SnapKV": lambda: kvfx.SnapKV(budget=budget, window=window, kernel=kernel)}[method]()
     combined = kvpress.PrefillDecodingPress(press(compression_ratio=1 - budget),
                                             kvpress.DecodingPress(press(), compression_interval=every,
                                                                   target_size=target))
     return combined, kvfx.Recompress(policy, every=every, target=target)
+
+
+@contextlib.contextmanager
+def queries_at_their_positions(model):
+    """kvpress's SnapKVPress rotates the window's queries with the decode call's
+    ``position_embeddings``: at a decode call, the current token's alone, so
+    every buffered query gets the current position's rotation. Patched here
+    (a diagnostic, ``--own-positions``) to rotate the query of ``j`` steps
+    ago at its own position: cos/sin of (p - j) from those of p and RoPE's
+    frequencies (the scaling factor carries through the product)."""
+    import torch
+    from kvpress.presses.snapkv_press import SnapKVPress
+
+    inv_freq = model.model.rotary_emb.inv_freq
+    original = SnapKVPress.compute_window_attention
+
+    def compute_window_attention(module, hidden_states, keys, window_size, position_embeddings):
+        cos, sin = position_embeddings
+        if cos.shape[1] == 1 and hidden_states.shape[1] > 1:   # a decode call scoring buffered states
+            back = torch.arange(window_size - 1, -1, -1, dtype=torch.float32, device=cos.device)
+            angle = torch.cat([inv_freq, inv_freq]).float()[None, :] * back[:, None]      # [w, D]
+            c, d = angle.cos().to(cos.dtype), angle.sin().to(cos.dtype)
+            cos, sin = cos * c + sin * d, sin * c - cos * d
+        return original(module, hidden_states, keys, window_size, (cos, sin))
+
+    SnapKVPress.compute_window_attention = staticmethod(compute_window_attention)
+    try:
+        yield
+    finally:
+        SnapKVPress.compute_window_attention = staticmethod(original)
 
 
 def jaccard(ours: list, theirs: list) -> list[list[float]]:
@@ -131,6 +166,11 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--inner", default="inductor", choices=("aot_eager", "inductor"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--kernel", type=int, default=5, help="SnapKV's pooling kernel, both sides (kvpress's "
+                        "default 5)")
+    parser.add_argument("--own-positions", action="store_true",
+                        help="diagnostic: kvpress's SnapKV rotates each buffered query at its own position "
+                             "(stock kvpress rotates them all at the current token's)")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.context, args.every, args.inner = "llama", 160, 8, "aot_eager"
@@ -151,7 +191,8 @@ def main(argv=None) -> int:
         "settings": {"model": args.model, "description": description, "context": args.context,
                      "prompt_lengths": [x.shape[1] for x, _ in ids], "prompts": "random token ids",
                      "every": args.every, "target": target,
-                     "budget": budget, "fed_tokens": steps, "inner": args.inner, "snapkv_window": SNAPKV_WINDOW},
+                     "budget": budget, "fed_tokens": steps, "inner": args.inner, "snapkv_window": SNAPKV_WINDOW,
+                     "kvpress_queries_at_own_positions": args.own_positions, "snapkv_kernel": args.kernel},
         "machine": common.machine(), "versions": compare_kvpress.versions(), "rows": {},
     }
     torch._dynamo.reset()
@@ -162,9 +203,10 @@ def main(argv=None) -> int:
     model.forward = eager_forward
     data["rows"]["full cache, torch.compile"] = {k: v for k, v in full.items() if k != "checkpoints"}
     for method in args.methods:
-        press, policy = make_sides(method, budget, args.every, target)
-        run_side(model, "kvpress", ids[:1], steps, args.every, press=press)      # warm-up
-        theirs = run_side(model, "kvpress", ids, steps, args.every, press=press)
+        press, policy = make_sides(method, budget, args.every, target, args.kernel)
+        with queries_at_their_positions(model) if args.own_positions else contextlib.nullcontext():
+            run_side(model, "kvpress", ids[:1], steps, args.every, press=press)      # warm-up
+            theirs = run_side(model, "kvpress", ids, steps, args.every, press=press)
         torch._dynamo.reset()
         kvfx.compile(model, policy, inner=args.inner)
         run_side(model, "kvfx", ids[:1], steps, args.every)                       # warm-up
