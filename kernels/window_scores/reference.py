@@ -32,8 +32,17 @@ def window_attention_reference(
     query_pos = torch.arange(s - w, s, device=k.device)[:, None]
     visible = (torch.arange(s, device=k.device)[None, :] <= query_pos) & valid[:, None, None, :]
     probs = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
-    score = probs.sum(dim=-2)  # [B, H, S]
-    if kernel > 1 and s > w:
-        prefix = F.avg_pool1d(score[..., : s - w], kernel, stride=1, padding=kernel // 2, count_include_pad=True)
-        score = torch.cat([prefix, score[..., s - w :]], dim=-1)
+    score = pool_prefix(probs.sum(dim=-2), w, kernel)  # [B, H, S]
     return score.view(b, hkv, h // hkv, s).mean(dim=2)
+
+
+def pool_prefix(score: torch.Tensor, window: int, kernel: int) -> torch.Tensor:
+    """SnapKV's pooling of a window score [..., S]: the slots before the last
+    ``window`` average-pooled over ``kernel`` neighbours within them
+    (zero-padded, divided by ``kernel``), the window's slots as they are."""
+    s = score.shape[-1]
+    if kernel <= 1 or s <= window:
+        return score
+    flat = score.reshape(-1, 1, s)
+    prefix = F.avg_pool1d(flat[..., : s - window], kernel, stride=1, padding=kernel // 2, count_include_pad=True)
+    return torch.cat([prefix, flat[..., s - window :]], dim=-1).view_as(score)

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from kvfx.kernels.gather import gather_slots
+from kvfx.kernels.window_scores.reference import pool_prefix
 from kvfx.policies.budgets import check_int, fail, smin
 from kvfx.policies.compose import Compose, _inherited
 from kvfx.policies.fold import NEG_INF, Evict, Fold, evict_to
@@ -30,8 +31,9 @@ class Recompress(Compose):
     gets exactly that: the decode calls of the last ``window`` tokens before
     a recompression add the attention their queries pay each slot to the
     slot's running score (kvpress buffers the hidden states and recomputes
-    their queries instead), pooled at the recompression as at the prompt.
-    Any other score reads the decode call's own queries. The slots keep their order, so "sinks" and "window" keep their meaning
+    their queries instead), pooled at the recompression as at the prompt
+    (``pool_prefix``). Any other score reads the decode call's own queries.
+    The slots keep their order, so "sinks" and "window" keep their meaning
     across recompressions. A padded batch recompresses together, when its
     longest row is due; each row keeps at most ``target`` of its real slots.
 
@@ -124,7 +126,7 @@ class Recompress(Compose):
         k1, v1 = rows_of(gather_slots(k, order)), rows_of(gather_slots(v, order))
         valid1 = valid.gather(2, order).flatten(0, 1)
         if observed is not None:
-            score = pooled(rows_of(slot_score.gather(2, order)), observed)
+            score = pool_prefix(rows_of(slot_score.gather(2, order)), *observed)
         else:
             q1 = q.unflatten(1, (kv_heads, -1)).flatten(0, 1) if self.policy.needs_queries else None
             score = self.policy._score(q1, k1, valid1, scale, v1, layer, n_layers)
@@ -158,7 +160,7 @@ class Recompress(Compose):
         valid = slot_bias[:, 0] != NEG_INF
         observed = self.policy.observed_window
         if observed is not None:
-            score = pooled(slot_score, observed)
+            score = pool_prefix(slot_score, *observed)
         else:
             score = self.policy._score(q if self.policy.needs_queries else None, k, valid, scale, v, layer,
                                        n_layers)
@@ -166,18 +168,3 @@ class Recompress(Compose):
         out = evict_to(kept.index, k, v, valid)
         return out.k, out.v, out.slot_bias, torch.zeros_like(out.slot_bias)
 
-
-def pooled(attention: torch.Tensor, observed: tuple[int, int]) -> torch.Tensor:
-    """SnapKV's ranking of the attention gathered over its observation window
-    [..., S]: the slots before the last ``window`` average-pooled over
-    ``kernel`` neighbours (zero-padded, as at the prompt), the window as it is
-    (it is kept anyway)."""
-    window, kernel = observed
-    s = attention.shape[-1]
-    w = min(window, s)
-    if kernel == 1 or s <= w:
-        return attention
-    flat = attention.reshape(-1, 1, s)
-    prefix = torch.nn.functional.avg_pool1d(flat[..., : s - w], kernel, stride=1, padding=kernel // 2,
-                                            count_include_pad=True)
-    return torch.cat([prefix, flat[..., s - w:]], dim=-1).view_as(attention)
