@@ -23,7 +23,9 @@ plain torch.compile with the same inner compiler as kvfx, all measured in one ru
 Diagnostics for SnapKV (what keeps kvpress's decode-time kept sets from kvfx's): ``--kernel 1``
 turns SnapKV's pooling off on both sides (kvpress pools over its cache's order, which after a
 compression is score order); ``--own-positions`` rotates each query kvpress recomputes from its
-buffer at its own position (stock kvpress rotates them all at the current token's).
+buffer at its own position (stock kvpress rotates them all at the current token's). For AdaKV,
+``--dropped-unseen`` keeps kvpress's window queries from attending to the slots AdaKVPress
+dropped (it keeps them, holding a key built to be ignored by the current query only).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 DEFAULT_OUT = HERE.parent / "docs" / "results" / "compare_decoding.json"
-METHODS = ("KNorm", "KeyDiff", "SnapKV")
+METHODS = ("KNorm", "KeyDiff", "SnapKV", "AdaKV")
 SNAPKV_WINDOW = 32   # below the `every` hidden states DecodingPress buffers between recompressions (it asserts so)
 RECOMPRESSIONS = 3
 
@@ -50,10 +52,12 @@ def make_sides(method: str, budget: float, every: int, target: int, kernel: int 
     import kvpress
 
     window = min(SNAPKV_WINDOW, every // 2)
-    press = {"KNorm": kvpress.KnormPress, "KeyDiff": kvpress.KeyDiffPress,
-             "SnapKV": lambda **kw: kvpress.SnapKVPress(window_size=window, kernel_size=kernel, **kw)}[method]
+    snap = lambda **kw: kvpress.SnapKVPress(window_size=window, kernel_size=kernel, **kw)  # noqa: E731
+    press = {"KNorm": kvpress.KnormPress, "KeyDiff": kvpress.KeyDiffPress, "SnapKV": snap,
+             "AdaKV": lambda **kw: kvpress.AdaKVPress(snap(**kw))}[method]
     policy = {"KNorm": lambda: kvfx.KNorm(budget=budget), "KeyDiff": lambda: kvfx.KeyDiff(budget=budget),
-              "SnapKV": lambda: kvfx.SnapKV(budget=budget, window=window, kernel=kernel)}[method]()
+              "SnapKV": lambda: kvfx.SnapKV(budget=budget, window=window, kernel=kernel),
+              "AdaKV": lambda: kvfx.AdaKV(budget=budget, window=window, kernel=kernel)}[method]()
     combined = kvpress.PrefillDecodingPress(press(compression_ratio=1 - budget),
                                             kvpress.DecodingPress(press(), compression_interval=every,
                                                                   target_size=target))
@@ -90,6 +94,45 @@ def queries_at_their_positions(model):
         SnapKVPress.compute_window_attention = staticmethod(original)
 
 
+@contextlib.contextmanager
+def dropped_slots_unseen():
+    """kvpress's AdaKVPress drops a slot by writing, at each call, a key whose
+    logit underflows for that call's query alone (``attention_patch``). At a
+    decode-time compression SnapKV's window queries are earlier tokens', and
+    they can give that fake key much of their attention (checked on the tiny
+    model: 25-37% of it on average, all of it for some query heads), which
+    lowers the real slots' scores of those heads in AdaKV's ranking across
+    heads. Patched here (a diagnostic, ``--dropped-unseen``): before the
+    window attention, the dropped slots get a key built the same way for the
+    window's queries, so they take none of it, as if evicted."""
+    import torch
+    from kvpress.attention_patch import search_hyperplane
+    from kvpress.presses.snapkv_press import SnapKVPress
+    from kvpress.utils import get_prerope_query_states
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    original = SnapKVPress.compute_window_attention
+
+    def compute_window_attention(module, hidden_states, keys, window_size, position_embeddings):
+        index = getattr(module, "masked_key_indices", None)
+        if index is not None and keys.shape[2] != hidden_states.shape[1]:
+            cos, sin = (x[:, -window_size:] for x in position_embeddings)
+            q = get_prerope_query_states(module, hidden_states[:, -window_size:])
+            q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+            b, heads, w, d = q.shape
+            kv_heads = keys.shape[1]
+            fake = search_hyperplane(q.reshape(b * kv_heads, heads // kv_heads * w, d)).view(b, kv_heads, d)
+            keys = keys.clone()
+            keys[index] = fake[index[0], index[1]]
+        return original(module, hidden_states, keys, window_size, position_embeddings)
+
+    SnapKVPress.compute_window_attention = staticmethod(compute_window_attention)
+    try:
+        yield
+    finally:
+        SnapKVPress.compute_window_attention = staticmethod(original)
+
+
 def jaccard(ours: list, theirs: list) -> list[list[float]]:
     import torch
 
@@ -105,6 +148,24 @@ def jaccard(ours: list, theirs: list) -> list[list[float]]:
             row.append(shared / (a.shape[0] + b.shape[0] - shared))
         per_layer.append(row)
     return per_layer
+
+
+def unmasked_keys(model, cache, layers: int) -> list[list]:
+    """kvpress's AdaKVPress keeps every slot and overwrites the keys it drops
+    (``masked_key_indices``) with a fake key at each call: per layer and KV
+    head, the keys of batch row 0 it did not drop."""
+    import torch
+
+    out = []
+    for layer in model.model.layers[:layers]:
+        keys = cache.layers[layer.self_attn.layer_idx].keys[0]
+        live = torch.ones(keys.shape[:2], dtype=torch.bool, device=keys.device)
+        index = getattr(layer.self_attn, "masked_key_indices", None)
+        if index is not None:
+            b, h, pos = index
+            live[h[b == 0], pos[b == 0]] = False
+        out.append([keys[h][live[h]] for h in range(keys.shape[0])])
+    return out
 
 
 def run_side(model, kind: str, prompts: list, steps: int, every: int, press=None) -> dict[str, Any]:
@@ -141,7 +202,8 @@ def run_side(model, kind: str, prompts: list, steps: int, every: int, press=None
                 cache = out.past_key_values if out.past_key_values is not None else cache
                 largest = max(largest, common.cache_bytes(cache))
                 if (i + 1) % every == 0:
-                    keys.append(kept_rows(row, cache, layers))
+                    masks = kind == "kvpress" and "AdaKVPress" in repr(press)
+                    keys.append(unmasked_keys(model, cache, layers) if masks else kept_rows(row, cache, layers))
         peak.append(largest)
         end.append(common.cache_bytes(cache))
         checkpoints.append(keys)
@@ -171,6 +233,9 @@ def main(argv=None) -> int:
     parser.add_argument("--own-positions", action="store_true",
                         help="diagnostic: kvpress's SnapKV rotates each buffered query at its own position "
                              "(stock kvpress rotates them all at the current token's)")
+    parser.add_argument("--dropped-unseen", action="store_true",
+                        help="diagnostic: kvpress's AdaKV window attention gives the slots it dropped no weight "
+                             "(stock kvpress's fake keys there are built for the current query only)")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.context, args.every, args.inner = "llama", 160, 8, "aot_eager"
@@ -192,7 +257,8 @@ def main(argv=None) -> int:
                      "prompt_lengths": [x.shape[1] for x, _ in ids], "prompts": "random token ids",
                      "every": args.every, "target": target,
                      "budget": budget, "fed_tokens": steps, "inner": args.inner, "snapkv_window": SNAPKV_WINDOW,
-                     "kvpress_queries_at_own_positions": args.own_positions, "snapkv_kernel": args.kernel},
+                     "kvpress_queries_at_own_positions": args.own_positions, "snapkv_kernel": args.kernel,
+                     "kvpress_dropped_slots_unseen": args.dropped_unseen},
         "machine": common.machine(), "versions": compare_kvpress.versions(), "rows": {},
     }
     torch._dynamo.reset()
@@ -204,7 +270,9 @@ def main(argv=None) -> int:
     data["rows"]["full cache, torch.compile"] = {k: v for k, v in full.items() if k != "checkpoints"}
     for method in args.methods:
         press, policy = make_sides(method, budget, args.every, target, args.kernel)
-        with queries_at_their_positions(model) if args.own_positions else contextlib.nullcontext():
+        # (entered first, called last: the fake keys are built for the queries as SnapKV rotates them)
+        with (dropped_slots_unseen() if args.dropped_unseen else contextlib.nullcontext(),
+              queries_at_their_positions(model) if args.own_positions else contextlib.nullcontext()):
             run_side(model, "kvpress", ids[:1], steps, args.every, press=press)      # warm-up
             theirs = run_side(model, "kvpress", ids, steps, args.every, press=press)
         torch._dynamo.reset()

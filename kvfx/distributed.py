@@ -46,6 +46,10 @@ class TensorParallel(Compose):
         if self.world < 1 or not 0 <= self.rank < self.world or self.kv_heads % self.world:
             raise ValueError(f"kvfx: tensor parallelism over {self.world} ranks (this is rank {self.rank}) needs the "
                              f"model's {self.kv_heads} KV heads to split evenly over the ranks")
+        if self.policy.ragged_rows:
+            raise ValueError(f"kvfx: {self.policy} under tensor parallelism: a recompression whose budget the KV heads "
+                             "share would rank every rank's heads together at each one; kvfx does not run that "
+                             "across ranks yet (wrap a policy that keeps its best tokens per head instead)")
 
     @property
     def local_heads(self) -> int:

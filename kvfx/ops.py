@@ -370,7 +370,7 @@ def _store_attend_fake(q, k_pages, v_pages, slot_bias, page_table, lengths, scal
 # mutations off the schema, as for any in-place op.
 _LIB = torch.library.Library("kvfx", "FRAGMENT")
 _LIB.define("store_step(Tensor q, Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) slot_bias, "
-            "Tensor(d!) slot_score, Tensor page_table, Tensor(e!) lengths, Tensor pages, Tensor seen, "
+            "Tensor(d!) slot_score, Tensor(e!) page_table, Tensor(f!) lengths, Tensor(g!) pages, Tensor seen, "
             "Tensor extent, str policy, int layer, int n_layers, float scale) -> ()")
 
 
@@ -381,11 +381,15 @@ def _store_step(
 ) -> None:
     """One decode step of a continuous policy (TOVA, ZeroMerge) over a store
     whose rows all hold ``extent.shape[1]`` slots (the new tokens included):
-    the policy's step on those rows, written back in place."""
+    the policy's step on those rows, written back in place. Rows that hold
+    their own counts (``ragged_rows``) hold that many on average."""
     width, pol = extent.shape[1], policy_of(policy)
     if pol.idle_step(width, q.shape[-2]):
         return  # rows not due yet (Recompress): nothing to rank, move or gather
     store = slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
+    if pol.ragged_rows:
+        _ragged_step(store, q, width, pol, scale, layer, n_layers)
+        return
     if pol.step_scores_only(width, q.shape[-2]):   # (Recompress gathering attention): no copy of the values
         k, _, bias, score = slot_store.gather(store, width, values=False)
         slot_store.write_scores(store, width, pol.step(q, k, None, bias, score, scale, layer, n_layers)[3])
@@ -401,6 +405,29 @@ def _store_step(
             return
     k, v, bias, score = slot_store.gather(store, width)
     slot_store.scatter(store, *pol.step(q, k, v, bias, score, scale, layer, n_layers), width)
+
+
+def _ragged_step(store, q: Tensor, width: int, pol: Policy, scale: float, layer: int, n_layers: int) -> None:
+    """``Recompress`` of a budget the KV heads share (AdaKV) over rows of
+    different lengths: read every row as wide as the longest can be (a batch
+    row's heads hold ``Hkv x width`` slots at most), then add the gathered
+    score, or repage the rows to their kept slots with room for the tokens
+    before the next recompression (the pool and table were sized for it
+    between calls: ``KvfxLayer.reserve``)."""
+    kv_heads = store.page_table.shape[1]
+    wide = min(store.page_table.shape[2] * store.page, kv_heads * width)
+    if store.k_pages.device.type == "cpu":   # the longest row, read where a host read costs nothing
+        wide = max(1, min(wide, int(store.lengths.max())))
+    new = q.shape[-2]
+    if pol.step_scores_only(width, new):
+        k, _, bias, score = slot_store.gather(store, wide, values=False)
+        after = pol.step_rows(q, k, None, bias, score, scale, width, layer, n_layers)[3]
+        slot_store.add_scores(store, wide, (after - score).masked_fill(bias == float("-inf"), 0.0))
+        return
+    k, v, bias, score = slot_store.gather(store, wide)
+    k, v, bias, score = pol.step_rows(q, k, v, bias, score, scale, width, layer, n_layers)
+    after = pol.decode_length(width, new)
+    slot_store.repack(store, k, v, bias, score, (bias != float("-inf")).sum(-1), pol.room_after(after))
 
 
 _LIB.impl("store_step", _store_step, "CompositeExplicitAutograd")

@@ -107,16 +107,16 @@ def _table(pages: torch.Tensor, start: torch.Tensor, width) -> torch.Tensor:
     return torch.where(j < pages[:, None], start[:, None] + j, 0)
 
 
-def pack(k, v, slot_bias, slot_score, lengths, n_pages, width, page: int = PAGE) -> Store:
+def pack(k, v, slot_bias, slot_score, lengths, n_pages, width, page: int = PAGE, room: int = 0) -> Store:
     """A store holding the first ``lengths`` [B, Hkv] slots of each row of the
     rectangular k/v [B, Hkv, W, D] (and their bias, score [B, Hkv, W]; score
     None: the store keeps none), in ``n_pages`` pages with a ``width``-page
-    table. Rows take pages in row order; pages beyond what the rows need stay
-    empty (bias -inf)."""
+    table, each row with pages for ``room`` more slots. Rows take pages in row
+    order; pages beyond what the rows need stay empty (bias -inf)."""
     b, hkv, w, d = k.shape
     rows = b * hkv
     length = lengths.reshape(rows)
-    pages = cdiv(length, page)
+    pages = cdiv(length + room, page)
     owner, j, start = _page_owners(pages, n_pages)
     slot = (j[:, None] * page + torch.arange(page, device=k.device)).clamp(min=0)     # [N, P] slot within its row
     valid = (owner[:, None] < rows) & (slot < length[owner.clamp(max=rows - 1)][:, None])
@@ -225,6 +225,27 @@ def gather(store: Store, width: int, values: bool = True):
     return k, v, bias, rows[0] if rows else torch.zeros_like(bias)
 
 
+def repack(store: Store, k, v, slot_bias, slot_score, lengths, room: int) -> None:
+    """Rewrite the store in place to hold the first ``lengths`` [B, Hkv] slots
+    of each row of the rectangles (as ``pack``), each row owning pages for
+    ``room`` more, within the pool and table it has (a recompression of rows
+    that hold different counts: the caller makes sure they fit)."""
+    fresh = pack(k, v, slot_bias, slot_score if store.slot_score.numel() else None, lengths,
+                 store.k_pages.shape[0], store.page_table.shape[2], store.page, room)
+    for name in ("k_pages", "v_pages", "slot_bias", "slot_score", "page_table", "lengths", "pages"):
+        getattr(store, name).copy_(getattr(fresh, name))
+
+
+def add_scores(store: Store, width: int, delta: torch.Tensor) -> None:
+    """Add delta [B, Hkv, width] to the running score of every row's first
+    ``width`` slots, in place. delta must be 0 past a row's length: a slot
+    past a row's pages is read through a table entry that names another
+    row's page (``index_add_`` of 0 leaves it as it was, where a copy would
+    race the owner's write)."""
+    slots = torch.arange(width, device=delta.device).expand(*delta.shape[:2], width)
+    store.slot_score.view(-1).index_add_(0, flat_index(store, slots), delta.float().reshape(-1))
+
+
 def write_scores(store: Store, width: int, slot_score: torch.Tensor) -> None:
     """Overwrite the running score of every row's first ``width`` slots with
     slot_score [B, Hkv, width], in place (keys, values and bias stay)."""
@@ -305,6 +326,14 @@ def grow(store: Store, new_pages: int) -> Store:
     b, hkv, m = store.page_table.shape
     return _relayout(store, store.page_table, store.pages, store.pages + new_pages, store.lengths,
                      store.k_pages.shape[0] + b * hkv * new_pages, m + new_pages)
+
+
+def resize(store: Store, n_pages: int, width: int) -> Store:
+    """A store whose rows keep their pages and slots in a pool of ``n_pages``
+    pages and a ``width``-page table (room for a recompression that repages
+    ragged rows, or the pool cut back after it). ``n_pages`` must hold every
+    row's pages."""
+    return _relayout(store, store.page_table, store.pages, store.pages, store.lengths, n_pages, width)
 
 
 def select_rows(store: Store, index: torch.Tensor) -> Store:

@@ -125,6 +125,11 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             site.reason = (f"latent cache: {type(policy).__name__} {policy.while_decoding}, per head; kvfx runs "
                            "continuous policies on per-head caches only")
             continue
+        if policy.ragged_rows and site.cache != "store":
+            site.reason = (f"{type(policy).__name__} {policy.while_decoding} with a budget its KV heads share, so "
+                           f"they hold different counts: kvfx runs that on its slot store only, not on a cache "
+                           f"the model keeps itself ({site.cache})")
+            continue
         if site.bias_from == "positions" and (continuous or site.latent):
             site.reason = (f"the per-head position bias (ALiBi) is corrected once, when {type(policy).__name__} "
                            "compresses the prompt; " + ("a latent cache is not per head" if site.latent else

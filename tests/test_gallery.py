@@ -22,9 +22,15 @@ LEFT_ALONE = {  # entry, policy -> what the reason must name
     # Recompress is continuous too, and the reason says what it does while decoding
     ("gpt-fast", "Recompress"): "Recompress compresses again every 8 new tokens; kvfx runs continuous policies on "
                                 "returned caches and slot stores, not on module buffers yet",
+    # heads that hold their own counts while decoding need kvfx's slot store
+    ("nanogpt", "Recompress(AdaKV)"): "Recompress compresses again every 8 new tokens with a budget its KV heads "
+                                      "share, so they hold different counts: kvfx runs that on its slot store only, "
+                                      "not on a cache the model keeps itself (dynamic)",
 }
 LEFT_ALONE_POLICIES = {"TOVA": lambda: kvfx.TOVA(budget=0.5),
-                       "Recompress": lambda: kvfx.Recompress(kvfx.KNorm(budget=0.5), every=8, target=16)}
+                       "Recompress": lambda: kvfx.Recompress(kvfx.KNorm(budget=0.5), every=8, target=16),
+                       "Recompress(AdaKV)": lambda: kvfx.Recompress(kvfx.AdaKV(budget=0.5, window=4), every=8,
+                                                                    target=16)}
 
 
 def ids():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvfx
-from kvfx.testing import cache_lengths, generate
+from kvfx.testing import against_reference, cache_lengths, generate
 from kvfx.testing.reference import eager_reference
 from kvfx.testing.zoo import tiny_model
 
@@ -143,21 +143,23 @@ def test_a_chunk_policy_keeps_whole_chunks_again_the_same_slots_in_every_head():
         torch.testing.assert_close(v2[row], v[row][:, want])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_compiled_equals_the_eager_reference_through_several_recompressions(family):
+def padded_run(policy, family="llama"):
+    """12 greedy tokens of a tiny model on a batch of two 40-token prompts, one
+    left-padded by 7, compiled and under the eager reference (same tokens)."""
     model = tiny_model(family)
     ids = torch.randint(2, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    mask[1, :7] = 0                                      # a left-padded row
+    mask[1, :7] = 0
+    return (model, ids, mask, *against_reference(model, ids, policy, steps=12, attention_mask=mask))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compiled_equals_the_eager_reference_through_several_recompressions(family):
     policy = kvfx.Recompress(kvfx.SnapKV(budget=0.5, sinks=2, window=4), every=4, target=16)
-    compiled = generate(model, ids, policy=policy, steps=12, attention_mask=mask)
-    with eager_reference(model, policy):
-        reference = generate(model, ids, steps=12, attention_mask=mask)
-    assert compiled.graph_breaks == 0 and any(r.rewritten for r in compiled.records)
+    model, ids, mask, compiled, reference = padded_run(policy, family)
     # 20 slots after the prompt, then 11 decode calls: 17 18 19 16 17 18 19 16 17 18 19
     assert lengths_by_hand(20, 11, 4, 16)[-1] == 19
     assert cache_lengths(compiled.cache) == [19] * model.config.num_hidden_layers
-    assert torch.equal(compiled.tokens, reference.tokens)
     for got, want in zip(compiled.cache.layers, reference.cache.layers):
         torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
     # SnapKV's window attention is gathered in a running score, one float per slot
@@ -194,11 +196,102 @@ def test_a_target_above_what_decoding_reaches_equals_the_wrapped_policy():
     assert cache_lengths(alone.cache) == cache_lengths(wrapped.cache) == [25, 25]
 
 
+def shared_keep_by_hand(k, bias, sinks, window, safeguard, n):
+    """One batch row, heads holding their own slots (AdaKV's keep over KNorm's
+    score): each head keeps its sinks and window, and its floor(n x
+    safeguard) best slots counting those first (as kvpress's AdaKVPress,
+    whose window scores rank first); the lowest key norms across the heads
+    fill heads x n in all. Each head's kept slots, in order."""
+    heads = k.shape[0]
+    real = [[i for i in range(k.shape[1]) if bias[h, i] != NEG_INF] for h in range(heads)]
+    norm = lambda h, i: k[h, i].norm().item()  # noqa: E731
+    kept = []
+    for h in range(heads):
+        always = set(real[h][:sinks]) | set(real[h][len(real[h]) - window:])
+        rest = sorted((i for i in real[h] if i not in always), key=lambda i: (norm(h, i), i))
+        kept.append(always | set(rest[:max(0, int(n * safeguard) - len(always))]))
+    # the rest: every head's remaining slots ranked together (ties: head, then position)
+    pool = sorted(((norm(h, i), h, i) for h in range(heads) for i in real[h] if i not in kept[h]))
+    for _, h, i in pool[:max(0, heads * n - sum(map(len, kept)))]:
+        kept[h].add(i)
+    return [sorted(s) for s in kept]
+
+
+def test_a_shared_budget_recompression_keeps_the_best_slots_across_the_heads():
+    """AdaKV's keep over rows of different lengths (invalid slots anywhere,
+    this call's token last): each head keeps its sinks, window and safeguard
+    share, the best slots across the heads fill Hkv x target per batch row,
+    and each head's kept slots come first, in order."""
+    torch.manual_seed(3)
+    b, kv_heads, s, d = 2, 3, 20, 8
+    k, v = torch.randn(b, kv_heads, s, d), torch.randn(b, kv_heads, s, d)
+    k[0, 1] *= 3                                # a head whose keys all rank low: it keeps fewer
+    bias = torch.zeros(b, kv_heads, s)
+    bias[0, 0, 14:19] = NEG_INF                 # rows of different lengths (their ends invalid),
+    bias[0, 2, 17:19] = NEG_INF
+    bias[1, 1, [0, 5, 6, 12]] = NEG_INF         # and a padded row's fillers anywhere
+    knorm = kvfx.Compose(kvfx.KNorm(budget=0.5, sinks=1, window=2), keep_rule=kvfx.TopTokensAcrossHeads(safeguard=0.5))
+    policy = kvfx.Recompress(knorm, every=4, target=8)
+    assert policy.ragged_rows
+    q = torch.randn(b, 6, 1, d)
+    width = 12                                  # the mean a head holds, due at target + every
+    k2, v2, bias2, score2 = policy.step_rows(q, k, v, bias, torch.zeros(b, kv_heads, s), 1.0, width)
+    for row in range(b):
+        want = shared_keep_by_hand(k[row], bias[row], 1, 2, 0.5, 8)
+        lengths = torch.isfinite(bias2[row]).sum(-1).tolist()
+        assert lengths == [len(w) for w in want] and sum(lengths) == kv_heads * 8
+        for head in range(kv_heads):
+            n = lengths[head]
+            torch.testing.assert_close(k2[row, head, :n], k[row, head, want[head]])
+            torch.testing.assert_close(v2[row, head, :n], v[row, head, want[head]])
+            assert bool((bias2[row, head, n:] == NEG_INF).all()) and bool((bias2[row, head, :n] == 0).all())
+    assert len(set(torch.isfinite(bias2[0]).sum(-1).tolist())) > 1   # the heads keep different counts
+    assert int(torch.isfinite(bias2[0, 1]).sum()) == 4                 # the weak head: its safeguard, 8 x 0.5
+    # not due: the rows come back as they were
+    same = policy.step_rows(q, k, v, bias, torch.zeros(b, kv_heads, s), 1.0, width - 1)
+    assert torch.equal(same[0], k) and torch.equal(same[2], bias)
+
+
+def test_a_shared_budget_compiled_equals_the_eager_reference_and_frees_the_heads_slots():
+    """Recompress(AdaKV) through several recompressions on a padded batch:
+    one decode graph, the tokens and every head's kept keys of the eager
+    reference, heads holding their own counts, and a store whose pages stay
+    at the bound for Hkv x (target + every) slots per batch row."""
+    policy = kvfx.Recompress(kvfx.AdaKV(budget=0.5, sinks=2, window=4), every=4, target=16)
+    model, ids, mask, compiled, reference = padded_run(policy)
+    kv_heads = model.config.num_key_value_heads
+    ragged = False
+    for got, want in zip(compiled.cache.layers, reference.cache.layers):
+        lengths = got.lengths
+        # 20 slots per head after the prompt, then 11 decode calls: 17 18 19 16 17 18 19 16 17 18 19
+        assert int(lengths[0].sum()) == kv_heads * lengths_by_hand(20, 11, 4, 16)[-1]
+        assert int(lengths[1].sum()) <= kv_heads * 19
+        ragged |= len(set(lengths.flatten().tolist())) > 1
+        for row in range(2):
+            for head in range(kv_heads):
+                n = int(lengths[row, head])
+                torch.testing.assert_close(got.keys[row, head, :n], want.keys[row, head, :n], rtol=0, atol=1e-5)
+        # pages for Hkv x (target + every) slots per batch row, each head wasting under a page
+        assert got.k_pages.shape[0] == 2 * ((kv_heads * 20 + kv_heads * (got.page - 1)) // got.page)
+    assert ragged
+    longer = generate(model, ids, policy=policy, steps=30, attention_mask=mask)
+    assert len(longer.records) == len(compiled.records)   # more recompressions compile nothing new
+    assert [layer.nbytes() for layer in longer.cache.layers] == [layer.nbytes() for layer in compiled.cache.layers]
+
+
+def test_a_shared_budget_is_refused_under_tensor_parallelism():
+    from kvfx.distributed import TensorParallel
+
+    with pytest.raises(ValueError, match="under tensor parallelism: a recompression whose budget the KV heads share"):
+        TensorParallel(kvfx.Recompress(kvfx.AdaKV(budget=0.5, window=4), every=4, target=16), rank=0, world=2,
+                       kv_heads=2)
+
+
 @pytest.mark.parametrize("policy, says", [
     (kvfx.TOVA(budget=0.5), "already ranks slots at every decode step"),
     (kvfx.Recompress(kvfx.KNorm(budget=0.5), every=8, target=16), "already compresses again every 8 new tokens"),
     (kvfx.RazorAttention(budget=0.5), "Compensate"),
-    (kvfx.AdaKV(budget=0.5), "TopTokensAcrossHeads"),
+    (kvfx.Compose(kvfx.KNorm(budget=0.5), fold_rule=kvfx.GaussianMerge()), "GaussianMerge"),
     (kvfx.ChunkKV(budget=0.5, reuse_every=2), "reuses another layer's choice"),
     (kvfx.CriticalKV(kvfx.SnapKV()), "needs no output projection"),
 ])

@@ -101,6 +101,46 @@ def test_scatter_rewrites_every_row():
     assert torch.equal(got, k) and (bias == 0).all() and (score == 1).all()
 
 
+def test_repack_rewrites_ragged_rows_in_place_within_the_pool_with_room_for_more():
+    store, _ = ragged_store()
+    pool, width = store.k_pages.shape[0], store.page_table.shape[2]
+    torch.manual_seed(1)
+    b, hkv, w, d = 2, 3, 12, 4
+    k, v, score = torch.randn(b, hkv, w, d), torch.randn(b, hkv, w, d), torch.randn(b, hkv, w)
+    lengths = torch.tensor([[3, 12, 7], [9, 0, 5]])
+    bias = torch.zeros(b, hkv, w).masked_fill(torch.arange(w) >= lengths[..., None], NEG_INF)
+    k_pages = store.k_pages
+    slot_store.repack(store, k, v, bias, score, lengths, room=2)
+    assert store.k_pages is k_pages and store.k_pages.shape[0] == pool and store.page_table.shape[2] == width
+    assert store.lengths.tolist() == lengths.tolist()
+    assert store.pages.tolist() == slot_store.cdiv(lengths + 2, store.page).tolist()    # room for 2 more each
+    for row, held in zip(rows_of(store, w), zip(k, v, score, lengths)):
+        for h, (kk, vv, bb, ss) in enumerate(row):
+            n = int(held[3][h])
+            assert torch.equal(kk, held[0][h, :n]) and torch.equal(vv, held[1][h, :n])
+            assert torch.equal(ss, held[2][h, :n]) and bool((bb == 0).all())
+    valid = torch.zeros_like(store.slot_bias, dtype=torch.bool).view(-1)
+    valid[slot_store.flat_index(store, torch.arange(w).expand(b, hkv, w))
+          [(torch.arange(w) < lengths[..., None]).reshape(-1)]] = True
+    assert bool((store.slot_bias.view(-1)[~valid] == NEG_INF).all())   # every other slot of the pool: -inf
+
+
+def test_add_scores_adds_at_each_rows_slots_and_leaves_every_other_slot_alone():
+    """A row read past its pages reads another row's page through the table
+    (entries past a row's pages name page 0): adding zero there changes nothing."""
+    store, (_, _, _, score, lengths) = ragged_store()
+    before = store.slot_score.clone()
+    width = 21
+    delta = torch.rand(2, 3, width).masked_fill(torch.arange(width) >= lengths[..., None], 0.0)
+    slot_store.add_scores(store, width, delta)
+    for row, held in zip(rows_of(store, width), zip(score, delta, lengths)):
+        for h, (_, _, _, got) in enumerate(row):
+            n = int(held[2][h])
+            torch.testing.assert_close(got, held[0][h, :n] + held[1][h, :n])
+    assert torch.equal(store.slot_score.view(-1)[store.slot_bias.view(-1) == NEG_INF],
+                       before.view(-1)[store.slot_bias.view(-1) == NEG_INF])
+
+
 def test_paged_attention_reference_attends_each_row_over_its_own_slots():
     store, (k, v, bias, _, lengths) = ragged_store()
     grown = slot_store.grow(store, 1)

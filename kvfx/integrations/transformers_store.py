@@ -68,6 +68,7 @@ class KvfxLayer(CacheLayerMixin):
         self.room = 0                        # free slots every row has at least (known on the host)
         self.tokens = 0                      # tokens absorbed (known on the host)
         self.uniform: Optional[int] = None   # the rows' common length, when a continuous policy keeps them equal
+                                             # (ragged rows, Recompress(AdaKV): the mean per KV head)
         self.replaced = None                 # the empty transformers layer this one took the place of
         for name in slot_store.Store.FIELDS:
             setattr(self, name, None)
@@ -154,7 +155,11 @@ class KvfxLayer(CacheLayerMixin):
         1/GROW_FRACTION of the tokens seen. ``max_bytes``: refuse, before
         allocating, a store that would make the cache (``used_elsewhere`` + this
         layer) exceed it."""
-        if not self.is_initialized or self.room >= new:
+        if not self.is_initialized:
+            return
+        if policy.ragged_rows and self.uniform is not None:
+            self._fit_recompression(new, policy, max_bytes, used_elsewhere)
+        if self.room >= new:
             return
         want = new - self.room
         if policy.schedule == "continuous":
@@ -178,6 +183,41 @@ class KvfxLayer(CacheLayerMixin):
         self._set_store(slot_store.grow(self.store, pages))
         self.room += pages * self.page
 
+    def _ragged_bounds(self, after: int, policy) -> tuple[int, int]:
+        """(pool pages, table width) that rows holding their own counts need
+        after a recompression to a mean of ``after`` slots per KV head, each
+        row paged for its kept slots + ``policy.room_after(after)``: a batch
+        row's heads hold ``Hkv x after`` slots, each wastes under a page, and
+        one head may hold them all."""
+        batch, kv_heads = self.page_table.shape[:2]
+        room = policy.room_after(after)
+        per_row = (kv_heads * (after + room) + kv_heads * (self.page - 1)) // self.page
+        return batch * per_row, cdiv(kv_heads * after + room, self.page)
+
+    def _fit_recompression(self, new: int, policy, max_bytes, used_elsewhere: int) -> None:
+        """Before a call that recompresses rows holding their own counts (the
+        step repages them in place, within the pool and table it finds),
+        make the pool and table large enough."""
+        after = policy.decode_length(self.uniform + new, new)
+        if after >= self.uniform + new:
+            return
+        pages, width = self._ragged_bounds(after, policy)
+        pages, width = max(pages, self.k_pages.shape[0]), max(width, self.page_table.shape[2])
+        if (pages, width) == (self.k_pages.shape[0], self.page_table.shape[2]):
+            return
+        if max_bytes is not None:
+            store = self.store
+            per_page = store.page * (store.k_pages[0, 0].nbytes + store.v_pages[0, 0].nbytes
+                                     + store.state_bytes_per_slot)
+            rows = self.page_table.shape[0] * self.page_table.shape[1]
+            after_bytes = (used_elsewhere + self.nbytes() + (pages - self.k_pages.shape[0]) * per_page
+                           + rows * (width - self.page_table.shape[2]) * 8)
+            if after_bytes > max_bytes:
+                raise CapacityError(
+                    f"kvfx: max_cache_bytes={max_bytes:,} would be exceeded: the cache would hold {after_bytes:,} "
+                    f"bytes while recompressing (a pool of {pages} pages of {self.page} slots). Raise max_cache_bytes.")
+        self._set_store(slot_store.resize(self.store, pages, width))
+
     def advance(self, new: int, policy, first: bool, prompt_slots: Optional[int] = None) -> None:
         """Account for a call that brought ``new`` tokens. After the ``first``
         call (the store's birth, sized exactly: no room), ``prompt_slots`` is the
@@ -188,7 +228,15 @@ class KvfxLayer(CacheLayerMixin):
         self.tokens += new
         if policy.schedule == "continuous" and self.uniform is not None:
             after = policy.decode_length(self.uniform + new, new)
-            self.room -= after - self.uniform
+            if policy.ragged_rows and after < self.uniform + new:
+                # The step repaged every row for room_after(after) more slots:
+                # the pool it sized for that (or a larger one) comes back to it.
+                self.room = policy.room_after(after)
+                pages, width = self._ragged_bounds(after, policy)
+                if self.k_pages.shape[0] > pages:
+                    self._set_store(slot_store.resize(self.store, pages, self.page_table.shape[2]))
+            else:
+                self.room -= after - self.uniform
             self.uniform = after
         else:
             self.room -= new

@@ -172,6 +172,13 @@ class Policy:
         return False
 
     @property
+    def ragged_rows(self) -> bool:
+        """Whether decode steps leave the KV heads of a layer holding different
+        counts (``Recompress`` of a budget the heads share, AdaKV): its
+        ``step_rows`` then steps them, on kvfx's slot store only."""
+        return False
+
+    @property
     def keeps_running_score(self) -> bool:
         """Whether slots carry a running score between decode steps (a float32
         per slot in the store): a continuous policy's, unless it ranks afresh."""

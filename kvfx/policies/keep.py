@@ -42,13 +42,15 @@ def top_sorted(key: torch.Tensor, n, ranked: bool = False):
 
 def protect(key: torch.Tensor, valid: torch.Tensor, sinks, window) -> torch.Tensor:
     """Rank key so the first ``sinks`` and last ``window`` real tokens always
-    win and padding always loses. key: [B, Hkv, S], valid: [B, S]; ``window``
-    may be a [B, 1] tensor (one window per row)."""
+    win and padding always loses. key: [B, Hkv, S], valid: [B, S] or, where
+    each head holds its own slots, [B, Hkv, S]; ``window`` may be a [B, 1]
+    tensor (one window per row)."""
     rank = valid.long().cumsum(-1)  # 1-based position among real tokens
-    n_real = rank[:, -1:]
+    n_real = rank[..., -1:]
     kept = valid & ((rank <= sinks) | (rank > n_real - window))
-    key = key.masked_fill(kept[:, None, :], float("inf"))
-    return key.masked_fill(~valid[:, None, :], float("-inf"))
+    heads = (lambda x: x) if valid.dim() == 3 else (lambda x: x[:, None, :])  # noqa: E731
+    key = key.masked_fill(heads(kept), float("inf"))
+    return key.masked_fill(~heads(valid), float("-inf"))
 
 
 class Keep:
@@ -138,16 +140,19 @@ class TopTokensAcrossHeads(Keep):
         check_fraction("TopTokensAcrossHeads", "safeguard", self.safeguard)
 
     def select(self, policy, score, valid, n, rows=None) -> Kept:
+        """``valid`` [B, S], or [B, Hkv, S] for heads that each hold their own
+        slots (a recompression while decoding)."""
         b, hkv, s = score.shape
         per_head = rows if rows is not None else torch.full((b, 1, 1), n, device=score.device)  # [B, 1, 1]
         key = protect(score.float(), valid, policy.sinks, policy.window)
+        real = valid if valid.dim() == 3 else valid[:, None]
         head_rank = _ranks(key)
         safe = torch.floor(per_head * float(self.safeguard)).long()
-        key = key.masked_fill((head_rank < safe) & valid[:, None], float("inf"))
+        key = key.masked_fill((head_rank < safe) & real, float("inf"))
         every = gather_heads(policy, key)          # the layer's heads on every rank share the budget
         heads = every.shape[1]
         chosen = _ranks(every.reshape(b, 1, heads * s)) < heads * per_head.view(b, 1, 1)
-        chosen = own_heads(policy, chosen.view(b, heads, s)) & valid[:, None]
+        chosen = own_heads(policy, chosen.view(b, heads, s)) & real
         position = torch.arange(s, device=score.device)
         index = torch.where(chosen, position, position + s).argsort(-1)       # kept first, both ascending
         rank = torch.where(chosen.gather(2, index), 0, s)                    # rank >= any row's count: padding

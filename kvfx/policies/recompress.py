@@ -14,7 +14,7 @@ from kvfx.kernels.window_scores.reference import pool_prefix
 from kvfx.policies.budgets import check_int, fail, smin
 from kvfx.policies.compose import Compose, _inherited
 from kvfx.policies.fold import NEG_INF, Evict, Fold, evict_to
-from kvfx.policies.keep import Keep, TopChunks, TopTokens
+from kvfx.policies.keep import Keep, TopChunks, TopTokens, TopTokensAcrossHeads
 from kvfx.policies.registry import shipped
 
 
@@ -43,9 +43,17 @@ class Recompress(Compose):
     over the KV heads) fill the rest, so a recompression keeps the largest
     whole-chunk count within ``target`` and every head keeps the same slots.
 
-    ``policy``: a one-shot policy that evicts (TopTokens or TopChunks keep,
-    Evict fold); ``every`` >= 1 new tokens between recompressions;
-    ``target`` >= the policy's sinks + window, in slots per KV head."""
+    A policy whose KV heads share the layer's budget (AdaKV) shares it
+    again: each head keeps its sinks, window and ``safeguard`` share, and the
+    best slots across the layer's heads fill ``Hkv x target`` per batch row,
+    so heads hold different counts (``ragged_rows``: kvfx's slot store only,
+    which repages the rows at each recompression). The schedule then follows
+    the mean a head holds, which every call moves by its new tokens.
+
+    ``policy``: a one-shot policy that evicts (TopTokens, TopChunks or
+    TopTokensAcrossHeads keep, Evict fold); ``every`` >= 1 new tokens between
+    recompressions; ``target`` >= the policy's sinks + window, in slots per
+    KV head."""
 
     every: int = 512
     target: int = 2048
@@ -67,10 +75,10 @@ class Recompress(Compose):
         if inner.schedule != "prefill":
             fail("Recompress", "policy", inner, f"a policy that compresses the prompt once ({name} already "
                  f"{inner.while_decoding})")
-        if type(inner.keep()) not in (TopTokens, TopChunks) or type(inner.fold()) is not Evict:
-            fail("Recompress", "policy", inner, "a policy that keeps its best tokens per KV head, or whole "
-                 f"chunks, and evicts the rest (TopTokens or TopChunks keep, Evict fold); {name} uses "
-                 f"{type(inner.keep()).__name__} and {type(inner.fold()).__name__}")
+        if type(inner.keep()) not in (TopTokens, TopChunks, TopTokensAcrossHeads) or type(inner.fold()) is not Evict:
+            fail("Recompress", "policy", inner, "a policy that keeps its best tokens per KV head or across a "
+                 "layer's heads, or whole chunks, and evicts the rest (TopTokens, TopTokensAcrossHeads or TopChunks "
+                 f"keep, Evict fold); {name} uses {type(inner.keep()).__name__} and {type(inner.fold()).__name__}")
         if inner.reuse_source(1) is not None or inner.reuse_source(2) is not None:
             fail("Recompress", "policy", inner, "a policy whose every layer chooses its own slots (each layer "
                  f"recompresses alone while decoding; {name} reuses another layer's choice)")
@@ -106,7 +114,19 @@ class Recompress(Compose):
         n = smin(total, self.target + (total - self.target) % self.every)
         return self.keep().fit(self.policy, n, total)   # (whole chunks: the largest count within n)
 
+    @property
+    def ragged_rows(self) -> bool:  # type: ignore[override]
+        return self.keep().shared_across_heads
+
+    def room_after(self, length) -> int:
+        """Slots each row gains before the next recompression, after one that
+        left rows of ``length`` (mean) slots: a ragged store pages for them."""
+        return self.due - length
+
     def step(self, q, k, v, slot_bias, slot_score, scale, layer: int = 0, n_layers: int = 1):
+        if self.ragged_rows:
+            raise RuntimeError("kvfx: Recompress of a budget the KV heads share (AdaKV) steps through "
+                               "step_rows: its rows hold different counts (kvfx's slot store only)")
         s, new = k.shape[2], q.shape[2]
         n = self.decode_length(s, new)
         observed = self.policy.observed_window
@@ -137,16 +157,56 @@ class Recompress(Compose):
         bias = back(out.slot_bias)
         return back(out.k), back(out.v), bias, torch.zeros_like(bias)
 
-    def observed_attention(self, q, k, slot_bias, scale) -> torch.Tensor:
+    def step_rows(self, q, k, v, slot_bias, slot_score, scale, width: int, layer: int = 0, n_layers: int = 1):
+        """The step over rows that each hold their own count of slots (a keep
+        whose KV heads share the budget: AdaKV). k, v [B, Hkv, W, D] (v None:
+        a call that only gathers scores), slot_bias, slot_score [B, Hkv, W]:
+        each row's slots in order, invalid ones (-inf) anywhere, this call's
+        tokens its last real ones; ``width``: the schedule's row length (the
+        mean a head holds, this call's tokens included). Returns (k, v,
+        slot_bias, slot_score), each W wide: as given with the running score
+        updated, or, at a recompression, each row's kept slots first, in
+        order (-inf past them)."""
+        new = q.shape[2]
+        n = self.decode_length(width, new)
+        gathers = self.policy.observed_window is not None and not self.idle_step(width, new)
+        if n >= width and new == 1:   # one query sees every real slot, wherever the rows hold them
+            seen = self.observed_attention(q, k, slot_bias, scale, width) if gathers else 0.0
+            return k, v, slot_bias, slot_score + seen
+        valid = slot_bias != NEG_INF
+        order = torch.sort(valid.to(torch.uint8), dim=-1, stable=True).indices   # invalid first, real in order
+        k1, bias1 = gather_slots(k, order), slot_bias.gather(2, order)
+        score1 = slot_score.gather(2, order).masked_fill(bias1 == NEG_INF, 0.0)
+        if gathers:
+            score1 = score1 + self.observed_attention(q, k1, bias1, scale, width)
+        if n >= width:
+            return k, v, slot_bias, torch.zeros_like(slot_score).scatter(2, order, score1)
+        b, kv_heads, w = slot_bias.shape
+        v1, valid1 = gather_slots(v, order), bias1 != NEG_INF
+        rows_of = lambda x: x.flatten(0, 1).unsqueeze(1)  # noqa: E731
+        if self.policy.observed_window is not None:
+            score = pool_prefix(score1, *self.policy.observed_window)
+        else:   # each row scored as a batch row of its own, its real slots last (the left-padding rule)
+            q1 = q.unflatten(1, (kv_heads, -1)).flatten(0, 1) if self.policy.needs_queries else None
+            score = self.policy._score(q1, rows_of(k1), valid1.flatten(0, 1), scale, rows_of(v1), layer,
+                                       n_layers).view(b, kv_heads, w)
+        kept = self.keep().select(self.policy, score, valid1, n)     # at most Hkv x n of a batch row's real slots
+        live = torch.arange(w, device=k.device) < kept.length[..., None]
+        bias = torch.zeros_like(slot_bias).masked_fill(~live, NEG_INF)
+        return gather_slots(k1, kept.index), gather_slots(v1, kept.index), bias, torch.zeros_like(bias)
+
+    def observed_attention(self, q, k, slot_bias, scale, width=None) -> torch.Tensor:
         """The attention this call's queries among the last ``window`` before
         the next recompression pay each slot (causal within the call), summed
         over those queries, averaged over each KV head's query heads.
-        q: [B, H, Sq, D], k: [B, Hkv, S, D] (the call's tokens last). -> [B, Hkv, S]"""
+        q: [B, H, Sq, D], k: [B, Hkv, S, D] (the call's tokens last); ``width``:
+        the schedule's row length when it is not S (ragged rows). -> [B, Hkv, S]"""
         window = self.policy.observed_window[0]
         b, h, sq, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
+        length = s if width is None else width
         seen = torch.arange(s - sq + 1, s + 1, device=q.device)          # slots each query sees
-        counted = seen > max(self.due, s) - window
+        counted = torch.arange(length - sq + 1, length + 1, device=q.device) > max(self.due, length) - window
         groups = q.float().view(b, hkv, h // hkv, sq, d)
         logits = groups @ k.float()[:, :, None].transpose(-1, -2) * scale + slot_bias[:, :, None, None, :]
         visible = torch.arange(s, device=q.device) < seen[:, None]       # [Sq, S]

@@ -59,6 +59,7 @@ class _Reference:
         self.state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # layer -> (slot_bias, slot_score)
         self.kept_index: dict[int, torch.Tensor] = {}                  # layer -> kept indices (ChunkKV reuse)
         self.rotary: dict[int, tuple] = {}                             # layer -> the prompt's (cos, sin)
+        self.width: dict[int, int] = {}                                # layer -> schedule length (ragged rows)
 
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -80,12 +81,24 @@ class _Reference:
             self.kept_index[layer] = kept.index
             cache_layer.keys, cache_layer.values = kept.k.contiguous(), kept.v.contiguous()
             self.state[layer] = (kept.slot_bias, kept.slot_score)
+            self.width[layer] = self.policy.budget_length(key.shape[2], layer, self.n_layers)
             return out, None
         bias, score = self.state[layer]
         out = slot_attention_reference(query, key, value, bias, scale)
         grow = (0, query.shape[2])
         bias, score = torch.nn.functional.pad(bias, grow), torch.nn.functional.pad(score, grow)
-        if self.policy.schedule == "continuous":
+        if self.policy.ragged_rows:  # heads holding their own counts: the schedule follows their mean
+            width = self.width[layer] + query.shape[2]
+            k, v, bias, score = self.policy.step_rows(query, key, value, bias, score, scale, width, layer,
+                                                      self.n_layers)
+            self.width[layer] = self.policy.decode_length(width, query.shape[2])
+            # Each row's slots first, in order, as wide as the longest row: the store's layout (``dense``).
+            real = bias != float("-inf")
+            order = torch.sort((~real).to(torch.uint8), dim=-1, stable=True).indices[..., :int(real.sum(-1).max())]
+            k, v = (x.gather(2, order[..., None].expand(*order.shape, x.shape[-1])) for x in (k, v))
+            bias, score = bias.gather(2, order), score.gather(2, order)
+            cache_layer.keys, cache_layer.values = k.contiguous(), v.contiguous()
+        elif self.policy.schedule == "continuous":
             k, v, bias, score = self.policy.step(query, key, value, bias, score, scale, layer, self.n_layers)
             cache_layer.keys, cache_layer.values = k.contiguous(), v.contiguous()
         self.state[layer] = (bias, score)
