@@ -154,17 +154,12 @@ def unmasked_keys(model, cache, layers: int) -> list[list]:
     """kvpress's AdaKVPress keeps every slot and overwrites the keys it drops
     (``masked_key_indices``) with a fake key at each call: per layer and KV
     head, the keys of batch row 0 it did not drop."""
-    import torch
+    from compare_kvpress import unmasked_positions
 
     out = []
-    for layer in model.model.layers[:layers]:
+    for layer, live in zip(model.model.layers[:layers], unmasked_positions(model, cache, layers)):
         keys = cache.layers[layer.self_attn.layer_idx].keys[0]
-        live = torch.ones(keys.shape[:2], dtype=torch.bool, device=keys.device)
-        index = getattr(layer.self_attn, "masked_key_indices", None)
-        if index is not None:
-            b, h, pos = index
-            live[h[b == 0], pos[b == 0]] = False
-        out.append([keys[h][live[h]] for h in range(keys.shape[0])])
+        out.append([keys[h][live[h].to(keys.device)] for h in range(keys.shape[0])])
     return out
 
 
@@ -189,6 +184,7 @@ def run_side(model, kind: str, prompts: list, steps: int, every: int, press=None
                 cache = DynamicCache()
                 model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             largest = common.cache_bytes(cache)
+            masks = kind == "kvpress" and "AdaKVPress" in repr(press)   # (its kept keys: those not masked)
             for i in range(steps):
                 kwargs = {"input_ids": fed[:, i:i + 1], "past_key_values": cache, "use_cache": True}
                 if kind != "kvfx":
@@ -202,7 +198,6 @@ def run_side(model, kind: str, prompts: list, steps: int, every: int, press=None
                 cache = out.past_key_values if out.past_key_values is not None else cache
                 largest = max(largest, common.cache_bytes(cache))
                 if (i + 1) % every == 0:
-                    masks = kind == "kvpress" and "AdaKVPress" in repr(press)
                     keys.append(unmasked_keys(model, cache, layers) if masks else kept_rows(row, cache, layers))
         peak.append(largest)
         end.append(common.cache_bytes(cache))

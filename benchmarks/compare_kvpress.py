@@ -312,6 +312,25 @@ class Row:
         return self.model(**kwargs)
 
 
+def unmasked_positions(model, cache, layers: int) -> list:
+    """Per layer, bool [Hkv, S] (on the CPU): the positions of batch row 0 that
+    a masking press (AdaKVPress, KVzipPress) did not drop
+    (``masked_key_indices``); the cache keeps every one."""
+    import torch
+
+    out = []
+    for layer in model.model.layers[:layers]:
+        idx = getattr(layer.self_attn, "masked_key_indices", None)
+        keys = cache.layers[layer.self_attn.layer_idx].keys
+        mask = torch.ones(keys.shape[1], keys.shape[2], dtype=torch.bool)
+        if idx is not None:
+            b, h, s = (t.cpu() for t in idx)
+            sel = b == 0
+            mask[h[sel], s[sel]] = False
+        out.append(mask)
+    return out
+
+
 def kept_rows(row: Row, cache, layers: int) -> list[list]:
     """Per layer, per KV head: the key rows the cache holds for batch row 0 (a tensor [n, D]),
     or for AdaKVPress a bool mask of kept positions."""
@@ -320,16 +339,7 @@ def kept_rows(row: Row, cache, layers: int) -> list[list]:
 
     out = []
     if row.kind == "kvpress" and row.press is not None and type(row.press).__name__ in ("AdaKVPress", "KVzipPress"):
-        for layer in row.model.model.layers[:layers]:
-            idx = getattr(layer.self_attn, "masked_key_indices", None)
-            keys = cache.layers[layer.self_attn.layer_idx].keys
-            mask = torch.ones(keys.shape[1], keys.shape[2], dtype=torch.bool)
-            if idx is not None:
-                b, h, s = (t.cpu() for t in idx)
-                sel = b == 0
-                mask[h[sel], s[sel]] = False
-            out.append([mask[h] for h in range(mask.shape[0])])
-        return out
+        return [[mask[h] for h in range(mask.shape[0])] for mask in unmasked_positions(row.model, cache, layers)]
     for entry in cache_entries(cache)[:layers]:
         if is_store(entry):
             k, _, bias, _ = entry.dense()

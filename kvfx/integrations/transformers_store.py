@@ -171,10 +171,7 @@ class KvfxLayer(CacheLayerMixin):
         pages = cdiv(want, self.page)
         if max_bytes is not None:
             rows = self.page_table.shape[0] * self.page_table.shape[1]
-            store = self.store
-            per_page = store.page * (store.k_pages[0, 0].nbytes + store.v_pages[0, 0].nbytes
-                                     + store.state_bytes_per_slot)
-            after = used_elsewhere + self.nbytes() + rows * pages * (per_page + 8)   # + the page table
+            after = used_elsewhere + self.nbytes() + rows * pages * (self._page_bytes() + 8)   # + the page table
             if after > max_bytes:
                 raise CapacityError(
                     f"kvfx: max_cache_bytes={max_bytes:,} would be exceeded: the cache would hold {after:,} bytes after "
@@ -182,6 +179,17 @@ class KvfxLayer(CacheLayerMixin):
                     f"{rows} (batch, KV head) rows). Raise max_cache_bytes, or generate fewer tokens.")
         self._set_store(slot_store.grow(self.store, pages))
         self.room += pages * self.page
+
+    def _page_bytes(self) -> int:
+        """Bytes one page of the store holds: its slots' K, V and per-slot state."""
+        store = self.store
+        return store.page * (store.k_pages[0, 0].nbytes + store.v_pages[0, 0].nbytes + store.state_bytes_per_slot)
+
+    def _recompressed_length(self, new: int, policy) -> Optional[int]:
+        """The mean a head holds after a call of ``new`` tokens that recompresses
+        rows holding their own counts; None when the call does not."""
+        after = policy.decode_length(self.uniform + new, new)
+        return after if after < self.uniform + new else None
 
     def _ragged_bounds(self, after: int, policy) -> tuple[int, int]:
         """(pool pages, table width) that rows holding their own counts need
@@ -198,19 +206,16 @@ class KvfxLayer(CacheLayerMixin):
         """Before a call that recompresses rows holding their own counts (the
         step repages them in place, within the pool and table it finds),
         make the pool and table large enough."""
-        after = policy.decode_length(self.uniform + new, new)
-        if after >= self.uniform + new:
+        after = self._recompressed_length(new, policy)
+        if after is None:
             return
         pages, width = self._ragged_bounds(after, policy)
         pages, width = max(pages, self.k_pages.shape[0]), max(width, self.page_table.shape[2])
         if (pages, width) == (self.k_pages.shape[0], self.page_table.shape[2]):
             return
         if max_bytes is not None:
-            store = self.store
-            per_page = store.page * (store.k_pages[0, 0].nbytes + store.v_pages[0, 0].nbytes
-                                     + store.state_bytes_per_slot)
             rows = self.page_table.shape[0] * self.page_table.shape[1]
-            after_bytes = (used_elsewhere + self.nbytes() + (pages - self.k_pages.shape[0]) * per_page
+            after_bytes = (used_elsewhere + self.nbytes() + (pages - self.k_pages.shape[0]) * self._page_bytes()
                            + rows * (width - self.page_table.shape[2]) * 8)
             if after_bytes > max_bytes:
                 raise CapacityError(
@@ -227,17 +232,19 @@ class KvfxLayer(CacheLayerMixin):
             return
         self.tokens += new
         if policy.schedule == "continuous" and self.uniform is not None:
-            after = policy.decode_length(self.uniform + new, new)
-            if policy.ragged_rows and after < self.uniform + new:
-                # The step repaged every row for room_after(after) more slots:
+            recompressed = self._recompressed_length(new, policy) if policy.ragged_rows else None
+            if recompressed is not None:
+                # The step repaged every row for room_after(...) more slots:
                 # the pool it sized for that (or a larger one) comes back to it.
-                self.room = policy.room_after(after)
-                pages, width = self._ragged_bounds(after, policy)
+                self.room = policy.room_after(recompressed)
+                pages, _ = self._ragged_bounds(recompressed, policy)
                 if self.k_pages.shape[0] > pages:
                     self._set_store(slot_store.resize(self.store, pages, self.page_table.shape[2]))
+                self.uniform = recompressed
             else:
+                after = policy.decode_length(self.uniform + new, new)
                 self.room -= after - self.uniform
-            self.uniform = after
+                self.uniform = after
         else:
             self.room -= new
 
