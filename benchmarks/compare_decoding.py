@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 DEFAULT_OUT = HERE.parent / "docs" / "results" / "compare_decoding.json"
-METHODS = ("KNorm", "KeyDiff", "SnapKV", "AdaKV")
+METHODS = ("KNorm", "KeyDiff", "SnapKV", "AdaKV", "CriticalKV", "CriticalKV-KNorm")   # CriticalKV: of SnapKV
 SNAPKV_WINDOW = 32   # below the `every` hidden states DecodingPress buffers between recompressions (it asserts so)
 RECOMPRESSIONS = 3
 
@@ -54,10 +54,14 @@ def make_sides(method: str, budget: float, every: int, target: int, kernel: int 
     window = min(SNAPKV_WINDOW, every // 2)
     snap = lambda **kw: kvpress.SnapKVPress(window_size=window, kernel_size=kernel, **kw)  # noqa: E731
     press = {"KNorm": kvpress.KnormPress, "KeyDiff": kvpress.KeyDiffPress, "SnapKV": snap,
-             "AdaKV": lambda **kw: kvpress.AdaKVPress(snap(**kw))}[method]
+             "AdaKV": lambda **kw: kvpress.AdaKVPress(snap(**kw)),
+             "CriticalKV": lambda **kw: kvpress.CriticalKVPress(snap(**kw)),
+             "CriticalKV-KNorm": lambda **kw: kvpress.CriticalKVPress(kvpress.KnormPress(**kw))}[method]
     policy = {"KNorm": lambda: kvfx.KNorm(budget=budget), "KeyDiff": lambda: kvfx.KeyDiff(budget=budget),
               "SnapKV": lambda: kvfx.SnapKV(budget=budget, window=window, kernel=kernel),
-              "AdaKV": lambda: kvfx.AdaKV(budget=budget, window=window, kernel=kernel)}[method]()
+              "AdaKV": lambda: kvfx.AdaKV(budget=budget, window=window, kernel=kernel),
+              "CriticalKV": lambda: kvfx.CriticalKV(kvfx.SnapKV(budget=budget, window=window, kernel=kernel)),
+              "CriticalKV-KNorm": lambda: kvfx.CriticalKV(kvfx.KNorm(budget=budget))}[method]()
     combined = kvpress.PrefillDecodingPress(press(compression_ratio=1 - budget),
                                             kvpress.DecodingPress(press(), compression_interval=every,
                                                                   target_size=target))

@@ -220,12 +220,14 @@ def _attend_fake(q, k, v, slot_bias, slot_score, seen, mask, scale, softcap, sin
 @torch.library.custom_op("kvfx::step", mutates_args=())
 def step(
     q: Tensor, k: Tensor, v: Tensor, slot_bias: Tensor, slot_score: Tensor,
-    policy: str, layer: int, n_layers: int, scale: float,
+    policy: str, layer: int, n_layers: int, scale: float, out_proj: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One decode step of a continuous policy (TOVA, ZeroMerge) over the cache
     including the new tokens; returns (k, v, slot_bias, slot_score) with
-    policy.decode_length(S, Sq) slots."""
-    out = policy_of(policy).step(q, k, v, slot_bias, slot_score, scale, layer, n_layers)
+    policy.decode_length(S, Sq) slots. ``out_proj``: as for ``kvfx::compress``
+    (a recompression that weighs values by it: Recompress of CriticalKV)."""
+    with out_projection(out_proj):
+        out = policy_of(policy).step(q, k, v, slot_bias, slot_score, scale, layer, n_layers)
     # A step with nothing to evict (a budget not reached yet) may hand back its
     # inputs; a custom op's outputs must not alias them.
     inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, slot_bias, slot_score)}
@@ -234,7 +236,7 @@ def step(
 
 
 @step.register_fake
-def _step_fake(q, k, v, slot_bias, slot_score, policy, layer, n_layers, scale):
+def _step_fake(q, k, v, slot_bias, slot_score, policy, layer, n_layers, scale, out_proj=None):
     batch, kv_heads, length, _ = k.shape
     n = policy_of(policy).decode_length(length, q.shape[-2])
     return (k.new_empty(batch, kv_heads, n, k.shape[-1]), v.new_empty(batch, kv_heads, n, v.shape[-1]),
@@ -371,21 +373,29 @@ def _store_attend_fake(q, k_pages, v_pages, slot_bias, page_table, lengths, scal
 _LIB = torch.library.Library("kvfx", "FRAGMENT")
 _LIB.define("store_step(Tensor q, Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) slot_bias, "
             "Tensor(d!) slot_score, Tensor(e!) page_table, Tensor(f!) lengths, Tensor(g!) pages, Tensor seen, "
-            "Tensor extent, str policy, int layer, int n_layers, float scale) -> ()")
+            "Tensor extent, str policy, int layer, int n_layers, float scale, Tensor? out_proj=None) -> ()")
 
 
 def _store_step(
     q: Tensor, k_pages: Tensor, v_pages: Tensor, slot_bias: Tensor, slot_score: Tensor, page_table: Tensor,
     lengths: Tensor, pages: Tensor, seen: Tensor, extent: Tensor,
-    policy: str, layer: int, n_layers: int, scale: float,
+    policy: str, layer: int, n_layers: int, scale: float, out_proj: Optional[Tensor] = None,
 ) -> None:
     """One decode step of a continuous policy (TOVA, ZeroMerge) over a store
     whose rows all hold ``extent.shape[1]`` slots (the new tokens included):
     the policy's step on those rows, written back in place. Rows that hold
-    their own counts (``ragged_rows``) hold that many on average."""
+    their own counts (``ragged_rows``) hold that many on average.
+    ``out_proj``: as for ``kvfx::step``."""
     width, pol = extent.shape[1], policy_of(policy)
     if pol.idle_step(width, q.shape[-2]):
         return  # rows not due yet (Recompress): nothing to rank, move or gather
+    with out_projection(out_proj):
+        _store_step_on(q, k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, width, pol,
+                       layer, n_layers, scale)
+
+
+def _store_step_on(q, k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, width: int,
+                   pol: Policy, layer: int, n_layers: int, scale: float) -> None:
     store = slot_store.Store(k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen)
     if pol.ragged_rows:
         _ragged_step(store, q, width, pol, scale, layer, n_layers)
@@ -436,7 +446,7 @@ store_step = torch.ops.kvfx.store_step.default
 
 @torch.library.register_fake("kvfx::store_step")
 def _store_step_fake(q, k_pages, v_pages, slot_bias, slot_score, page_table, lengths, pages, seen, extent,
-                     policy, layer, n_layers, scale):
+                     policy, layer, n_layers, scale, out_proj=None):
     return None
 
 
@@ -447,6 +457,6 @@ compress.register_autograd(lambda ctx, *grads: (None,) * 14)
 attention_lse.register_autograd(lambda ctx, *grads: (None,) * 4)
 attention_column_sums.register_autograd(lambda ctx, *grads: (None,) * 6)
 attend.register_autograd(lambda ctx, *grads: (None,) * 11)
-step.register_autograd(lambda ctx, *grads: (None,) * 9)
+step.register_autograd(lambda ctx, *grads: (None,) * 10)
 store_compress.register_autograd(lambda ctx, *grads: (None,) * 14)
 store_attend.register_autograd(lambda ctx, *grads: (None,) * 9)

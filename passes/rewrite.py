@@ -237,9 +237,10 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[Site]
             attn_out = _replace_output(graph, site, attn_out)
             outputs = [attn_out if node is site.node else node for node in outputs]
             if continuous:
+                out_proj, after = _lent_out_projection(graph, site, seen)
                 k_c, v_c, bias, score = call(
                     torch.ops.kvfx.step.default,
-                    (q, site.k, site.v, bias, score, spec, layer, n_layers, float(site.scale)), seen)
+                    (q, site.k, site.v, bias, score, spec, layer, n_layers, float(site.scale), out_proj), after)
                 outputs[site.k_out], outputs[site.v_out] = k_c, v_c
         extra_outputs += [bias, seen, score]
 
@@ -458,9 +459,10 @@ def _rewrite_store(graph: fx.Graph, site: Site, policy, spec: str, layer: int, n
                        site.sinks), ready)
     replaced[site.node] = _replace_output(graph, site, out)  # (an attention output the graph returns)
     if policy.schedule == "continuous":
-        with graph.inserting_after(out):
+        out_proj, after = _lent_out_projection(graph, site, out)
+        with graph.inserting_after(after):
             graph.call_function(torch.ops.kvfx.store_step.default,
-                                (q, *store.args[2:11], spec, layer, n_layers, float(site.scale)))
+                                (q, *store.args[2:11], spec, layer, n_layers, float(site.scale), out_proj))
     return replaced
 
 

@@ -168,3 +168,27 @@ def test_decode_step_quick_times_the_attention_alone_with_each_step_and_the_full
     assert all(t > 0 for t in us.values())
     assert data["keys_moved"] == {"TOVA: attention + step": True, "ZeroMerge: attention + step": True}
     assert "| ZeroMerge: attention + step |" in (tmp_path / "decode_step.md").read_text()
+
+
+def test_decode_quality_quick_recompresses_each_policy_and_compares_the_loss_with_the_full_cache(tmp_path):
+    data = _run("decode_quality.py", tmp_path, "--policies", "KNorm,H2O,CriticalKV+SnapKV")
+    s = data["settings"]
+    assert (s["context"], s["tokens"], s["every"], s["target"]) == (64, 24, 8, 16)
+    rows = data["rows"]
+    assert list(rows) == ["full cache", "KNorm", "H2O", "CriticalKV+SnapKV"]
+    assert rows["H2O"]["spec"].startswith("Recompress(policy=H2O(")
+    assert "CriticalKV(policy=SnapKV(" in rows["CriticalKV+SnapKV"]["spec"]
+    # the full cache ends with 64 + 24 - 1 slots; a recompressed one with at most target + every - 1 = 23
+    # (pages of 16 slots: under one more page per row), each slot with its bias and running score beside it
+    most = (23 + PAGE) * (1 + 8 / (2 * 16 * 4)) / 87
+    for name in ("KNorm", "H2O", "CriticalKV+SnapKV"):
+        row = rows[name]
+        assert 16 / 87 < row["kv_bytes_end_vs_full"] < most
+        assert row["loss_vs_full"] == round(row["loss"] - rows["full cache"]["loss"], 4)
+    assert "| H2O |" in (tmp_path / "decode_quality.md").read_text()
+
+
+def test_decode_quality_refuses_a_name_that_is_no_preset(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_quality.py"), "--quick", "--out",
+                           str(tmp_path), "--policies", "Snap"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--policies: 'Snap' is not a preset" in done.stderr

@@ -5,6 +5,7 @@ algorithm written out by hand; the compiled rewrite finds W_o in the graph
 equals the eager reference; a model whose attention output meets no linear
 layer is left alone with what kvfx saw there."""
 
+import copy
 import math
 
 import pytest
@@ -254,3 +255,36 @@ def test_snapkv_and_its_critical_score_equal_kvpress_when_installed():
     assert torch.equal(ours == top, theirs == top) and int((ours == top).sum()) == b * kv_heads * 32
     rest = ours != top
     torch.testing.assert_close(ours[rest], theirs[rest], rtol=1e-5, atol=1e-9)
+
+
+def test_a_recompression_of_a_returned_cache_is_lent_w_o_too():
+    """Recompress(CriticalKV(KNorm)) on a hand-written block whose cache is a
+    returned tuple (kvfx::step): each decode call returns the policy's step,
+    by hand with the block's W_o, over the cache the call was given and its
+    token's keys and values; two of the eight calls recompress."""
+    torch.manual_seed(3)
+    model = TinyGPT().eval()
+    eager = copy.deepcopy(model)
+    policy = kvfx.Recompress(kvfx.CriticalKV(kvfx.KNorm(budget=0.5)), every=4, target=8)
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(4))
+    kvfx.compile(model, policy, inner="aot_eager")
+    recompressed = 0
+    try:
+        with torch.no_grad():
+            _, past = model(ids)
+            assert past[0][0].shape[2] == 8
+            for step in range(8):
+                token, pos = torch.tensor([[step + 3]]), torch.tensor([[16 + step]])
+                _, given = eager(token, past, position_ids=pos)   # the cache the call's step ranks
+                _, past = model(token, past, position_ids=pos)
+                for block, (k, v), (k_c, v_c) in zip(model.blocks, given, past):
+                    zeros = torch.zeros(k.shape[:3])
+                    with out_projection(block.o.weight):
+                        k_w, v_w, _, _ = policy.step(torch.zeros(1, block.h, 1, block.d), k, v, zeros, zeros,
+                                                     block.d ** -0.5)
+                    torch.testing.assert_close(k_c, k_w, rtol=0, atol=1e-5)
+                    torch.testing.assert_close(v_c, v_w, rtol=0, atol=1e-5)
+                recompressed += past[0][0].shape[2] < given[0][0].shape[2]
+    finally:
+        kvfx.restore(model)
+    assert recompressed == 2

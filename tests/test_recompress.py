@@ -196,6 +196,153 @@ def test_a_target_above_what_decoding_reaches_equals_the_wrapped_policy():
     assert cache_lengths(alone.cache) == cache_lengths(wrapped.cache) == [25, 25]
 
 
+def critical_keep_by_hand(k, v, weight, real, sinks, window, n, first_stage=0.5, epsilon=1e-4):
+    """One (batch, KV head) row of a recompression of CriticalKV(KNorm) to
+    ``n`` slots. k, v [S, D] of KV head ``head`` (its query heads' slices of
+    ``weight`` given as a list of [hidden, D]); ``real``: the row's real
+    positions. Stage 1: the sinks, the window, then the lowest key norms up to
+    floor(n x first_stage); stage 2: the rest by (-norm + epsilon) x the mean
+    over the query heads of ||v W_o[h]||_1. The kept positions, in order."""
+    norm = {i: -k[i].norm().item() for i in real}
+    moved = {i: sum((weight_h @ v[i]).abs().sum().item() for weight_h in weight) / len(weight) for i in real}
+    always = real[:sinks] + real[len(real) - window:]
+    rest = sorted((i for i in real if i not in always), key=lambda i: (-norm[i], i))
+    first = always + rest[:max(0, int(n * first_stage) - len(always))]
+    second = sorted((i for i in real if i not in first), key=lambda i: (-(norm[i] + epsilon) * moved[i], i))
+    return sorted(first + second[:n - len(first)])
+
+
+def test_a_critical_recompression_weighs_each_value_by_the_lent_output_projection():
+    """Recompress(CriticalKV(KNorm)): a recompression keeps the first stage
+    (sinks, window, then floor(target / 2) by the key norm alone) and fills
+    target by the norm corrected by what each value moves through W_o, the
+    weight the rewrite lends to the decode step; a padded row within its own
+    real slots."""
+    from kvfx.policies.scores import out_projection
+
+    torch.manual_seed(5)
+    b, kv_heads, heads, s, d, hidden = 2, 2, 4, 20, 8, 16
+    k, v = torch.randn(b, kv_heads, s, d), torch.randn(b, kv_heads, s, d) * torch.rand(1, 1, s, 1) * 4
+    weight = torch.randn(hidden, heads * d)
+    bias = torch.zeros(b, kv_heads, s)
+    bias[1, :, :5] = NEG_INF                                          # a left-padded row
+    policy = kvfx.Recompress(kvfx.CriticalKV(kvfx.KNorm(budget=0.5, sinks=1, window=2)), every=4, target=8)
+    q = torch.randn(b, heads, 1, d)
+    with out_projection(weight):
+        k2, v2, bias2, _ = policy.step(q, k, v, bias, torch.zeros(b, kv_heads, s), 1.0)
+    assert k2.shape[2] == 8
+    differs = False
+    for row in range(b):
+        real = [i for i in range(s) if bias[row, 0, i] != NEG_INF]
+        for head in range(kv_heads):
+            slices = [weight[:, j * d:(j + 1) * d] for j in range(head * 2, head * 2 + 2)]
+            want = critical_keep_by_hand(k[row, head], v[row, head], slices, real, 1, 2, 8)
+            torch.testing.assert_close(k2[row, head], k[row, head, want])
+            torch.testing.assert_close(v2[row, head], v[row, head, want])
+            plain = sorted(sorted(real[1:-2], key=lambda i: k[row, head, i].norm().item())[:5] + real[:1] + real[-2:])
+            differs |= plain != want
+    assert differs   # the correction changed what KNorm alone would keep
+    with pytest.raises(ValueError, match="output projection and got none"):
+        policy.step(q, k, v, bias, torch.zeros(b, kv_heads, s), 1.0)
+
+
+@pytest.mark.parametrize("inner", ["SnapKV", "AdaKV"])
+def test_a_critical_recompression_compiled_equals_the_eager_reference(inner):
+    """CriticalKV under Recompress, compiled: the decode step is lent the
+    layer's W_o (its recompression would fail without it), through several
+    recompressions on a padded batch, with equal rows (SnapKV's gathered
+    window) and rows the heads share (AdaKV)."""
+    scorer = getattr(kvfx, inner)(budget=0.5, sinks=2, window=4)
+    policy = kvfx.Recompress(kvfx.CriticalKV(scorer), every=4, target=16)
+    model, ids, mask, compiled, reference = padded_run(policy)
+    assert compiled.graph_breaks == 0
+    for got, want in zip(compiled.cache.layers, reference.cache.layers):
+        if policy.ragged_rows:
+            for row, head in zip(*torch.nonzero(got.lengths >= 0, as_tuple=True)):
+                n = int(got.lengths[row, head])
+                torch.testing.assert_close(got.keys[row, head, :n], want.keys[row, head, :n], rtol=0, atol=1e-5)
+        else:
+            assert got.keys.shape[2] == 19
+            torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
+
+
+def test_h2o_accumulates_every_querys_attention_across_recompressions():
+    """Recompress(H2O), by hand (one row, GQA): the kept prompt slots start
+    from the prompt's column sums (summed over a KV head's query heads),
+    every decode query adds the attention it pays each slot, and a
+    recompression keeps the sink, the window and the highest sums, which
+    the kept slots carry on (the paper's accumulated heavy hitters)."""
+    torch.manual_seed(7)
+    kv_heads, heads, prompt, d, scale = 2, 4, 16, 8, 0.5
+    group = heads // kv_heads
+    policy = kvfx.Recompress(kvfx.H2O(budget=0.5, window=2, sinks=1), every=3, target=8)
+    q, k, v = torch.randn(1, heads, prompt, d), torch.randn(1, kv_heads, prompt, d), torch.randn(1, kv_heads, prompt, d)
+    out = policy.compress(q, k, v, torch.ones(1, prompt, dtype=torch.bool), scale)
+    held = []   # per KV head: [position, key, value, sum] of each slot held, in order
+    for h in range(kv_heads):
+        sums = torch.zeros(prompt)
+        for g in range(h * group, (h + 1) * group):
+            for i in range(prompt):
+                sums[:i + 1] += (q[0, g, i] @ k[0, h, :i + 1].T * scale).softmax(-1)
+        rest = sorted(range(1, prompt - 2), key=lambda j: -sums[j].item())[:5]
+        held.append([[j, k[0, h, j], v[0, h, j], sums[j].item()] for j in sorted([0, *rest, prompt - 2, prompt - 1])])
+
+    def check(k_got, score_got):
+        for h in range(kv_heads):
+            assert k_got.shape[2] == len(held[h])
+            torch.testing.assert_close(k_got[0, h], torch.stack([slot[1] for slot in held[h]]))
+            torch.testing.assert_close(score_got[0, h], torch.tensor([slot[3] for slot in held[h]]))
+
+    check(out.k, out.slot_score)
+    k_c, v_c, score = out.k, out.v, out.slot_score
+    recompressions = 0
+    for step in range(8):
+        q1, k1, v1 = torch.randn(1, heads, 1, d), torch.randn(1, kv_heads, 1, d), torch.randn(1, kv_heads, 1, d)
+        k_c, v_c = torch.cat([k_c, k1], 2), torch.cat([v_c, v1], 2)
+        score = torch.cat([score, torch.zeros(1, kv_heads, 1)], 2)
+        k_c, v_c, bias, score = policy.step(q1, k_c, v_c, torch.zeros(score.shape), score, scale)
+        for h in range(kv_heads):
+            held[h].append([prompt + step, k1[0, h, 0], v1[0, h, 0], 0.0])
+            keys = torch.stack([slot[1] for slot in held[h]])
+            for g in range(h * group, (h + 1) * group):
+                for slot, p in zip(held[h], (q1[0, g, 0] @ keys.T * scale).softmax(-1)):
+                    slot[3] += p.item()
+            if len(held[h]) == 11:   # target + every: keep the sink, the window, the 5 highest sums
+                middle = sorted(held[h][1:-2], key=lambda slot: -slot[3])[:5]
+                held[h] = [held[h][0], *sorted(middle, key=lambda slot: slot[0]), *held[h][-2:]]
+                recompressions += h == 0
+        check(k_c, score)
+    assert recompressions == 2 and bool((bias == 0).all())
+
+
+def test_h2o_compiled_equals_the_eager_reference_with_its_sums_carried():
+    """Recompress(H2O) compiled on a padded batch: the store keeps the
+    running sums (prompt column sums, then every decode query's attention)
+    and holds the same keys and sums as the eager reference through several
+    recompressions, with one decode graph."""
+    policy = kvfx.Recompress(kvfx.H2O(budget=0.5, sinks=2, window=4), every=4, target=16)
+    model = tiny_model("llama")
+    ids = torch.randint(2, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    compiled = generate(model, ids, policy=policy, steps=12, attention_mask=mask)
+    with eager_reference(model, policy) as reference:
+        expected = generate(model, ids, steps=12, attention_mask=mask)
+    assert compiled.graph_breaks == 0 and torch.equal(compiled.tokens, expected.tokens)
+    assert cache_lengths(compiled.cache) == [19] * model.config.num_hidden_layers
+    for layer, (got, want) in enumerate(zip(compiled.cache.layers, expected.cache.layers)):
+        torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
+        _, _, bias, sums = got.dense()
+        want_bias, want_sums = reference.state[layer]
+        assert torch.equal(bias, want_bias)
+        real = torch.isfinite(bias)
+        torch.testing.assert_close(sums[real], want_sums[real], rtol=1e-5, atol=1e-5)
+        # 40 prompt queries and 12 decode queries over 2 query heads a KV head: sums well past one query's
+        assert float(sums[real].mean()) > 1.0
+    longer = generate(model, ids, policy=policy, steps=30, attention_mask=mask)
+    assert len(longer.records) == len(compiled.records)
+
+
 def shared_keep_by_hand(k, bias, sinks, window, safeguard, n):
     """One batch row, heads holding their own slots (AdaKV's keep over KNorm's
     score): each head keeps its sinks and window, and its floor(n x
@@ -293,7 +440,6 @@ def test_a_shared_budget_is_refused_under_tensor_parallelism():
     (kvfx.RazorAttention(budget=0.5), "Compensate"),
     (kvfx.Compose(kvfx.KNorm(budget=0.5), fold_rule=kvfx.GaussianMerge()), "GaussianMerge"),
     (kvfx.ChunkKV(budget=0.5, reuse_every=2), "reuses another layer's choice"),
-    (kvfx.CriticalKV(kvfx.SnapKV()), "needs no output projection"),
 ])
 def test_a_policy_it_cannot_rank_again_is_refused_saying_why(policy, says):
     with pytest.raises(ValueError, match=says):
@@ -313,24 +459,30 @@ def test_it_parses_from_the_command_line_form():
     assert policy == kvfx.Recompress(kvfx.KNorm(budget=0.4), every=16, target=128)
 
 
-def test_the_kept_keys_equal_kvpress_decoding_press_when_installed():
+@pytest.mark.parametrize("critical", [False, True], ids=["KNorm", "CriticalKV(KNorm)"])
+def test_the_kept_keys_equal_kvpress_decoding_press_when_installed(critical):
     """KNorm at half the prompt, then compressed back to 16 slots every 4
     decode steps: kvpress's PrefillDecodingPress(KnormPress, DecodingPress)
     and kvfx's Recompress(KNorm) hold the same keys after each recompression
     (the same tokens fed to both; kvpress keeps them in score order, kvfx in
-    position order)."""
+    position order). The same with CriticalKV's correction (CriticalKVPress),
+    whose W_o kvfx lends to the decode step."""
     kvpress = pytest.importorskip("kvpress")
     from transformers import DynamicCache
 
+    def press(**kw):
+        knorm = kvpress.KnormPress(**kw)
+        return kvpress.CriticalKVPress(knorm) if critical else knorm
+
     model = tiny_model("llama")
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(2, model.config.vocab_size, (1, 32), generator=g)
-    fed = torch.randint(2, model.config.vocab_size, (1, 8), generator=g)
-    press = kvpress.PrefillDecodingPress(
-        kvpress.KnormPress(compression_ratio=0.5),
-        kvpress.DecodingPress(kvpress.KnormPress(), compression_interval=4, target_size=16))
+    # No token twice: a repeated token's key has the same norm, and the two
+    # sides break such a tie differently (kvfx: the earlier slot).
+    tokens = 2 + torch.randperm(model.config.vocab_size - 2, generator=torch.Generator().manual_seed(2))[:40]
+    ids, fed = tokens[None, :32], tokens[None, 32:]
+    decoding = kvpress.PrefillDecodingPress(
+        press(compression_ratio=0.5), kvpress.DecodingPress(press(), compression_interval=4, target_size=16))
     theirs = []
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), decoding(model):
         cache = DynamicCache()
         model(input_ids=ids, past_key_values=cache, use_cache=True)
         for i in range(8):
@@ -339,7 +491,8 @@ def test_the_kept_keys_equal_kvpress_decoding_press_when_installed():
                   position_ids=pos)
             if i % 4 == 3:
                 theirs.append([layer.keys[0].clone() for layer in cache.layers])
-    kvfx.compile(model, kvfx.Recompress(kvfx.KNorm(budget=0.5), every=4, target=16))
+    knorm = kvfx.KNorm(budget=0.5)
+    kvfx.compile(model, kvfx.Recompress(kvfx.CriticalKV(knorm) if critical else knorm, every=4, target=16))
     ours = []
     try:
         with torch.no_grad():

@@ -160,6 +160,37 @@ class Policy:
         any other score."""
         return None
 
+    @property
+    def accumulates_attention(self) -> bool:
+        """Whether the score is the attention every query so far has paid
+        each slot, summed over a KV head's query heads (H2O's column sums):
+        ``Recompress`` then starts the slots it keeps from the prompt's sums,
+        adds each decode query's attention and carries the sums across
+        recompressions, as the paper's H2O does."""
+        return False
+
+    @property
+    def keeps_prompt_score(self) -> bool:
+        """Whether the prompt's compression hands each kept slot its score as
+        the running score (``Recompress`` of an ``accumulates_attention``
+        score); else the running score starts at 0."""
+        return False
+
+    @property
+    def base_scorer(self) -> "Policy":
+        """The policy whose score a recompression ranks before any correction
+        (``Recompress``): itself, or what a correcting wrapper corrects
+        (CriticalKV's policy)."""
+        return self
+
+    def corrected_score(self, base: torch.Tensor, valid: torch.Tensor, v, keep) -> torch.Tensor:
+        """A recompression's score from ``base_scorer``'s (``base`` [B, Hkv,
+        S], the gathered window's attention, pooled, where the score is that):
+        ``base`` itself, or a correcting wrapper's correction of it (CriticalKV).
+        valid: [B, S] or, where each head holds its own slots, [B, Hkv, S]; v
+        [B, Hkv, S, D]; ``keep``: slots the recompression keeps per row."""
+        return base
+
     def idle_step(self, length, new) -> bool:
         """Whether a decode step over rows of ``length`` slots, ``new`` of them
         this call's, changes nothing (a schedule not due and no score to

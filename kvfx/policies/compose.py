@@ -89,6 +89,17 @@ class Compose(Policy):
     def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
         return self.policy._score(q, k, valid, scale, v, layer, n_layers)
 
+    @property
+    def base_scorer(self):  # type: ignore[override]
+        return self.policy.base_scorer
+
+    @property
+    def accumulates_attention(self) -> bool:  # type: ignore[override]
+        return self.policy.accumulates_attention
+
+    def corrected_score(self, base, valid, v, keep):
+        return self.policy.corrected_score(base, valid, v, keep)
+
     def keep(self) -> Keep:
         return self.keep_rule or self.policy.keep()
 

@@ -29,7 +29,10 @@ class CriticalKV(Compose):
     is worth less. The rewrite lends W_o, the weight of the linear layer that
     reads the attention output; a layer without one is left uncompressed,
     said by ``kvfx.explain``. The product assumes scores >= 0 (attention
-    weights), as the paper and kvpress do."""
+    weights), as the paper and kvpress do. Under ``Recompress`` each
+    recompression is corrected too: the wrapped policy's score over the
+    slots held (SnapKV's gathered window), stage 1 ``first_stage x target``,
+    W_o lent to the decode step."""
 
     epsilon: float = 1e-4
     first_stage: float = 0.5
@@ -53,19 +56,27 @@ class CriticalKV(Compose):
         return True
 
     @property
-    def observed_window(self):  # type: ignore[override]
-        return None   # (the policy's attention, corrected: not the attention alone)
+    def base_scorer(self):  # type: ignore[override]
+        return self.policy.base_scorer
 
     def _score(self, q, k, valid, scale, v=None, layer=0, n_layers=1):
         self._check_values(k, v)
+        base = self.policy._score(q, k, valid, scale, v, layer, n_layers).float()
+        return self._correct(base, valid, v, self.row_keep(valid, layer, n_layers))
+
+    def corrected_score(self, base, valid, v, keep):
+        return self._correct(self.policy.corrected_score(base, valid, v, keep).float(), valid, v, keep)
+
+    def _correct(self, base, valid, v, keep):
+        """``base`` corrected for rows that keep ``keep`` slots (an int or a
+        tensor broadcasting to [B, Hkv, 1])."""
         weight = lent_out_projection()
         if weight is None:
             raise ValueError("CriticalKV weighs each value by the attention's output projection and got none: the "
                              "rewrite lends it; by hand, compress inside kvfx.policies.scores.out_projection(weight)")
-        base = self.policy._score(q, k, valid, scale, v, layer, n_layers).float()
         score = (base + self.epsilon) * projected_value_norm(v, weight)
         # Stage 1: each row's first_stage share of its budget by the policy's own ranking (at least one).
-        first = (self.row_keep(valid, layer, n_layers).float() * self.first_stage).floor()
+        first = (torch.as_tensor(keep, device=base.device).float() * self.first_stage).floor()
         if self.first_stage > 0:
             first = first.clamp(min=1)
         order = torch.sort(protect(base, valid, self.sinks, self.window), dim=-1, descending=True,

@@ -169,7 +169,8 @@ class Evict(Fold):
     """Drop what is not kept."""
 
     def apply(self, policy, k, v, valid, score, kept, n, rows) -> Compressed:
-        out = evict_to(kept.index, k, v, valid, slot_valid=kept.rank < rows)
+        out = evict_to(kept.index, k, v, valid, score if policy.keeps_prompt_score else None,
+                       slot_valid=kept.rank < rows)
         out.length = kept.length
         return out
 

@@ -103,6 +103,10 @@ class H2O(Policy):
     def score(self, q, k, valid, scale):
         return attention_sums(q, k, valid, scale, *self.sum_terms())
 
+    @property
+    def accumulates_attention(self) -> bool:  # type: ignore[override]
+        return True
+
 
 @preset
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,11 @@ class Recompress(Compose):
     a recompression add the attention their queries pay each slot to the
     slot's running score (kvpress buffers the hidden states and recomputes
     their queries instead), pooled at the recompression as at the prompt
-    (``pool_prefix``). Any other score reads the decode call's own queries.
+    (``pool_prefix``). A score that is the attention every query has paid
+    (H2O: ``accumulates_attention``) gets that: the kept prompt slots start
+    from their column sums, every decode call adds its queries' attention,
+    and the kept slots carry their sums across recompressions. Any other
+    score reads the decode call's own queries.
     The slots keep their order, so "sinks" and "window" keep their meaning
     across recompressions. A padded batch recompresses together, when its
     longest row is due; each row keeps at most ``target`` of its real slots.
@@ -49,6 +53,10 @@ class Recompress(Compose):
     so heads hold different counts (``ragged_rows``: kvfx's slot store only,
     which repages the rows at each recompression). The schedule then follows
     the mean a head holds, which every call moves by its new tokens.
+
+    CriticalKV around such a policy corrects each recompression's ranking
+    as it corrects the prompt's (``corrected_score``, its first stage
+    ``first_stage x target``): the rewrite lends the decode step W_o.
 
     ``policy``: a one-shot policy that evicts (TopTokens, TopChunks or
     TopTokensAcrossHeads keep, Evict fold); ``every`` >= 1 new tokens between
@@ -82,9 +90,6 @@ class Recompress(Compose):
         if inner.reuse_source(1) is not None or inner.reuse_source(2) is not None:
             fail("Recompress", "policy", inner, "a policy whose every layer chooses its own slots (each layer "
                  f"recompresses alone while decoding; {name} reuses another layer's choice)")
-        if inner.needs_out_projection:
-            fail("Recompress", "policy", inner, f"a policy whose score needs no output projection ({name}'s is "
-                 "lent only to the prompt's compression)")
         if inner.needs_rotary:
             fail("Recompress", "policy", inner, f"a policy whose score needs no rotary embedding ({name}'s "
                  "queries before it are lent only to the prompt's compression)")
@@ -93,7 +98,12 @@ class Recompress(Compose):
 
     @property
     def keeps_running_score(self) -> bool:  # type: ignore[override]
-        return self.policy.observed_window is not None   # (the attention gathered before a recompression)
+        # the attention gathered before a recompression, or since the prompt (H2O)
+        return self.policy.observed_window is not None or self.policy.accumulates_attention
+
+    @property
+    def keeps_prompt_score(self) -> bool:  # type: ignore[override]
+        return self.policy.accumulates_attention
 
     @property
     def due(self) -> int:
@@ -101,6 +111,8 @@ class Recompress(Compose):
         return self.target + self.every
 
     def idle_step(self, length, new) -> bool:
+        if self.policy.accumulates_attention:
+            return False   # every query's attention counts
         observed = self.policy.observed_window
         return self.decode_length(length, new) >= length and (observed is None or length <= self.due - observed[0])
 
@@ -129,8 +141,7 @@ class Recompress(Compose):
                                "step_rows: its rows hold different counts (kvfx's slot store only)")
         s, new = k.shape[2], q.shape[2]
         n = self.decode_length(s, new)
-        observed = self.policy.observed_window
-        if observed is not None and not self.idle_step(s, new):
+        if self.keeps_running_score and not self.idle_step(s, new):
             slot_score = slot_score + self.observed_attention(q, k, slot_bias, scale)
         if n >= s:
             return k, v, slot_bias, slot_score
@@ -143,19 +154,15 @@ class Recompress(Compose):
         valid = slot_bias != NEG_INF
         order = torch.sort(valid.to(torch.uint8), dim=-1, stable=True).indices
         rows_of = lambda x: x.flatten(0, 1).unsqueeze(1)  # noqa: E731
-        k1, v1 = rows_of(gather_slots(k, order)), rows_of(gather_slots(v, order))
-        valid1 = valid.gather(2, order).flatten(0, 1)
-        if observed is not None:
-            score = pool_prefix(rows_of(slot_score.gather(2, order)), *observed)
-        else:
-            q1 = q.unflatten(1, (kv_heads, -1)).flatten(0, 1) if self.policy.needs_queries else None
-            score = self.policy._score(q1, k1, valid1, scale, v1, layer, n_layers)
-        keep = smin(valid1.sum(-1), n)[:, None, None]
-        kept = TopTokens().select(self.policy, score, valid1, n, keep)
-        out = evict_to(kept.index, k1, v1, valid1, slot_valid=kept.rank < keep)
+        k1, v1, valid1 = gather_slots(k, order), gather_slots(v, order), valid.gather(2, order)
+        keep = smin(valid1.sum(-1, keepdim=True), n)                               # [B, Hkv, 1]
+        score = self._ranking(q, k1, v1, valid1, slot_score.gather(2, order), scale, keep, layer, n_layers)
+        k1, v1, valid1, keep = rows_of(k1), rows_of(v1), valid1.flatten(0, 1), keep.flatten(0, 1)[:, :, None]
+        kept = TopTokens().select(self.policy, rows_of(score), valid1, n, keep)
+        out = evict_to(kept.index, k1, v1, valid1, rows_of(slot_score.gather(2, order)), slot_valid=kept.rank < keep)
         back = lambda x: x.squeeze(1).unflatten(0, (b, kv_heads))  # noqa: E731
         bias = back(out.slot_bias)
-        return back(out.k), back(out.v), bias, torch.zeros_like(bias)
+        return back(out.k), back(out.v), bias, self._carried(back(out.slot_score), bias)
 
     def step_rows(self, q, k, v, slot_bias, slot_score, scale, width: int, layer: int = 0, n_layers: int = 1):
         """The step over rows that each hold their own count of slots (a keep
@@ -169,7 +176,7 @@ class Recompress(Compose):
         order (-inf past them)."""
         new = q.shape[2]
         n = self.decode_length(width, new)
-        gathers = self.policy.observed_window is not None and not self.idle_step(width, new)
+        gathers = self.keeps_running_score and not self.idle_step(width, new)
         if n >= width and new == 1:   # one query sees every real slot, wherever the rows hold them
             seen = self.observed_attention(q, k, slot_bias, scale, width) if gathers else 0.0
             return k, v, slot_bias, slot_score + seen
@@ -181,37 +188,66 @@ class Recompress(Compose):
             score1 = score1 + self.observed_attention(q, k1, bias1, scale, width)
         if n >= width:
             return k, v, slot_bias, torch.zeros_like(slot_score).scatter(2, order, score1)
-        b, kv_heads, w = slot_bias.shape
+        w = slot_bias.shape[2]
         v1, valid1 = gather_slots(v, order), bias1 != NEG_INF
-        rows_of = lambda x: x.flatten(0, 1).unsqueeze(1)  # noqa: E731
-        if self.policy.observed_window is not None:
-            score = pool_prefix(score1, *self.policy.observed_window)
-        else:   # each row scored as a batch row of its own, its real slots last (the left-padding rule)
-            q1 = q.unflatten(1, (kv_heads, -1)).flatten(0, 1) if self.policy.needs_queries else None
-            score = self.policy._score(q1, rows_of(k1), valid1.flatten(0, 1), scale, rows_of(v1), layer,
-                                       n_layers).view(b, kv_heads, w)
+        score = self._ranking(q, k1, v1, valid1, score1, scale, n, layer, n_layers)
         kept = self.keep().select(self.policy, score, valid1, n)     # at most Hkv x n of a batch row's real slots
         live = torch.arange(w, device=k.device) < kept.length[..., None]
         bias = torch.zeros_like(slot_bias).masked_fill(~live, NEG_INF)
-        return gather_slots(k1, kept.index), gather_slots(v1, kept.index), bias, torch.zeros_like(bias)
+        return (gather_slots(k1, kept.index), gather_slots(v1, kept.index), bias,
+                self._carried(score1.gather(2, kept.index), bias))
+
+    def _ranking(self, q, k, v, valid, gathered, scale, keep, layer, n_layers) -> torch.Tensor:
+        """What a recompression ranks the slots by. k, v [B, Hkv, S, D], valid
+        and ``gathered`` (the running score) [B, Hkv, S], each row's real
+        slots last; ``keep``: slots each row keeps. The gathered window's
+        attention, pooled, or the base scorer's score with the call's own
+        queries (each (batch, KV head) row scored as a batch row of its own,
+        so the left-padding rule applies per row); then the policy's
+        correction of it (CriticalKV). -> [B, Hkv, S]"""
+        observed = self.policy.observed_window
+        if observed is not None:
+            base = pool_prefix(gathered, *observed)
+        elif self.policy.accumulates_attention:
+            base = gathered
+        else:
+            b, kv_heads, s = valid.shape
+            scorer = self.policy.base_scorer
+            rows_of = lambda x: x.flatten(0, 1).unsqueeze(1)  # noqa: E731
+            q1 = q.unflatten(1, (kv_heads, -1)).flatten(0, 1) if scorer.needs_queries else None
+            base = scorer._score(q1, rows_of(k), valid.flatten(0, 1), scale, rows_of(v), layer,
+                                 n_layers).view(b, kv_heads, s)
+        return self.policy.corrected_score(base, valid, v, keep)
 
     def observed_attention(self, q, k, slot_bias, scale, width=None) -> torch.Tensor:
         """The attention this call's queries among the last ``window`` before
         the next recompression pay each slot (causal within the call), summed
-        over those queries, averaged over each KV head's query heads.
+        over those queries, averaged over each KV head's query heads; for a
+        score that ``accumulates_attention`` (H2O), every query's, summed over
+        the query heads as the prompt's column sums are.
         q: [B, H, Sq, D], k: [B, Hkv, S, D] (the call's tokens last); ``width``:
         the schedule's row length when it is not S (ragged rows). -> [B, Hkv, S]"""
-        window = self.policy.observed_window[0]
         b, h, sq, d = q.shape
         hkv, s = k.shape[1], k.shape[2]
         length = s if width is None else width
         seen = torch.arange(s - sq + 1, s + 1, device=q.device)          # slots each query sees
-        counted = torch.arange(length - sq + 1, length + 1, device=q.device) > max(self.due, length) - window
         groups = q.float().view(b, hkv, h // hkv, sq, d)
         logits = groups @ k.float()[:, :, None].transpose(-1, -2) * scale + slot_bias[:, :, None, None, :]
         visible = torch.arange(s, device=q.device) < seen[:, None]       # [Sq, S]
         probs = logits.masked_fill(~visible, NEG_INF).softmax(-1).nan_to_num(0.0)
+        if self.policy.accumulates_attention:
+            return probs.sum((2, 3))
+        window = self.policy.observed_window[0]
+        counted = torch.arange(length - sq + 1, length + 1, device=q.device) > max(self.due, length) - window
         return (probs * counted[:, None]).sum(3).mean(2)
+
+    def _carried(self, score, slot_bias) -> torch.Tensor:
+        """The running score the kept slots carry past a recompression: their
+        sums for a score that accumulates (H2O), else 0 (a window score
+        gathers afresh before the next one)."""
+        if not self.policy.accumulates_attention:
+            return torch.zeros_like(slot_bias)
+        return score.masked_fill(slot_bias == NEG_INF, 0.0)
 
     def _keep_chunks(self, q, k, v, slot_bias, slot_score, scale, n, layer, n_layers):
         """The chunk keep over rows every KV head shares (a chunk policy keeps
@@ -221,10 +257,13 @@ class Recompress(Compose):
         observed = self.policy.observed_window
         if observed is not None:
             score = pool_prefix(slot_score, *observed)
+        elif self.policy.accumulates_attention:
+            score = slot_score
         else:
-            score = self.policy._score(q if self.policy.needs_queries else None, k, valid, scale, v, layer,
-                                       n_layers)
+            scorer = self.policy.base_scorer
+            score = scorer._score(q if scorer.needs_queries else None, k, valid, scale, v, layer, n_layers)
+        score = self.policy.corrected_score(score, valid, v, n)
         kept = self.keep().select(self.policy, score, valid, n)
-        out = evict_to(kept.index, k, v, valid)
-        return out.k, out.v, out.slot_bias, torch.zeros_like(out.slot_bias)
+        out = evict_to(kept.index, k, v, valid, slot_score)
+        return out.k, out.v, out.slot_bias, self._carried(out.slot_score, out.slot_bias)
 

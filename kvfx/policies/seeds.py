@@ -49,6 +49,17 @@ class _ScorerGuided:
             return self.scorer._score(q, k, valid, scale, v, layer, n_layers)
         return super()._score(q, k, valid, scale, v, layer, n_layers)
 
+    @property
+    def base_scorer(self):
+        return self if self.scorer is None else self.scorer.base_scorer
+
+    @property
+    def accumulates_attention(self) -> bool:
+        return self.scorer is not None and self.scorer.accumulates_attention
+
+    def corrected_score(self, base, valid, v, keep):
+        return base if self.scorer is None else self.scorer.corrected_score(base, valid, v, keep)
+
 
 @preset
 @dataclasses.dataclass(frozen=True)

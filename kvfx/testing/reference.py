@@ -83,6 +83,12 @@ class _Reference:
             self.state[layer] = (kept.slot_bias, kept.slot_score)
             self.width[layer] = self.policy.budget_length(key.shape[2], layer, self.n_layers)
             return out, None
+        with out_projection(module_out_projection(module)):   # (a recompression of CriticalKV reads it)
+            return self._decode(module, query, key, value, scale)
+
+    def _decode(self, module, query, key, value, scale):
+        layer = module.layer_idx
+        cache_layer = self.cache.layers[layer]
         bias, score = self.state[layer]
         out = slot_attention_reference(query, key, value, bias, scale)
         grow = (0, query.shape[2])
