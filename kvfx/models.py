@@ -144,12 +144,22 @@ def _save_converted(model: Any, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def converted_folder(path: Path, sha256: str) -> Path:
+    """Where the converted copy of the GGUF ``path`` (of that sha256) is kept: one per transformers
+    version, because another version may read a folder this one wrote differently (transformers
+    5.25 reads the tokenizer 5.2 saves for SmolLM2 as other token ids, and the model then reads
+    noise) -- each version converts the GGUF itself."""
+    import transformers
+
+    return cache_dir() / f"{path.stem}-{sha256[:16]}-transformers-{transformers.__version__}"
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, *, sha256: str | None, cache: bool) -> tuple[Any, Any]:
     """Load a GGUF, through the converted copy in ``cache_dir()`` when there is one."""
     for module in ("gguf", "accelerate"):
         _require(module, path.name, EXTRA_INSTALL)
     sha256 = sha256 or sha256_of(path)
-    converted = cache_dir() / f"{path.stem}-{sha256[:16]}"
+    converted = converted_folder(path, sha256)
     if cache and (converted / "config.json").is_file():
         return _load_folder(converted, dtype)
     model, tokenizer = _load_folder(path.parent, torch.float32, gguf_file=path.name)

@@ -131,3 +131,18 @@ def test_real_model_answers_the_passkey(name):
     answer = models.answer_of(tok, out, prompt_length=inputs["input_ids"].shape[-1])
     if name == "gemma3-270m":
         assert key in answer
+
+
+def test_each_transformers_version_converts_a_gguf_into_its_own_folder(monkeypatch, tmp_path):
+    """A converted copy is read back only by the transformers version that wrote it: 5.25 reads
+    the tokenizer 5.2 saved for SmolLM2 as other token ids, so a shared folder fed the model noise."""
+    import transformers
+
+    monkeypatch.setenv("KVFX_CACHE_DIR", str(tmp_path))
+    gguf, sha = tmp_path / "model.Q4.gguf", "ab" * 32
+    monkeypatch.setattr(transformers, "__version__", "5.2.0")
+    old = models.converted_folder(gguf, sha)
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    new = models.converted_folder(gguf, sha)
+    assert old.parent == new.parent == tmp_path and old != new
+    assert new.name == f"model.Q4-{sha[:16]}-transformers-5.25.0"
