@@ -155,11 +155,12 @@ class Recompress(Compose):
         order = torch.sort(valid.to(torch.uint8), dim=-1, stable=True).indices
         rows_of = lambda x: x.flatten(0, 1).unsqueeze(1)  # noqa: E731
         k1, v1, valid1 = gather_slots(k, order), gather_slots(v, order), valid.gather(2, order)
+        running = slot_score.gather(2, order)
         keep = smin(valid1.sum(-1, keepdim=True), n)                               # [B, Hkv, 1]
-        score = self._ranking(q, k1, v1, valid1, slot_score.gather(2, order), scale, keep, layer, n_layers)
+        score = self._ranking(q, k1, v1, valid1, running, scale, keep, layer, n_layers)
         k1, v1, valid1, keep = rows_of(k1), rows_of(v1), valid1.flatten(0, 1), keep.flatten(0, 1)[:, :, None]
         kept = TopTokens().select(self.policy, rows_of(score), valid1, n, keep)
-        out = evict_to(kept.index, k1, v1, valid1, rows_of(slot_score.gather(2, order)), slot_valid=kept.rank < keep)
+        out = evict_to(kept.index, k1, v1, valid1, rows_of(running), slot_valid=kept.rank < keep)
         back = lambda x: x.squeeze(1).unflatten(0, (b, kv_heads))  # noqa: E731
         bias = back(out.slot_bias)
         return back(out.k), back(out.v), bias, self._carried(back(out.slot_score), bias)
@@ -201,7 +202,8 @@ class Recompress(Compose):
         """What a recompression ranks the slots by. k, v [B, Hkv, S, D], valid
         and ``gathered`` (the running score) [B, Hkv, S], each row's real
         slots last; ``keep``: slots each row keeps. The gathered window's
-        attention, pooled, or the base scorer's score with the call's own
+        attention, pooled, the sums of every query's attention (H2O), or the
+        base scorer's score with the call's own
         queries (each (batch, KV head) row scored as a batch row of its own,
         so the left-padding rule applies per row); then the policy's
         correction of it (CriticalKV). -> [B, Hkv, S]"""
