@@ -207,12 +207,8 @@ class Recompress(Compose):
         queries (each (batch, KV head) row scored as a batch row of its own,
         so the left-padding rule applies per row); then the policy's
         correction of it (CriticalKV). -> [B, Hkv, S]"""
-        observed = self.policy.observed_window
-        if observed is not None:
-            base = pool_prefix(gathered, *observed)
-        elif self.policy.accumulates_attention:
-            base = gathered
-        else:
+        base = self._gathered_score(gathered)
+        if base is None:
             b, kv_heads, s = valid.shape
             scorer = self.policy.base_scorer
             rows_of = lambda x: x.flatten(0, 1).unsqueeze(1)  # noqa: E731
@@ -220,6 +216,15 @@ class Recompress(Compose):
             base = scorer._score(q1, rows_of(k), valid.flatten(0, 1), scale, rows_of(v), layer,
                                  n_layers).view(b, kv_heads, s)
         return self.policy.corrected_score(base, valid, v, keep)
+
+    def _gathered_score(self, running) -> Optional[torch.Tensor]:
+        """The base score a recompression reads off the running score: the
+        gathered window's attention, pooled (SnapKV), or every query's sums
+        (H2O); None for a score computed from the slots themselves."""
+        observed = self.policy.observed_window
+        if observed is not None:
+            return pool_prefix(running, *observed)
+        return running if self.policy.accumulates_attention else None
 
     def observed_attention(self, q, k, slot_bias, scale, width=None) -> torch.Tensor:
         """The attention this call's queries among the last ``window`` before
@@ -256,12 +261,8 @@ class Recompress(Compose):
         the same slots in every head and refuses padded rows, so every slot
         held is real): each head scored, the heads summed per chunk."""
         valid = slot_bias[:, 0] != NEG_INF
-        observed = self.policy.observed_window
-        if observed is not None:
-            score = pool_prefix(slot_score, *observed)
-        elif self.policy.accumulates_attention:
-            score = slot_score
-        else:
+        score = self._gathered_score(slot_score)
+        if score is None:
             scorer = self.policy.base_scorer
             score = scorer._score(q if scorer.needs_queries else None, k, valid, scale, v, layer, n_layers)
         score = self.policy.corrected_score(score, valid, v, n)
